@@ -81,8 +81,16 @@ class ShiftedDiffusionLoss:
         t: Optional[torch.Tensor] = None,
         noise: Optional[torch.Tensor] = None,
         generator: Optional[torch.Generator] = None,
+        timesteps_per_caption: int = 1,
     ) -> torch.Tensor:
-        """Per-sample P2-weighted x0 loss (B,), float32."""
+        """Per-caption P2-weighted x0 loss (B,), float32.
+
+        ``timesteps_per_caption`` K > 1: each caption is trained at K timesteps (B*K rows of x_t) that
+        share one caption prefix in the network; the loss is the mean over the K.
+        """
+        if timesteps_per_caption > 1:
+            repeat = lambda x: None if x is None else x.repeat_interleave(timesteps_per_caption, dim=0)  # noqa: E731
+            x0, cluster_idx, shift_mean, shift_std = map(repeat, (x0, cluster_idx, shift_mean, shift_std))
         batch = x0.shape[0]
         if t is None:
             t = self.sample_timesteps(batch, x0.device, generator)
@@ -101,4 +109,5 @@ class ShiftedDiffusionLoss:
         timesteps = self.schedule.timesteps.to(t.device)[t]
         x0_hat = model(x_t, timesteps, cluster_idx, text_tokens, clip_text_emb)
         squared_error = (x0.float() - x0_hat.float()).pow(2).mean(dim=-1)
-        return squared_error * self.schedule.p2_weight(t, self.config.p2_k, self.config.p2_gamma).to(x0.device)
+        losses = squared_error * self.schedule.p2_weight(t, self.config.p2_k, self.config.p2_gamma).to(x0.device)
+        return losses.reshape(-1, timesteps_per_caption).mean(dim=1)

@@ -1,0 +1,474 @@
+"""Frozen encoders (DESIGN.md §4): concatenated open_clip CLIPs and word-level caption encoders.
+
+* ``MultiCLIP`` — a list of open_clip models; image / text embeddings concatenated in list order,
+  un-normalised (the prior's x0). The paper's default is ViT-B-16 + ViT-B-32 + RN101 with ``openai``
+  weights, D = 512 + 512 + 512 = 1536.
+* Word-level encoders, common interface ``.encode(list[str]) -> (B, max_length, dim)``, ``.dim``,
+  ``.max_length``, ``.spec``: ``T5TextEncoder`` (paper: t5-11b, 80 tokens, no attention mask),
+  ``CLIPTokenTextEncoder`` (token states of an open_clip text tower; the toy world's encoder) and
+  ``NoTextEncoder`` (CLIP-only conditioning, zero tokens).
+* ``save_open_clip`` / ``load_open_clip``: a self-contained local open_clip model folder in open_clip's
+  own hub layout (``open_clip_config.json`` + ``open_clip_model.safetensors``), loadable with plain
+  ``open_clip.create_model_and_transforms("local-dir:<folder>")``.
+
+Every encoder carries a ``spec`` dict (what identifies its outputs); the embedding cache stores it and
+refuses to mix outputs of different encoders.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+
+OPEN_CLIP_CONFIG_NAME = "open_clip_config.json"
+OPEN_CLIP_WEIGHTS_NAME = "open_clip_model.safetensors"
+LOCAL_DIR_PREFIX = "local-dir:"
+CLIP_TOKENS_PREFIX = "clip-tokens:"
+
+DEFAULT_CLIP_SPECS: tuple[tuple[str, str], ...] = (
+    ("ViT-B-16", "openai"),
+    ("ViT-B-32", "openai"),
+    ("RN101", "openai"),
+)
+
+PathLike = Union[str, os.PathLike]
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# small helpers
+
+
+def resolve_dtype(dtype: Union[None, str, torch.dtype], device: torch.device) -> torch.dtype:
+    """Compute dtype: given one, else float16 on CUDA and float32 elsewhere."""
+    if dtype is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype: expected one of {sorted(_DTYPES)}, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def resolve_device(device: Union[None, str, torch.device]) -> torch.device:
+    """Device: given one, else CUDA when available, else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _batches(items: Sequence, batch_size: int):
+    for start in range(0, len(items), batch_size):
+        yield items[start:start + batch_size]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+# ----------------------------------------------------------------------------------------------
+# open_clip local folders
+
+
+def _local_open_clip_dir(model: str) -> Optional[Path]:
+    """The folder when ``model`` names a saved open_clip folder ("local-dir:<dir>" or a directory)."""
+    if model.startswith(LOCAL_DIR_PREFIX):
+        return Path(model[len(LOCAL_DIR_PREFIX):])
+    path = Path(model)
+    if path.is_dir():
+        return path
+    return None
+
+
+def _default_preprocess_cfg(model: torch.nn.Module, model_cfg: dict) -> dict:
+    import open_clip
+    from open_clip.transform import PreprocessCfg
+
+    cfg = asdict(PreprocessCfg())
+    image_size = model_cfg.get("vision_cfg", {}).get("image_size")
+    if image_size is not None:
+        cfg["size"] = image_size
+    cfg.update(open_clip.get_model_preprocess_cfg(model))
+    return cfg
+
+
+def save_open_clip(
+    model: torch.nn.Module,
+    model_cfg: dict,
+    directory: PathLike,
+    preprocess_cfg: Optional[dict] = None,
+) -> Path:
+    """Save an open_clip model as a self-contained local folder in open_clip's hub layout.
+
+    Writes ``open_clip_config.json`` = {"model_cfg": model_cfg, "preprocess_cfg": ...} and
+    ``open_clip_model.safetensors`` (the state dict). ``preprocess_cfg`` entries override the model's own
+    (size, mean, std, interpolation, resize_mode). Load with ``load_open_clip(directory)`` or plain
+    ``open_clip.create_model_and_transforms("local-dir:" + directory)``; the tokenizer is open_clip's
+    default for ``model_cfg["text_cfg"]`` (``get_tokenizer("local-dir:...")``).
+    """
+    from safetensors.torch import save_file
+
+    if not isinstance(model_cfg, dict) or "vision_cfg" not in model_cfg or "text_cfg" not in model_cfg:
+        raise ValueError("model_cfg: expected an open_clip model config dict with 'embed_dim', "
+                         f"'vision_cfg' and 'text_cfg', got {type(model_cfg).__name__} "
+                         f"with keys {sorted(model_cfg) if isinstance(model_cfg, dict) else None}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    pp = _default_preprocess_cfg(model, model_cfg)
+    pp.update(preprocess_cfg or {})
+    config = {"model_cfg": _jsonable(model_cfg), "preprocess_cfg": _jsonable(pp)}
+    with open(directory / OPEN_CLIP_CONFIG_NAME, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+    # clone: safetensors refuses tensors sharing storage
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / OPEN_CLIP_WEIGHTS_NAME), metadata={"format": "pt"})
+    return directory
+
+
+def _open_clip_precision(dtype: torch.dtype) -> str:
+    # open_clip's "fp16"/"bf16" = OpenAI-style mixed precision (LayerNorms kept in float32)
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+
+
+def load_open_clip(
+    model: str,
+    pretrained: Optional[str] = "",
+    *,
+    device: Union[None, str, torch.device] = "cpu",
+    dtype: Union[None, str, torch.dtype] = torch.float32,
+) -> tuple[torch.nn.Module, Callable, Callable]:
+    """Load an open_clip model -> (model in eval mode, inference preprocess, tokenizer).
+
+    ``model``: a built-in name ("ViT-B-16"), a folder written by ``save_open_clip`` (optionally prefixed
+    "local-dir:"), or an "hf-hub:org/repo" id. ``pretrained``: a tag ("openai"), a checkpoint file
+    (state dict, .pt/.bin/.safetensors), or ""/None (a folder's own weights; random init for a built-in
+    name). The preprocess is open_clip's validation transform: resize shortest side, centre crop,
+    to tensor, normalise.
+    """
+    import open_clip
+
+    if not isinstance(model, str) or not model:
+        raise ValueError(f"model: expected an open_clip model name or folder, got {model!r}")
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    precision = _open_clip_precision(dtype)
+    local = _local_open_clip_dir(model)
+    looks_like_path = bool(pretrained) and (local is not None or os.sep in pretrained
+                                            or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")))
+    if looks_like_path and not os.path.isfile(pretrained):
+        raise FileNotFoundError(f"pretrained: checkpoint file {pretrained!r} not found (expected an open_clip "
+                                "tag such as 'openai', a checkpoint file, or '' for a local folder's own weights)")
+    if local is not None:
+        if not (local / OPEN_CLIP_CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"open_clip folder {str(local)!r}: missing {OPEN_CLIP_CONFIG_NAME} "
+                                    "(write it with save_open_clip)")
+        has_weights = any(local.glob("*.safetensors")) or any(local.glob("*.bin")) or any(local.glob("*.pth"))
+        if not has_weights and not pretrained:
+            raise FileNotFoundError(f"open_clip folder {str(local)!r}: no weights file "
+                                    f"({OPEN_CLIP_WEIGHTS_NAME}) and no pretrained checkpoint given")
+        name = LOCAL_DIR_PREFIX + str(local)
+        clip, _, preprocess = open_clip.create_model_and_transforms(
+            name, load_weights=not pretrained, precision=precision, device=device)
+        if pretrained:
+            open_clip.load_checkpoint(clip, pretrained)
+    else:
+        name = model
+        clip, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained or None, precision=precision, device=device)
+    tokenizer = open_clip.get_tokenizer(name)
+    clip.eval().requires_grad_(False)
+    return clip, preprocess, tokenizer
+
+
+def _spec_path(value: str) -> str:
+    """Identity string of a model / checkpoint reference: absolute path for local files."""
+    if value and value.startswith(LOCAL_DIR_PREFIX):
+        value = value[len(LOCAL_DIR_PREFIX):]
+    if value and os.path.exists(value):
+        return str(Path(value).resolve())
+    return value or ""
+
+
+# ----------------------------------------------------------------------------------------------
+# concatenated CLIP
+
+
+class MultiCLIP:
+    """Several open_clip models whose embeddings are concatenated in list order (D = sum of blocks)."""
+
+    def __init__(
+        self,
+        specs: Sequence[Union[tuple[str, str], str]] = DEFAULT_CLIP_SPECS,
+        device: Union[None, str, torch.device] = None,
+        dtype: Union[None, str, torch.dtype] = None,
+        batch_size: int = 256,
+    ):
+        if len(specs) == 0:
+            raise ValueError("specs: expected at least one (model, pretrained) pair, got an empty list")
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.batch_size = int(batch_size)
+        self.specs: list[tuple[str, str]] = []
+        self.models: list[torch.nn.Module] = []
+        self.tokenizers: list[Callable] = []
+        self.block_sizes: list[int] = []
+        transforms: list[Callable] = []
+        preprocess_keys: list[str] = []
+        for spec in specs:
+            model_name, pretrained = (spec, "") if isinstance(spec, str) else (spec[0], spec[1] or "")
+            clip, preprocess, tokenizer = load_open_clip(model_name, pretrained, device=self.device, dtype=self.dtype)
+            self.specs.append((model_name, pretrained))
+            self.models.append(clip)
+            self.tokenizers.append(tokenizer)
+            self.block_sizes.append(int(_embed_dim(clip)))
+            transforms.append(preprocess)
+            preprocess_keys.append(json.dumps(_jsonable(getattr(clip.visual, "preprocess_cfg", {})), sort_keys=True))
+        # models with identical preprocessing share one transform (the paper's three all use 224 px)
+        unique = sorted(set(preprocess_keys), key=preprocess_keys.index)
+        self.transforms: list[Callable] = [transforms[preprocess_keys.index(k)] for k in unique]
+        self.transform_index: list[int] = [unique.index(k) for k in preprocess_keys]
+        self.dim = sum(self.block_sizes)
+
+    @property
+    def spec(self) -> dict:
+        """What identifies this encoder's outputs (stored in cache manifests)."""
+        return {
+            "type": "open_clip",
+            "models": [[_spec_path(m), _spec_path(p)] for m, p in self.specs],
+            "block_sizes": list(self.block_sizes),
+        }
+
+    def preprocess(self, image) -> list[torch.Tensor]:
+        """One PIL image -> one (3, H, W) tensor per distinct transform (resize, centre crop, normalise)."""
+        return [transform(image) for transform in self.transforms]
+
+    def preprocess_batch(self, images: Sequence) -> list[torch.Tensor]:
+        """PIL images -> one (B, 3, H, W) tensor per distinct transform."""
+        per_image = [self.preprocess(image) for image in images]
+        return [torch.stack([p[i] for p in per_image]) for i in range(len(self.transforms))]
+
+    @torch.inference_mode()
+    def encode_pixels(self, pixels: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Preprocessed batches (one per transform, (B, 3, H, W)) -> (B, D) float32, blocks concatenated."""
+        if len(pixels) != len(self.transforms):
+            raise ValueError(f"pixels: expected {len(self.transforms)} tensors (one per transform), got {len(pixels)}")
+        out = []
+        for clip, t_idx in zip(self.models, self.transform_index):
+            x = pixels[t_idx].to(self.device, self.dtype)  # (B, 3, H, W)
+            out.append(clip.encode_image(x).float())  # (B, d_k)
+        return torch.cat(out, dim=-1)  # (B, D)
+
+    def encode_image(self, images: Sequence) -> torch.Tensor:
+        """PIL images -> (B, D) float32 un-normalised concatenated CLIP image embeddings."""
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        if len(images) == 0:
+            return torch.zeros(0, self.dim, device=self.device)
+        chunks = [self.encode_pixels(self.preprocess_batch(batch)) for batch in _batches(images, self.batch_size)]
+        return torch.cat(chunks)
+
+    @torch.inference_mode()
+    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        """Captions -> (B, D) float32 un-normalised concatenated CLIP text embeddings."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if len(texts) == 0:
+            return torch.zeros(0, self.dim, device=self.device)
+        chunks = []
+        for batch in _batches(texts, self.batch_size):
+            blocks = [clip.encode_text(tok(batch).to(self.device)).float()  # (B, d_k)
+                      for clip, tok in zip(self.models, self.tokenizers)]
+            chunks.append(torch.cat(blocks, dim=-1))  # (B, D)
+        return torch.cat(chunks)
+
+    def split_blocks(self, emb: torch.Tensor) -> list[torch.Tensor]:
+        """(..., D) -> one (..., d_k) view per CLIP model."""
+        if emb.shape[-1] != self.dim:
+            raise ValueError(f"emb: expected last dim {self.dim}, got shape {tuple(emb.shape)}")
+        return list(torch.split(emb, self.block_sizes, dim=-1))
+
+
+def _embed_dim(clip: torch.nn.Module) -> int:
+    """Output dim of an open_clip model's image embedding."""
+    dim = getattr(clip, "embed_dim", None) or getattr(getattr(clip, "visual", None), "output_dim", None)
+    if dim is None:
+        raise ValueError(f"cannot find the embedding dim of {type(clip).__name__}")
+    return int(dim)
+
+
+# ----------------------------------------------------------------------------------------------
+# word-level caption encoders
+
+
+class NoTextEncoder:
+    """No word-level tokens (CLIP-only conditioning): encode -> (B, 0, 0), text_len 0."""
+
+    dim = 0
+    max_length = 0
+
+    @property
+    def spec(self) -> dict:
+        return {"type": "none"}
+
+    def encode(self, texts: Sequence[str]) -> torch.Tensor:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        return torch.zeros(len(texts), 0, 0)
+
+
+class T5TextEncoder:
+    """Last hidden state of a T5 encoder, captions padded to max_length (paper: t5-11b, 80, no mask).
+
+    ``masked=False`` reproduces the original: the padded sequence is encoded without an attention mask,
+    so pad positions attend and carry non-zero states. ``masked=True`` passes the attention mask and zeroes
+    the pad positions. Default dtype: bfloat16 on CUDA (T5 was trained in bf16; fp16 can overflow in large
+    T5s), float32 on CPU. t5-11b's encoder (~4.8B params) takes ~10 GB in bf16 and fits one 80 GB GPU;
+    ``offload=True`` loads with ``device_map="auto"`` (accelerate) to spread it over GPU memory and CPU RAM.
+    """
+
+    def __init__(
+        self,
+        name_or_path: str = "t5-11b",
+        max_length: int = 80,
+        masked: bool = False,
+        dtype: Union[None, str, torch.dtype] = None,
+        device: Union[None, str, torch.device] = None,
+        offload: bool = False,
+        batch_size: int = 64,
+    ):
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        self.name_or_path = str(name_or_path)
+        self.max_length = int(max_length)
+        self.masked = bool(masked)
+        self.batch_size = int(batch_size)
+        self.device = resolve_device(device)
+        if dtype is None:
+            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.name_or_path)
+        if offload:
+            self.model = T5EncoderModel.from_pretrained(self.name_or_path, dtype=self.dtype, device_map="auto")
+            first = self.model.get_input_embeddings().weight.device  # accelerate hooks move inputs onward
+            self.device = first if first.type != "meta" else torch.device("cpu")
+        else:
+            self.model = T5EncoderModel.from_pretrained(self.name_or_path, dtype=self.dtype).to(self.device)
+        self.model.eval().requires_grad_(False)
+        self.dim = int(self.model.config.d_model)
+
+    @property
+    def spec(self) -> dict:
+        return {"type": "t5", "name_or_path": _spec_path(self.name_or_path), "max_length": self.max_length,
+                "masked": self.masked, "dim": self.dim}
+
+    def tokenize(self, texts: Sequence[str]) -> dict:
+        """Captions -> input_ids, attention_mask (B, max_length), padded to max_length, truncated."""
+        return self.tokenizer(list(texts), padding="max_length", max_length=self.max_length,
+                              truncation=True, return_tensors="pt")
+
+    @torch.inference_mode()
+    def encode(self, texts: Sequence[str]) -> torch.Tensor:
+        """Captions -> (B, max_length, d_model) float32 token states."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        chunks = []
+        for batch in _batches(texts, self.batch_size):
+            tokens = self.tokenize(batch)
+            input_ids = tokens["input_ids"].to(self.device)  # (B, L)
+            if self.masked:
+                mask = tokens["attention_mask"].to(self.device)  # (B, L)
+                hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state  # (B, L, E)
+                hidden = hidden * mask[..., None].to(hidden.dtype)
+            else:
+                hidden = self.model(input_ids=input_ids).last_hidden_state  # (B, L, E)
+            chunks.append(hidden.float())
+        if not chunks:
+            return torch.zeros(0, self.max_length, self.dim)
+        return torch.cat(chunks)
+
+
+class CLIPTokenTextEncoder:
+    """Per-token states of an open_clip text tower (after ln_final, before pooling / projection).
+
+    Tokens are the model's own (context length of its text_cfg); the states are truncated, or zero-padded,
+    to ``max_length`` (default: the context length).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        pretrained: str = "",
+        max_length: Optional[int] = None,
+        dtype: Union[None, str, torch.dtype] = None,
+        device: Union[None, str, torch.device] = None,
+        batch_size: int = 256,
+    ):
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.model_name, self.pretrained = model, pretrained or ""
+        self.model, _, self.tokenizer = load_open_clip(model, pretrained, device=self.device, dtype=self.dtype)
+        if not hasattr(self.model, "forward_intermediates") or getattr(self.model, "text", None) is not None \
+                and not hasattr(self.model.text, "forward_intermediates"):
+            raise ValueError(f"model {model!r}: its text tower has no forward_intermediates (HF text towers "
+                             "are not supported by CLIPTokenTextEncoder)")
+        self.context_length = int(getattr(self.tokenizer, "context_length", None) or
+                                  getattr(self.model, "context_length"))
+        self.max_length = int(max_length) if max_length is not None else self.context_length
+        self.batch_size = int(batch_size)
+        text = getattr(self.model, "text", None)
+        width = getattr(text, "width", None) if text is not None else self.model.transformer.width
+        self.dim = int(width)
+
+    @property
+    def spec(self) -> dict:
+        return {"type": "clip-tokens", "model": _spec_path(self.model_name), "pretrained": _spec_path(self.pretrained),
+                "max_length": self.max_length, "dim": self.dim}
+
+    @torch.inference_mode()
+    def encode(self, texts: Sequence[str]) -> torch.Tensor:
+        """Captions -> (B, max_length, width) float32 final-layer token states (ln_final applied)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        chunks = []
+        for batch in _batches(texts, self.batch_size):
+            tokens = self.tokenizer(batch).to(self.device)  # (B, context_length)
+            out = self.model.forward_intermediates(text=tokens, text_indices=1, normalize_intermediates=True,
+                                                   intermediates_only=True)
+            hidden = out["text_intermediates"][-1].float()  # (B, context_length, width)
+            hidden = hidden[:, : self.max_length]
+            if hidden.shape[1] < self.max_length:
+                pad = hidden.new_zeros(hidden.shape[0], self.max_length - hidden.shape[1], hidden.shape[2])
+                hidden = torch.cat([hidden, pad], dim=1)
+            chunks.append(hidden)  # (B, max_length, width)
+        if not chunks:
+            return torch.zeros(0, self.max_length, self.dim)
+        return torch.cat(chunks)
+
+
+TextEncoder = Union[T5TextEncoder, CLIPTokenTextEncoder, NoTextEncoder]
+
+
+def build_text_encoder(name_or_path: Optional[str], **kwargs) -> TextEncoder:
+    """"none" -> NoTextEncoder; "clip-tokens:<open_clip folder or name>" -> CLIPTokenTextEncoder; else T5."""
+    if name_or_path is None or str(name_or_path).lower() in ("", "none"):
+        return NoTextEncoder()
+    name = str(name_or_path)
+    if name.startswith(CLIP_TOKENS_PREFIX):
+        kwargs.pop("masked", None)
+        kwargs.pop("offload", None)
+        return CLIPTokenTextEncoder(name[len(CLIP_TOKENS_PREFIX):], **kwargs)
+    return T5TextEncoder(name, **kwargs)

@@ -1,0 +1,238 @@
+"""A trained prior in one folder, loaded in one call: caption -> CLIP image embedding.
+
+Folder layout (written by ``save_prior``; ``train.py`` writes ``<output_dir>/prior``)::
+
+    config.json                 prior / schedule / encoder settings (+ the training config)
+    model.safetensors           prior weights (the EMA weights when training used EMA)
+    vocab.safetensors           the cluster vocabulary (absent for the baseline prior)
+    null_embeddings.safetensors encodings of the empty caption (unconditional branch of guidance)
+
+A checkpoint of the original release (a ``.pt``/``.pth``/``.bin`` file) loads too, through the
+converter, with its ``mean.pth`` / ``std.pth`` vocabulary beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .prior import PriorConfig, ShiftedPrior
+from .sampling import sample_ancestral, sample_ddim
+from .schedule import DiffusionSchedule, ScheduleConfig
+from .vocab import ClusterVocab, StandardNormalShift
+
+FORMAT = "shifted-diffusion-prior/1"
+PAPER_ENCODERS = {
+    "clip_models": ["ViT-B-16:openai", "ViT-B-32:openai", "RN101:openai"],
+    "t5_model": "t5-11b",
+    "text_max_length": 80,
+    "t5_masked": False,
+}
+
+
+def save_prior(
+    directory,
+    prior: ShiftedPrior,
+    shift: Union[ClusterVocab, StandardNormalShift],
+    schedule_config: ScheduleConfig,
+    encoders: dict,
+    null_clip_text: torch.Tensor,
+    null_text_tokens: torch.Tensor,
+    extra: Optional[dict] = None,
+    state_dict: Optional[dict] = None,
+) -> Path:
+    """Write a prior folder; ``state_dict`` overrides the module's weights (e.g. the EMA weights)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = state_dict if state_dict is not None else prior.state_dict()
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in weights.items()}, str(directory / "model.safetensors"))
+    if isinstance(shift, ClusterVocab):
+        shift.save(directory / "vocab.safetensors")
+    elif (directory / "vocab.safetensors").exists():
+        (directory / "vocab.safetensors").unlink()
+    save_file(
+        {"null_clip_text": null_clip_text.float().cpu().contiguous(), "null_text_tokens": null_text_tokens.float().cpu().contiguous()},
+        str(directory / "null_embeddings.safetensors"),
+    )
+    config = {
+        "format": FORMAT,
+        "prior": prior.config.to_dict(),
+        "schedule": schedule_config.to_dict(),
+        "encoders": encoders,
+        "baseline": not isinstance(shift, ClusterVocab),
+        **(extra or {}),
+    }
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return directory
+
+
+class PriorPipeline:
+    """Prior + vocabulary + schedule (+ text encoders, loaded on first use of ``generate``)."""
+
+    def __init__(
+        self,
+        prior: ShiftedPrior,
+        shift: Union[ClusterVocab, StandardNormalShift],
+        schedule: DiffusionSchedule,
+        *,
+        null_clip_text: Optional[torch.Tensor] = None,
+        null_text_tokens: Optional[torch.Tensor] = None,
+        encoders: Optional[dict] = None,
+        clip=None,
+        text_encoder=None,
+    ):
+        if shift.dim != prior.config.clip_dim:
+            raise ValueError(f"vocabulary dim {shift.dim} does not match the prior's clip_dim {prior.config.clip_dim}")
+        self.prior = prior.eval()
+        self.shift = shift
+        self.schedule = schedule
+        self.encoders = dict(encoders or PAPER_ENCODERS)
+        self.clip = clip
+        self.text_encoder = text_encoder
+        self.null_clip_text = null_clip_text
+        self.null_text_tokens = null_text_tokens
+        self._respaced: dict = {}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.prior.parameters()).device
+
+    @property
+    def clip_dim(self) -> int:
+        return self.prior.config.clip_dim
+
+    def to(self, device=None, dtype=None) -> "PriorPipeline":
+        self.prior.to(device=device, dtype=dtype)
+        self.shift.to(device=device)
+        return self
+
+    # ---- text ------------------------------------------------------------------------------
+
+    def load_encoders(self, device=None, dtype=None) -> None:
+        """Build the CLIP and word-level text encoders named in the config (once)."""
+        from .encoders import MultiCLIP, build_text_encoder
+        from .train_config import parse_clip_specs
+
+        device = device or self.device
+        if self.clip is None:
+            self.clip = MultiCLIP(parse_clip_specs(self.encoders["clip_models"]), device=device, dtype=dtype)
+        if self.text_encoder is None:
+            self.text_encoder = build_text_encoder(
+                self.encoders["t5_model"], max_length=self.encoders.get("text_max_length", 80),
+                masked=self.encoders.get("t5_masked", False), device=device,
+            )
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]):
+        """(clip_text_emb (B, D), text_tokens (B, L, E)) on the prior's device."""
+        self.load_encoders()
+        clip_text = self.clip.encode_text(list(prompts)).to(self.device, torch.float32)
+        tokens = self.text_encoder.encode(list(prompts)).to(self.device, torch.float32)
+        return clip_text, tokens
+
+    def null_embeddings(self):
+        """Encodings of the empty caption (computed with the encoders if the folder had none)."""
+        if self.null_clip_text is None or self.null_text_tokens is None:
+            clip_text, tokens = self.encode_prompts([""])
+            self.null_clip_text, self.null_text_tokens = clip_text[0], tokens[0]
+        return self.null_clip_text.to(self.device), self.null_text_tokens.to(self.device)
+
+    # ---- sampling ----------------------------------------------------------------------------
+
+    def respaced(self, num_steps: Union[int, str]) -> DiffusionSchedule:
+        key = str(num_steps)
+        if key not in self._respaced:
+            self._respaced[key] = self.schedule if key == str(self.schedule.num_steps) else self.schedule.respace(key)
+        return self._respaced[key]
+
+    @torch.no_grad()
+    def sample(
+        self,
+        clip_text_emb: torch.Tensor,
+        text_tokens: torch.Tensor,
+        *,
+        num_images_per_prompt: int = 1,
+        num_steps: Union[int, str] = 8,
+        guidance_scale: float = 1.0,
+        sampler: str = "ancestral",
+        variance: str = "fixed_large",
+        eta: float = 0.0,
+        noise_temperature: float = 1.0,
+        clamp_std: Optional[float] = None,
+        generator: Optional[torch.Generator] = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Image embeddings (B * num_images_per_prompt, D), prompt-major order. The shift is the
+        caption's cluster, argmax_k cos(c, mu_k) (DESIGN.md §2), not the cluster nearest x0_hat."""
+        clip_text_emb = clip_text_emb.to(self.device, torch.float32)
+        text_tokens = text_tokens.to(self.device, torch.float32)
+        cluster_idx = self.shift.assign(clip_text_emb)
+        null_clip, null_tokens = self.null_embeddings() if guidance_scale != 1.0 else (None, None)
+        denoise = self.prior.denoiser(
+            text_tokens, clip_text_emb, cluster_idx if self.prior.config.has_cluster_token else None,
+            guidance_scale=guidance_scale, null_text_tokens=null_tokens,
+        )
+        shift_mean, shift_std = self.shift.shift(cluster_idx.repeat_interleave(num_images_per_prompt))
+        shift_mean, shift_std = shift_mean.float(), shift_std.float()
+        kwargs = dict(noise_temperature=noise_temperature, clamp_std=clamp_std, generator=generator, progress=progress)
+        schedule = self.respaced(num_steps)
+        if sampler == "ddim":
+            return sample_ddim(denoise, schedule, shift_mean, shift_std, eta=eta, **kwargs)
+        if sampler == "ancestral":
+            return sample_ancestral(denoise, schedule, shift_mean, shift_std, variance=variance, **kwargs)
+        raise ValueError(f"unknown sampler {sampler!r}; expected 'ancestral' or 'ddim'")
+
+    def generate(self, prompts: Sequence[str], **kwargs) -> torch.Tensor:
+        """Encode the prompts and sample their image embeddings (see ``sample``)."""
+        clip_text, tokens = self.encode_prompts(prompts)
+        return self.sample(clip_text, tokens, **kwargs)
+
+
+def load_prior(path, device=None, *, clip=None, text_encoder=None) -> PriorPipeline:
+    """A PriorPipeline from a prior folder (``train.py`` output) or an original-release checkpoint file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"prior not found: {os.fspath(path)} (expected a folder written by train.py)")
+    if path.is_file():
+        return _load_original(path, device, clip=clip, text_encoder=text_encoder)
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{os.fspath(path)} has no config.json: not a prior folder written by train.py")
+    config = json.loads(config_path.read_text())
+    if config.get("format") != FORMAT:
+        raise ValueError(f"{config_path}: unknown format {config.get('format')!r}, expected {FORMAT!r}")
+    prior = ShiftedPrior(PriorConfig.from_dict(config["prior"]))
+    prior.load_state_dict(load_file(str(path / "model.safetensors")))
+    vocab_path = path / "vocab.safetensors"
+    shift = ClusterVocab.load(vocab_path) if vocab_path.is_file() else StandardNormalShift(prior.config.clip_dim)
+    if config["baseline"] != (not vocab_path.is_file()):
+        raise ValueError(f"{os.fspath(path)}: config says baseline={config['baseline']} but vocab.safetensors "
+                         f"is {'present' if vocab_path.is_file() else 'missing'}")
+    nulls = load_file(str(path / "null_embeddings.safetensors"))
+    pipeline = PriorPipeline(
+        prior, shift, DiffusionSchedule.from_config(ScheduleConfig(**config["schedule"])),
+        null_clip_text=nulls["null_clip_text"], null_text_tokens=nulls["null_text_tokens"],
+        encoders=config["encoders"], clip=clip, text_encoder=text_encoder,
+    )
+    return pipeline.to(device) if device is not None else pipeline
+
+
+def _load_original(path: Path, device, *, clip=None, text_encoder=None) -> PriorPipeline:
+    """The original release: a ClipPrior state dict, mean.pth / std.pth beside it (std_scale 5)."""
+    from .convert import load_original_checkpoint
+
+    prior = load_original_checkpoint(path)
+    mean_path, std_path = path.parent / "mean.pth", path.parent / "std.pth"
+    if mean_path.is_file() and std_path.is_file():
+        shift = ClusterVocab.from_original(mean_path, std_path, dim=prior.config.clip_dim)
+    elif prior.config.has_cluster_token:
+        raise FileNotFoundError(f"{os.fspath(path)} is a shifted prior but mean.pth / std.pth are not beside it")
+    else:
+        shift = StandardNormalShift(prior.config.clip_dim)
+    pipeline = PriorPipeline(prior, shift, DiffusionSchedule.from_config(ScheduleConfig()), clip=clip, text_encoder=text_encoder)
+    return pipeline.to(device) if device is not None else pipeline

@@ -1,0 +1,363 @@
+"""Prior training with accelerate: embedding cache -> vocabulary -> shifted diffusion prior.
+
+Only this module and the scripts touch ``accelerate``. Randomness of each optimisation micro-step
+(timesteps, noise, condition dropout) comes from a generator seeded by (seed, process, micro-step) and
+the data order from (seed, epoch), so a resumed run takes exactly the steps of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from .cache import EmbeddingDataset, load_image_embeddings, load_manifest, precompute
+from .loss import LossConfig, ShiftedDiffusionLoss
+from .metrics import blockwise_cosine
+from .prior import PriorConfig, ShiftedPrior
+from .prior_pipeline import PriorPipeline, save_prior
+from .schedule import DiffusionSchedule, ScheduleConfig
+from .train_config import TrainConfig, parse_clip_specs
+from .vocab import ClusterVocab, StandardNormalShift
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+# ---- pieces of the run, each from the config ---------------------------------------------------
+
+
+def encoder_settings(cfg: TrainConfig) -> dict:
+    """The encoder fields saved with the prior, so that sampling encodes prompts the same way."""
+    return {
+        "clip_models": list(cfg.clip_models),
+        "t5_model": cfg.t5_model,
+        "text_max_length": cfg.text_max_length,
+        "t5_masked": cfg.t5_masked,
+    }
+
+
+def build_embedding_cache(cfg: TrainConfig, cache_dir: Path, device) -> dict:
+    """Embed the image folder once with the frozen encoders (skipped when the cache is complete)."""
+    from .encoders import MultiCLIP, build_text_encoder
+
+    if cfg.train_data_dir is None:
+        raise ValueError("train_data_dir is not set")
+    clip = MultiCLIP(parse_clip_specs(cfg.clip_models), device=device, dtype=cfg.encoder_dtype)
+    text_encoder = build_text_encoder(
+        cfg.t5_model, max_length=cfg.text_max_length, masked=cfg.t5_masked, offload=cfg.t5_offload,
+        device=device, dtype=cfg.encoder_dtype,
+    ) if cfg.t5_model.lower() != "none" else build_text_encoder("none")
+    manifest = precompute(
+        cfg.train_data_dir, cache_dir, clip, text_encoder, batch_size=cfg.encoder_batch_size,
+        image_column=cfg.image_column, caption_column=cfg.caption_column,
+    )
+    del clip, text_encoder
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return manifest
+
+
+def build_shift(cfg: TrainConfig, cache_dir: Path, train_images: torch.Tensor, vocab_file: Path, clip_dim: int, device):
+    """The baseline N(0, I), a given vocabulary, the one fitted earlier in this run, or a new fit."""
+    if cfg.baseline:
+        return StandardNormalShift(clip_dim)
+    path = Path(cfg.vocab_path) if cfg.vocab_path else vocab_file
+    if path.is_file():
+        vocab = ClusterVocab.load(path)
+        if vocab.dim != clip_dim:
+            raise ValueError(f"vocabulary {path} has dim {vocab.dim} but the cached CLIP image embeddings have dim {clip_dim}")
+        if cfg.vocab_path is None and (vocab.num_clusters, vocab.std_scale) != (min(cfg.vocab_size, len(train_images)), cfg.std_scale):
+            raise ValueError(f"{path} (K={vocab.num_clusters}, std_scale={vocab.std_scale}) was fitted with other "
+                             f"settings than vocab_size={cfg.vocab_size}, std_scale={cfg.std_scale}; use another output_dir")
+        return ClusterVocab(vocab.means, vocab.stds, std_scale=cfg.std_scale) if cfg.vocab_path else vocab
+    if cfg.vocab_path:
+        raise FileNotFoundError(f"vocab_path {cfg.vocab_path}: no such file")
+    image_emb = load_image_embeddings(cache_dir)[train_images]
+    num_clusters = min(cfg.vocab_size, len(image_emb))
+    if num_clusters < cfg.vocab_size:
+        print(f"[vocab] only {len(image_emb)} training images: fitting {num_clusters} clusters instead of {cfg.vocab_size}")
+    vocab = ClusterVocab.fit(image_emb, num_clusters, std_scale=cfg.std_scale, iters=cfg.kmeans_iters,
+                             seed=cfg.seed, device=device, progress=True)
+    vocab.save(vocab_file)
+    return vocab
+
+
+def prior_config(cfg: TrainConfig, manifest: dict, vocab_size: Optional[int]) -> PriorConfig:
+    """The preset, with dims from the embedding cache and the width/depth/heads overrides."""
+    overrides = dict(clip_dim=int(manifest["clip_dim"]), text_dim=max(int(manifest["text_dim"]), 1),
+                     text_len=int(manifest["text_len"]), vocab_size=vocab_size,
+                     grad_checkpointing=cfg.gradient_checkpointing)
+    for name, field in (("model_width", "width"), ("model_layers", "depth"), ("model_num_heads", "heads")):
+        if getattr(cfg, name) is not None:
+            overrides[field] = getattr(cfg, name)
+    return PriorConfig.preset(cfg.model_preset, **overrides)
+
+
+def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list:
+    """This process's batches of one epoch: a (seed, epoch)-seeded permutation, sharded, full batches only."""
+    perm = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    mine = perm[rank::world]
+    return [mine[i:i + batch_size] for i in range(0, len(mine) - batch_size + 1, batch_size)]
+
+
+def step_generator(seed: int, rank: int, micro_step: int, device) -> torch.Generator:
+    """A generator owned by one micro-step of one process (resume-exact randomness)."""
+    return torch.Generator(device=device).manual_seed((seed * 7919 + rank) * 10_000_019 + micro_step)
+
+
+def to_device(batch: dict, device) -> dict:
+    return {key: batch[key].to(device, non_blocking=True) for key in ("clip_image", "clip_text", "text_tokens")}
+
+
+def cache_bytes(cache_dir: Path) -> int:
+    return sum(p.stat().st_size for p in Path(cache_dir).glob("*.safetensors"))
+
+
+def find_checkpoint(output_dir: Path, resume: Optional[str]) -> Optional[Path]:
+    if resume is None:
+        return None
+    if resume != "latest":
+        path = Path(resume)
+        if not path.is_dir():
+            raise FileNotFoundError(f"resume_from_checkpoint {resume}: no such checkpoint folder")
+        return path
+    found = sorted(output_dir.glob(f"{CHECKPOINT_PREFIX}*"), key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+    return found[-1] if found else None
+
+
+def prune_checkpoints(output_dir: Path, limit: Optional[int]) -> None:
+    """Keep at most limit - 1 checkpoints before saving a new one."""
+    if limit is None:
+        return
+    found = sorted(output_dir.glob(f"{CHECKPOINT_PREFIX}*"), key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+    for old in found[: max(len(found) - limit + 1, 0)]:
+        shutil.rmtree(old)
+
+
+@torch.no_grad()
+def validate(pipeline: PriorPipeline, dataset: EmbeddingDataset, cfg: TrainConfig, device) -> dict:
+    """cosine(generated, ground-truth image embedding) per CLIP block and their mean, on held-out pairs."""
+    count = min(len(dataset), cfg.num_validation_samples)
+    if count == 0:
+        return {}
+    batch = to_device(torch.utils.data.default_collate([dataset[i] for i in range(count)]), device)
+    generated = pipeline.sample(
+        batch["clip_text"], batch["text_tokens"], num_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale,
+        generator=torch.Generator(device=device).manual_seed(cfg.seed),
+    )
+    per_block, mean = blockwise_cosine(generated.float().cpu(), batch["clip_image"].float().cpu(), dataset.block_sizes)
+    metrics = {f"cos_gt_block{i}": float(v) for i, v in enumerate(per_block.mean(0))}
+    metrics["cos_gt"] = float(mean.mean())
+    return metrics
+
+
+class EmaWeights:
+    """Swap EMA weights into a module for a block of code (validation, saving)."""
+
+    def __init__(self, ema, module):
+        self.ema, self.module = ema, module
+
+    def __enter__(self):
+        self.ema.store(self.module.parameters())
+        self.ema.copy_to(self.module.parameters())
+        return self.module
+
+    def __exit__(self, *exc):
+        self.ema.restore(self.module.parameters())
+
+
+# ---- the run -----------------------------------------------------------------------------------
+
+
+def train_prior(cfg: TrainConfig) -> Path:
+    """Train a prior as configured; returns the ``<output_dir>/prior`` folder."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    output_dir = Path(cfg.output_dir)
+    trackers = None
+    if cfg.report_to != "none":
+        from accelerate.utils import is_tensorboard_available
+
+        if cfg.report_to != "tensorboard" or is_tensorboard_available():
+            trackers = cfg.report_to
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        log_with=trackers, project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    log = accelerator.print
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(output_dir / "train_config.json")
+
+    # embeddings, once (main process), then everyone reads the cache
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else output_dir / "embeddings"
+    if accelerator.is_main_process:
+        start = time.time()
+        build_embedding_cache(cfg, cache_dir, device)
+        log(f"[cache] {cache_dir} ready in {time.time() - start:.1f}s")
+    accelerator.wait_for_everyone()
+    manifest = load_manifest(cache_dir)
+    in_memory = cache_bytes(cache_dir) < 4 * 2**30  # small caches live in RAM; large ones are memory-mapped
+    train_set = EmbeddingDataset(cache_dir, "train", val_fraction=cfg.val_fraction, seed=cfg.seed, in_memory=in_memory)
+    val_set = EmbeddingDataset(cache_dir, "val", val_fraction=cfg.val_fraction, seed=cfg.seed, in_memory=in_memory)
+    if len(train_set) < cfg.train_batch_size * world:
+        raise ValueError(f"{len(train_set)} training pairs (captioned images) in {cfg.train_data_dir}: fewer than one "
+                         f"batch of {cfg.train_batch_size} x {world} processes")
+    log(f"[data] {manifest['num_images']} images ({len(train_set)} train / {len(val_set)} val caption pairs), "
+        f"clip_dim {manifest['clip_dim']}, text tokens {manifest['text_len']}x{manifest['text_dim']}")
+
+    # vocabulary (fitted once, on the main process, on the training images)
+    vocab_file = output_dir / "vocab.safetensors"
+    if accelerator.is_main_process:
+        shift = build_shift(cfg, cache_dir, train_set.image_indices, vocab_file, int(manifest["clip_dim"]), device)
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        shift = build_shift(cfg, cache_dir, train_set.image_indices, vocab_file, int(manifest["clip_dim"]), device)
+    shift = shift.to(device)
+    null_clip_text = train_set.null_clip_text.to(device)
+    null_text_tokens = train_set.null_text_tokens.to(device)
+
+    # network, optimiser, schedule, loss
+    set_seed(cfg.seed)
+    model_config = prior_config(cfg, manifest, getattr(shift, "num_clusters", None))
+    model = ShiftedPrior(model_config)
+    log(f"[model] {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {model_config}")
+    schedule_config = ScheduleConfig(cfg.beta_schedule, cfg.num_timesteps, cfg.beta_min, cfg.beta_max)
+    schedule = DiffusionSchedule.from_config(schedule_config)
+    loss_fn = ShiftedDiffusionLoss(schedule, LossConfig(cfg.p2_k, cfg.p2_gamma, cfg.empty_t5_prob, cfg.empty_clip_prob))
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+        weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon, fused=device.type == "cuda",
+    )
+    micro_batches_per_epoch = len(epoch_batches(len(train_set), cfg.train_batch_size, cfg.seed, 0, rank, world))
+    steps_per_epoch = max(micro_batches_per_epoch // cfg.gradient_accumulation_steps, 1)
+    max_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * world,
+                                 num_training_steps=max_steps * world)
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    unwrapped = accelerator.unwrap_model(model)
+    ema = None
+    if cfg.use_ema:
+        ema = EMAModel(unwrapped.parameters(), decay=cfg.ema_decay)
+        ema.to(device)
+        accelerator.register_for_checkpointing(ema)
+
+    global_step = 0
+    checkpoint = find_checkpoint(output_dir, cfg.resume_from_checkpoint)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        global_step = int(checkpoint.name[len(CHECKPOINT_PREFIX):]) if checkpoint.name.startswith(CHECKPOINT_PREFIX) \
+            else json.loads((checkpoint / "train_state.json").read_text())["global_step"]
+        log(f"[resume] {checkpoint} at step {global_step}")
+    elif cfg.resume_from_checkpoint == "latest":
+        log("[resume] no checkpoint yet: starting from scratch")
+    if accelerator.is_main_process and trackers:
+        accelerator.init_trackers("shifted_diffusion_prior", config={k: str(v) for k, v in cfg.to_dict().items()})
+
+    def save_checkpoint(step: int) -> None:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            prune_checkpoints(output_dir, cfg.checkpoints_total_limit)
+        path = output_dir / f"{CHECKPOINT_PREFIX}{step}"
+        accelerator.save_state(str(path))
+        if accelerator.is_main_process:
+            (path / "train_state.json").write_text(json.dumps({"global_step": step, "config": cfg.to_dict()}, indent=2))
+            log(f"[checkpoint] {path}")
+
+    def run_validation(step: int) -> dict:
+        unwrapped.eval()
+        pipeline = PriorPipeline(unwrapped, shift, schedule, null_clip_text=null_clip_text, null_text_tokens=null_text_tokens)
+        metrics = {f"val/{k}": v for k, v in validate(pipeline, val_set, cfg, device).items()}
+        if ema is not None:
+            with EmaWeights(ema, unwrapped):
+                metrics.update({f"val_ema/{k}": v for k, v in validate(pipeline, val_set, cfg, device).items()})
+        unwrapped.train()
+        accelerator.log(metrics, step=step)
+        log(f"[validation] step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.endswith("cos_gt")))
+        return metrics
+
+    # the loop
+    model.train()
+    progress = tqdm(total=max_steps, initial=global_step, desc="prior training", disable=not accelerator.is_local_main_process)
+    window_loss, window_count, metrics, start = 0.0, 0, {}, time.time()
+    micro_step = global_step * cfg.gradient_accumulation_steps
+    while global_step < max_steps:
+        epoch, offset = divmod(micro_step, micro_batches_per_epoch)
+        batches = epoch_batches(len(train_set), cfg.train_batch_size, cfg.seed, epoch, rank, world)
+        loader = torch.utils.data.DataLoader(
+            train_set, batch_sampler=[b.tolist() for b in batches[offset:]], num_workers=cfg.dataloader_num_workers,
+            pin_memory=device.type == "cuda",
+        )
+        for batch in loader:
+            batch = to_device(batch, device)
+            generator = step_generator(cfg.seed, rank, micro_step, device)
+            with accelerator.accumulate(model):
+                cluster_idx = shift.assign(batch["clip_text"])
+                shift_mean, shift_std = shift.shift(cluster_idx)
+                losses = loss_fn(
+                    model, batch["clip_image"], batch["text_tokens"], batch["clip_text"],
+                    cluster_idx if model_config.has_cluster_token else None, shift_mean, shift_std,
+                    null_text_tokens=null_text_tokens, null_clip_text_emb=null_clip_text, generator=generator,
+                    timesteps_per_caption=cfg.timesteps_per_caption,
+                )
+                loss = losses.mean()
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro_step += 1
+            window_loss += float(accelerator.gather(loss.detach()[None]).mean())
+            window_count += 1
+            if not accelerator.sync_gradients:
+                continue
+            if ema is not None:
+                ema.step(unwrapped.parameters())
+            global_step += 1
+            train_loss, window_loss, window_count = window_loss / window_count, 0.0, 0
+            progress.update(1)
+            progress.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
+            if global_step % cfg.logging_steps == 0 or global_step == max_steps:
+                elapsed = time.time() - start
+                accelerator.log({"train/loss": train_loss, "train/lr": lr_scheduler.get_last_lr()[0],
+                                 "train/samples_per_s": cfg.logging_steps * cfg.train_batch_size * world * cfg.gradient_accumulation_steps / max(elapsed, 1e-9)},
+                                step=global_step)
+                start = time.time()
+            if cfg.checkpointing_steps and global_step % cfg.checkpointing_steps == 0:
+                save_checkpoint(global_step)
+            if cfg.validation_steps and global_step % cfg.validation_steps == 0:
+                metrics = run_validation(global_step)
+            if global_step >= max_steps:
+                break
+    progress.close()
+
+    # the prior folder: EMA weights when EMA is on, plus vocabulary, empty-caption encodings, config
+    metrics = run_validation(global_step) if len(val_set) else metrics
+    accelerator.wait_for_everyone()
+    prior_dir = output_dir / "prior"
+    if accelerator.is_main_process:
+        state_dict = None
+        if ema is not None:
+            with EmaWeights(ema, unwrapped):
+                state_dict = {k: v.detach().clone() for k, v in unwrapped.state_dict().items()}
+        save_prior(
+            prior_dir, unwrapped, shift.cpu(), schedule_config, encoder_settings(cfg), null_clip_text, null_text_tokens,
+            extra={"train": cfg.to_dict(), "global_step": global_step, "validation": metrics,
+                   "weights": "ema" if ema is not None else "raw"},
+            state_dict=state_dict,
+        )
+        log(f"[done] prior saved to {prior_dir} after {global_step} steps")
+    accelerator.end_training()
+    return prior_dir

@@ -1,0 +1,174 @@
+"""Configuration of prior training: one frozen dataclass, YAML presets, command-line overrides.
+
+The command line is generated from the dataclass, so a YAML file and a flag set the same fields; the
+flag names are the original release's where it had them (``--train_data_dir``, ``--std_scale``, ...).
+Booleans are real booleans (``--baseline`` / ``--no-baseline``), never ``type=bool``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import yaml
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a prior training run depends on; saved in every checkpoint and in the output folder."""
+
+    # data
+    train_data_dir: Optional[str] = None  # None: the embedded toy world (generated, cached)
+    cache_dir: Optional[str] = None  # default: <output_dir>/embeddings
+    image_column: str = "file_name"
+    caption_column: str = "text"
+    val_fraction: float = 0.02
+    toy_root: str = "outputs/toy_assets"  # where the toy world and its CLIP are cached
+    toy_fast: bool = False  # tiny toy world (tests)
+    # encoders (frozen, run once into the cache)
+    clip_models: Sequence[str] = ("ViT-B-16:openai", "ViT-B-32:openai", "RN101:openai")
+    t5_model: str = "t5-11b"  # a T5 name/path, "clip-tokens:<open_clip dir>", or "none"
+    text_max_length: int = 80
+    t5_masked: bool = False
+    t5_offload: bool = False
+    encoder_dtype: Optional[str] = None  # default: fp16 (CLIP) / bf16 (T5) on GPU, fp32 on CPU
+    encoder_batch_size: int = 256
+    # vocabulary
+    baseline: bool = False  # DALL-E 2 prior: mu = 0, Sigma = I, no cluster token
+    vocab_path: Optional[str] = None  # a saved vocabulary; None: fit one on the training images
+    vocab_size: int = 1024
+    std_scale: float = 5.0
+    kmeans_iters: int = 50
+    # network
+    model_preset: str = "small"
+    model_width: Optional[int] = None
+    model_layers: Optional[int] = None
+    model_num_heads: Optional[int] = None
+    gradient_checkpointing: bool = False
+    # diffusion and loss
+    beta_schedule: str = "linear"
+    num_timesteps: int = 1000
+    beta_min: float = 1e-4
+    beta_max: float = 0.02
+    p2_k: float = 1.0
+    p2_gamma: float = 1.0
+    empty_t5_prob: float = 0.1
+    empty_clip_prob: float = 0.0
+    timesteps_per_caption: int = 1  # > 1: K timesteps share one caption prefix (loss = mean over K)
+    # optimisation (the original's AdamW defaults)
+    learning_rate: float = 1.2e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.96
+    adam_weight_decay: float = 0.06
+    adam_epsilon: float = 1e-6
+    max_grad_norm: float = 1.0
+    lr_scheduler: str = "constant_with_warmup"  # or "cosine", "linear", "constant", ...
+    lr_warmup_steps: int = 500
+    use_ema: bool = True
+    ema_decay: float = 0.9999
+    # loop
+    output_dir: str = "outputs/prior"
+    seed: int = 0
+    train_batch_size: int = 64
+    num_train_epochs: int = 100
+    max_train_steps: Optional[int] = None
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"  # "no" | "fp16" | "bf16"
+    dataloader_num_workers: int = 0
+    checkpointing_steps: int = 5000
+    checkpoints_total_limit: Optional[int] = None
+    resume_from_checkpoint: Optional[str] = None  # "latest" or a checkpoint folder
+    validation_steps: int = 2000
+    num_validation_samples: int = 256
+    sample_steps: int = 8
+    guidance_scale: float = 1.0
+    report_to: str = "tensorboard"  # used when installed; "none" disables trackers
+    logging_steps: int = 10
+    evaluate_toy: bool = True  # after training on the toy world, print its quality table
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["clip_models"] = list(self.clip_models)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown training setting(s) {unknown}; see `python train.py --help`")
+        if "clip_models" in d and isinstance(d["clip_models"], str):
+            d = {**d, "clip_models": [m for m in d["clip_models"].split(",") if m]}
+        if "clip_models" in d:
+            d = {**d, "clip_models": tuple(d["clip_models"])}
+        return cls(**d)
+
+    def save(self, path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def _optional_inner(tp):
+    """The X of Optional[X] (or tp itself)."""
+    if typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else str
+    return tp
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Train a shifted diffusion prior (caption -> CLIP image embedding). "
+        "With no arguments it runs the embedded toy world end to end, offline.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config", action="append", default=[], help="YAML file(s) of settings; flags override them")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        tp = _optional_inner(hints[f.name])
+        flag = f"--{f.name}"
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(default {f.default})")
+        elif f.name == "clip_models":
+            parser.add_argument(flag, default=None, help="comma-separated MODEL:PRETRAINED open_clip pairs "
+                                f"(default {','.join(f.default)})")
+        else:
+            parser.add_argument(flag, type=tp if tp in (int, float) else str, default=None, help=f"(default {f.default})")
+    return parser
+
+
+def parse_config(argv: Optional[Sequence[str]] = None, defaults: Optional[dict] = None) -> TrainConfig:
+    """TrainConfig from (dataclass defaults) < ``defaults`` < YAML files in order < explicit flags."""
+    args = build_parser().parse_args(argv)
+    values: dict[str, Any] = dict(defaults or {})
+    for path in args.config:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--config {path}: no such file")
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"--config {path}: expected a mapping of settings, got {type(loaded).__name__}")
+        values.update(loaded)
+    values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
+    for name in ("max_train_steps", "checkpoints_total_limit", "vocab_path", "resume_from_checkpoint", "cache_dir"):
+        if isinstance(values.get(name), str) and values[name].lower() in ("none", "null", ""):
+            values[name] = None
+    return TrainConfig.from_dict(values)
+
+
+def parse_clip_specs(clip_models: Sequence[str]) -> list[tuple[str, str]]:
+    """"MODEL:PRETRAINED" entries -> (model, pretrained); a bare entry (a local open_clip folder, or
+    "local-dir:..." / "hf-hub:...") has no separate weights: ("ViT-B-16:openai", "/m/dir") ->
+    [("ViT-B-16", "openai"), ("/m/dir", "")]."""
+    specs = []
+    for entry in clip_models:
+        if entry.startswith(("local-dir:", "hf-hub:")) or ":" not in entry:
+            specs.append((entry, ""))
+        else:
+            model, _, pretrained = entry.partition(":")
+            specs.append((model, pretrained))
+    return specs

@@ -1,0 +1,94 @@
+"""train.py end to end on a generated folder with tiny encoders: cache -> vocab -> steps -> prior folder,
+exact resume, and clear errors on bad input."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from shifted_diffusion.prior_pipeline import load_prior
+from shifted_diffusion.train_config import TrainConfig, parse_config
+from shifted_diffusion.vocab import ClusterVocab
+
+
+def args(folder, clip_dir, out, *extra):
+    return [
+        "--train_data_dir", str(folder), "--clip_models", str(clip_dir), "--t5_model", f"clip-tokens:{clip_dir}",
+        "--text_max_length", "8", "--config", str(Path(train.__file__).parent / "configs" / "prior_tiny.yaml"),
+        "--vocab_size", "3", "--train_batch_size", "2", "--val_fraction", "0.2", "--output_dir", str(out),
+        "--num_validation_samples", "4", "--kmeans_iters", "5", *extra,
+    ]
+
+
+def test_end_to_end_cache_vocab_train_load_sample(caption_image_folder, tiny_open_clip_dir, tmp_path):
+    out = tmp_path / "run"
+    prior_dir = train.main(args(caption_image_folder, tiny_open_clip_dir, out, "--max_train_steps", "3",
+                                "--checkpointing_steps", "2", "--validation_steps", "2"))
+    assert prior_dir == out / "prior"
+    config = json.loads((prior_dir / "config.json").read_text())
+    assert config["prior"]["clip_dim"] == 32 and config["prior"]["text_len"] == 8 and config["prior"]["vocab_size"] == 3
+    assert config["train"]["max_train_steps"] == 3 and config["global_step"] == 3
+    assert "val_ema/cos_gt" in config["validation"] and -1 <= config["validation"]["val/cos_gt"] <= 1
+    assert (out / "checkpoint-2").is_dir() and (out / "train_config.json").is_file()
+    vocab = ClusterVocab.load(prior_dir / "vocab.safetensors")
+    assert vocab.num_clusters == 3 and vocab.dim == 32
+
+    pipeline = load_prior(prior_dir)
+    embeddings = pipeline.generate(["a red square", "blue"], num_images_per_prompt=2, num_steps=4, guidance_scale=2.0,
+                                   generator=torch.Generator().manual_seed(0))
+    assert embeddings.shape == (4, 32) and torch.isfinite(embeddings).all()
+    # the saved weights are the EMA weights, and they load into the network unchanged
+    saved = load_file(str(prior_dir / "model.safetensors"))
+    for key, value in pipeline.prior.state_dict().items():
+        torch.testing.assert_close(value, saved[key])
+
+
+def test_resume_reaches_the_weights_of_an_uninterrupted_run(caption_image_folder, tiny_open_clip_dir, tmp_path):
+    common = ["--checkpointing_steps", "2", "--validation_steps", "0", "--lr_scheduler", "constant_with_warmup"]
+    straight = train.main(args(caption_image_folder, tiny_open_clip_dir, tmp_path / "a", "--max_train_steps", "5", *common))
+    train.main(args(caption_image_folder, tiny_open_clip_dir, tmp_path / "b", "--max_train_steps", "2", *common))
+    resumed = train.main(args(caption_image_folder, tiny_open_clip_dir, tmp_path / "b", "--max_train_steps", "5",
+                              "--resume_from_checkpoint", "latest", *common))
+    a, b = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:  # same data order, same per-step randomness, same optimiser and EMA state: exact on CPU
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    untrained = train.main(args(caption_image_folder, tiny_open_clip_dir, tmp_path / "c", "--max_train_steps", "2", *common))
+    c = load_file(str(untrained / "model.safetensors"))
+    assert any(not torch.allclose(a[k], c[k]) for k in a)  # the comparison above could fail
+
+
+def test_baseline_prior_has_no_vocab_and_no_cluster_token(caption_image_folder, tiny_open_clip_dir, tmp_path):
+    prior_dir = train.main(args(caption_image_folder, tiny_open_clip_dir, tmp_path / "base", "--baseline",
+                                "--max_train_steps", "1", "--validation_steps", "0", "--checkpointing_steps", "0"))
+    assert not (prior_dir / "vocab.safetensors").exists()
+    assert json.loads((prior_dir / "config.json").read_text())["prior"]["vocab_size"] is None
+    assert load_prior(prior_dir).generate(["a ring"], num_steps=2).shape == (1, 32)
+
+
+def test_flags_override_yaml_and_booleans_are_real(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("std_scale: 3.0\nuse_ema: true\nlearning_rate: 0.5\n")
+    cfg = parse_config(["--config", str(preset), "--learning_rate", "0.1", "--no-use_ema", "--baseline"])
+    assert (cfg.std_scale, cfg.learning_rate, cfg.use_ema, cfg.baseline) == (3.0, 0.1, False, True)
+    assert parse_config([]) == TrainConfig()
+    with pytest.raises(ValueError, match="unknown training setting"):
+        preset.write_text("lerning_rate: 0.1\n")
+        parse_config(["--config", str(preset)])
+
+
+def test_bad_inputs_fail_clearly(caption_image_folder, tiny_open_clip_dir, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(Exception, match="(?i)no images|empty"):
+        train.main(args(empty, tiny_open_clip_dir, tmp_path / "e", "--max_train_steps", "1"))
+    wrong_vocab = tmp_path / "wrong.safetensors"
+    ClusterVocab(torch.zeros(2, 5), torch.ones(2, 5)).save(wrong_vocab)
+    with pytest.raises(ValueError, match="dim 5.*dim 32"):
+        train.main(args(caption_image_folder, tiny_open_clip_dir, tmp_path / "v", "--max_train_steps", "1",
+                        "--vocab_path", str(wrong_vocab)))
+    with pytest.raises(FileNotFoundError, match="prior not found"):
+        load_prior(tmp_path / "nowhere")
