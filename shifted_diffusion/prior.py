@@ -1,0 +1,569 @@
+"""The shifted-diffusion prior network: a causal pre-norm transformer that predicts x0 (DESIGN.md §3).
+
+Token sequence, in order (W = width):
+    [text tokens (L) | CLIP text emb (1) | timestep emb (1) | cluster-index emb (1, only with a vocab)
+     | x_t (1) | learned final token (1)]
+The output at the final token goes through `out_proj` to x0_hat (D = clip_dim).
+
+Attention is causal and the caption tokens come first, so the hidden states of the first L + 1
+positions (the "prefix") depend on the caption only. `encode_prefix` computes them once (per-layer
+keys/values); `forward_cached` then runs only the 3-4 tail tokens against the cached prefix. A prefix
+of batch B may serve x_t of batch B*K (K timesteps per caption, `repeat_interleave` order): the tail
+tokens of the K timesteps attend to the shared prefix and, causally, to their own tail only.
+
+Submodule names and layouts follow the original ClipPrior so that `convert.py` maps its checkpoints
+one-to-one (the trunk is our own block; see convert.py for the key mapping).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .guidance import classifier_free_guidance
+
+__all__ = [
+    "PriorConfig",
+    "PrefixCache",
+    "ShiftedPrior",
+    "RMSNorm",
+    "timestep_sinusoid",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# config
+
+
+_PRESETS: Dict[str, Dict[str, Any]] = {
+    "small": dict(width=2048, depth=16, heads=32, dim_head=64, clip_dim=1536, text_dim=1024,
+                  text_len=80, vocab_size=1024),
+    "large": dict(width=2048, depth=20, heads=32, dim_head=64, clip_dim=1536, text_dim=1024,
+                  text_len=80, vocab_size=1024),
+    "tiny": dict(width=128, depth=2, heads=2, dim_head=64, clip_dim=64, text_dim=32, text_len=8,
+                 vocab_size=16),
+}
+
+
+@dataclass(frozen=True)
+class PriorConfig:
+    """Architecture of the prior; saved inside every checkpoint (`to_dict` / `from_dict`)."""
+
+    width: int = 2048
+    depth: int = 16
+    heads: int = 32
+    dim_head: int = 64
+    clip_dim: int = 1536
+    text_dim: int = 1024
+    text_len: int = 80
+    vocab_size: Optional[int] = 1024  # None = baseline network (no cluster-index token)
+    grad_checkpointing: bool = False  # torch.utils.checkpoint per block (training only)
+
+    def __post_init__(self):
+        for name in ("width", "depth", "heads", "dim_head", "clip_dim", "text_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"PriorConfig.{name} must be a positive int, got {value!r}")
+        if not isinstance(self.text_len, int) or isinstance(self.text_len, bool) or self.text_len < 0:
+            raise ValueError(f"PriorConfig.text_len must be an int >= 0, got {self.text_len!r}")
+        if self.width % 2:
+            raise ValueError(f"PriorConfig.width must be even (sinusoidal embeddings), got {self.width}")
+        if self.vocab_size is not None and (
+            not isinstance(self.vocab_size, int) or isinstance(self.vocab_size, bool) or self.vocab_size < 1
+        ):
+            raise ValueError(f"PriorConfig.vocab_size must be a positive int or None, got {self.vocab_size!r}")
+        if not isinstance(self.grad_checkpointing, bool):
+            raise ValueError(f"PriorConfig.grad_checkpointing must be a bool, got {self.grad_checkpointing!r}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "PriorConfig":
+        """A named preset ("tiny", "small", "large") with optional field overrides."""
+        if name not in _PRESETS:
+            raise ValueError(f"unknown PriorConfig preset {name!r}; expected one of {sorted(_PRESETS)}")
+        return cls(**{**_PRESETS[name], **overrides})
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "PriorConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"PriorConfig.from_dict: unknown keys {unknown}; known keys {sorted(known)}")
+        return cls(**d)
+
+    @property
+    def has_cluster_token(self) -> bool:
+        return self.vocab_size is not None
+
+    @property
+    def prefix_len(self) -> int:
+        """Caption positions: text tokens + CLIP text embedding."""
+        return self.text_len + 1
+
+    @property
+    def tail_len(self) -> int:
+        """Per-timestep positions: timestep, (cluster index), x_t, final token."""
+        return 4 if self.has_cluster_token else 3
+
+    @property
+    def seq_len(self) -> int:
+        return self.prefix_len + self.tail_len
+
+
+# ----------------------------------------------------------------------------------------------
+# building blocks
+
+
+def timestep_sinusoid(values: Tensor, dim: int) -> Tensor:
+    """emb = [cos(v * f), sin(v * f)], f_i = exp(-ln(10000) * i / half), half = dim // 2 (float32)."""
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=values.device) / half
+    )
+    args = values.float()[:, None] * freqs[None]  # (B, half)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, dim)
+
+
+class RMSNorm(nn.Module):
+    """x / max(||x||_2 / sqrt(dim), eps) * g, eps = 1e-8 (x_transformers 0.28.4's RMSNorm)."""
+
+    def __init__(self, dim: int, eps: float = 1e-8):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        rms = x32.pow(2).mean(dim=-1, keepdim=True).sqrt().clamp(min=self.eps)
+        return (x32 / rms * self.weight.float()).to(x.dtype)
+
+
+def _layer_norm(dim: int) -> nn.LayerNorm:
+    """The original's "LN": learned gain, zero (fixed) bias, eps 1e-5."""
+    return nn.LayerNorm(dim, eps=1e-5, bias=False)
+
+
+class SelfAttention(nn.Module):
+    """Causal multi-head self-attention, softmax(q k^T / sqrt(dim_head)) v; no biases."""
+
+    def __init__(self, width: int, heads: int, dim_head: int):
+        super().__init__()
+        self.heads = heads
+        self.dim_head = dim_head
+        inner = heads * dim_head
+        self.to_qkv = nn.Linear(width, 3 * inner, bias=False)  # rows: [q | k | v]
+        self.to_out = nn.Linear(inner, width, bias=False)
+
+    def forward(
+        self,
+        h: Tensor,
+        past_key_value: Optional[Tuple[Tensor, Tensor]] = None,
+        attn_mask: Optional[Tensor] = None,
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        """Returns (output (B, N, W), keys (B, H, N, dh), values (B, H, N, dh)) of the N new tokens.
+
+        Without `past_key_value` the N tokens attend causally to each other; with it they attend to
+        the cached P positions and to the new ones allowed by `attn_mask` (N, P + N), True = attend.
+        """
+        b, n, _ = h.shape
+        qkv = self.to_qkv(h).view(b, n, 3, self.heads, self.dim_head)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, dh)
+        if past_key_value is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif isinstance(past_key_value, KVBuffer):  # inference: write the N new keys after the prefix, no copy of it
+            k_all, v_all = past_key_value.write(k, v)  # (B, H, P + N, dh)
+            out = F.scaled_dot_product_attention(q.to(k_all.dtype), k_all, v_all, attn_mask=attn_mask).to(q.dtype)
+        else:
+            past_k, past_v = past_key_value
+            k_all = torch.cat([past_k.to(k.dtype), k], dim=2)  # (B, H, P + N, dh)
+            v_all = torch.cat([past_v.to(v.dtype), v], dim=2)
+            out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=attn_mask)
+        out = out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head)  # (B, N, H*dh)
+        return self.to_out(out), k, v
+
+
+class GEGLUFeedForward(nn.Module):
+    """proj_out(a * gelu(gate)), [a | gate] = proj_in(x) (W -> 2 * 4W -> W)."""
+
+    def __init__(self, width: int, mult: int = 4):
+        super().__init__()
+        inner = width * mult
+        self.proj_in = nn.Linear(width, 2 * inner)
+        self.proj_out = nn.Linear(inner, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, gate = self.proj_in(x).chunk(2, dim=-1)
+        return self.proj_out(a * F.gelu(gate))
+
+
+class PriorBlock(nn.Module):
+    """Pre-norm block: h = h + attn(rms(h)); h = h + ff(rms(h))."""
+
+    def __init__(self, width: int, heads: int, dim_head: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(width)
+        self.attn = SelfAttention(width, heads, dim_head)
+        self.ff_norm = RMSNorm(width)
+        self.ff = GEGLUFeedForward(width)
+
+    def forward(
+        self,
+        h: Tensor,
+        past_key_value: Optional[Tuple[Tensor, Tensor]] = None,
+        attn_mask: Optional[Tensor] = None,
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        attn_out, k, v = self.attn(self.attn_norm(h), past_key_value, attn_mask)
+        h = h + attn_out
+        h = h + self.ff(self.ff_norm(h))
+        return h, k, v
+
+
+# ----------------------------------------------------------------------------------------------
+# prefix cache
+
+
+@dataclass(frozen=True)
+class PrefixCache:
+    """Per-layer keys/values of the caption positions: depth x (B, heads, L + 1, dim_head)."""
+
+    keys: Tuple[Tensor, ...]
+    values: Tuple[Tensor, ...]
+    # inference buffers [prefix | tail] per (tail length, dtype), filled with the prefix once (see KVBuffer)
+    buffers: Dict[Any, Tuple["KVBuffer", ...]] = field(default_factory=dict, compare=False, repr=False)
+
+    def kv_buffers(self, tail_len: int, dtype: torch.dtype) -> Tuple["KVBuffer", ...]:
+        """One KVBuffer per layer with room for `tail_len` new positions (created on first use)."""
+        key = (tail_len, dtype)
+        if key not in self.buffers:
+            self.buffers[key] = tuple(KVBuffer.around(k, v, tail_len, dtype) for k, v in zip(self.keys, self.values))
+        return self.buffers[key]
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[2]
+
+    @property
+    def depth(self) -> int:
+        return len(self.keys)
+
+    @classmethod
+    def cat(cls, caches: Sequence["PrefixCache"]) -> "PrefixCache":
+        """Concatenate caches along the batch dimension."""
+        depth = caches[0].depth
+        if any(c.depth != depth for c in caches):
+            raise ValueError(f"PrefixCache.cat: depths differ: {[c.depth for c in caches]}")
+        keys = tuple(torch.cat([c.keys[i] for c in caches], dim=0) for i in range(depth))
+        values = tuple(torch.cat([c.values[i] for c in caches], dim=0) for i in range(depth))
+        return cls(keys, values)
+
+
+class KVBuffer:
+    """Keys/values (B, H, P + N, dh) whose first P positions hold a cached prefix; each sampling step
+    writes its N tail positions in place instead of concatenating the prefix again."""
+
+    def __init__(self, keys: Tensor, values: Tensor, prefix_len: int):
+        self.keys, self.values, self.prefix_len = keys, values, prefix_len
+
+    @classmethod
+    def around(cls, keys: Tensor, values: Tensor, tail_len: int, dtype: torch.dtype) -> "KVBuffer":
+        b, h, p, dh = keys.shape
+        buf_k = keys.new_empty(b, h, p + tail_len, dh, dtype=dtype)
+        buf_v = values.new_empty(b, h, p + tail_len, dh, dtype=dtype)
+        buf_k[:, :, :p] = keys
+        buf_v[:, :, :p] = values
+        return cls(buf_k, buf_v, p)
+
+    def write(self, keys: Tensor, values: Tensor) -> Tuple[Tensor, Tensor]:
+        self.keys[:, :, self.prefix_len:] = keys.to(self.keys.dtype)
+        self.values[:, :, self.prefix_len:] = values.to(self.values.dtype)
+        return self.keys, self.values
+
+
+def _tail_attention_mask(prefix_len: int, tail_len: int, groups: int, device: torch.device) -> Tensor:
+    """(K*T, P + K*T) bool: every tail token sees the prefix and, causally, its own group's tail."""
+    n = groups * tail_len
+    idx = torch.arange(n, device=device)
+    same_group = (idx[:, None] // tail_len) == (idx[None, :] // tail_len)
+    causal = idx[:, None] >= idx[None, :]
+    prefix = torch.ones(n, prefix_len, dtype=torch.bool, device=device)
+    return torch.cat([prefix, same_group & causal], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# shape checks
+
+
+def _require_tensor(name: str, tensor: Any) -> None:
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"{name}: expected a tensor, got {type(tensor).__name__}")
+
+
+def _check_tensor(
+    name: str, tensor: Any, expected: Tuple[Any, ...], meaning: str, given: Optional[Tensor] = None
+) -> None:
+    """Raise a ValueError naming the tensor when its shape does not match `expected` (None = any).
+
+    `given` is the tensor as the caller passed it, reported in the message (default `tensor`)."""
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"{name}: expected a tensor of shape {meaning}, got {type(tensor).__name__}")
+    if tensor.dim() != len(expected) or any(
+        e is not None and e != s for e, s in zip(expected, tensor.shape)
+    ):
+        got = tensor if given is None else given
+        raise ValueError(f"{name}: expected shape {meaning}, got {tuple(got.shape)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# the network
+
+
+class ShiftedPrior(nn.Module):
+    """x0_hat = f(x_t, t, cluster_idx, text tokens, CLIP text emb), a causal transformer (DESIGN §3)."""
+
+    def __init__(self, config: PriorConfig):
+        super().__init__()
+        if not isinstance(config, PriorConfig):
+            raise TypeError(f"ShiftedPrior expects a PriorConfig, got {type(config).__name__}")
+        self.config = config
+        w, d, e = config.width, config.clip_dim, config.text_dim
+
+        self.t5_proj = nn.Sequential(
+            _layer_norm(e), nn.Linear(e, w), nn.SiLU(), _layer_norm(w), nn.Linear(w, w)
+        )
+        self.clip_sentence_proj = nn.Sequential(nn.Linear(d, w), nn.SiLU(), _layer_norm(w), nn.Linear(w, w))
+        self.x_proj = nn.Sequential(nn.Linear(d, w), nn.SiLU(), _layer_norm(w), nn.Linear(w, w))
+        self.time_embed = nn.Sequential(nn.Linear(w, w), nn.SiLU(), nn.Linear(w, w))
+        self.pos_embed = (
+            nn.Sequential(nn.Linear(w, w), nn.SiLU(), nn.Linear(w, w)) if config.has_cluster_token else None
+        )
+        self.final_emb = nn.Parameter(torch.randn(1, 1, w))
+        self.blocks = nn.ModuleList(
+            [PriorBlock(w, config.heads, config.dim_head) for _ in range(config.depth)]
+        )
+        self.out_proj = nn.Sequential(nn.Linear(w, d), nn.SiLU(), nn.Linear(d, d))
+
+    # ---- input validation -------------------------------------------------------------------
+
+    def _check_caption(self, text_tokens: Tensor, clip_text_emb: Tensor) -> int:
+        cfg = self.config
+        _check_tensor("clip_text_emb", clip_text_emb, (None, cfg.clip_dim), f"(B, clip_dim={cfg.clip_dim})")
+        b = clip_text_emb.shape[0]
+        _check_tensor(
+            "text_tokens", text_tokens, (b, cfg.text_len, cfg.text_dim),
+            f"(B={b}, text_len={cfg.text_len}, text_dim={cfg.text_dim})",
+        )
+        return b
+
+    def _check_tail(self, x_t: Tensor, timesteps: Tensor, cluster_idx: Optional[Tensor]) -> int:
+        cfg = self.config
+        _check_tensor("x_t", x_t, (None, cfg.clip_dim), f"(B, clip_dim={cfg.clip_dim})")
+        n = x_t.shape[0]
+        _check_tensor("timesteps", timesteps, (n,), f"(B={n},)")
+        if cfg.has_cluster_token:
+            if cluster_idx is None:
+                raise ValueError(
+                    f"cluster_idx: required (shape (B={n},)) because vocab_size={cfg.vocab_size}; "
+                    "pass vocab_size=None for the baseline network"
+                )
+            _check_tensor("cluster_idx", cluster_idx, (n,), f"(B={n},)")
+        return n
+
+    # ---- embeddings --------------------------------------------------------------------------
+
+    def _prefix_tokens(self, text_tokens: Tensor, clip_text_emb: Tensor) -> Tensor:
+        text = self.t5_proj(text_tokens)  # (B, L, W)
+        clip = self.clip_sentence_proj(clip_text_emb)[:, None]  # (B, 1, W)
+        # residual stream in the input dtype (fp32 under autocast; bf16 for a bf16 model)
+        return torch.cat([text.to(clip_text_emb.dtype), clip.to(clip_text_emb.dtype)], dim=1)  # (B, L+1, W)
+
+    def _tail_tokens(self, x_t: Tensor, timesteps: Tensor, cluster_idx: Optional[Tensor]) -> Tensor:
+        w = self.config.width
+        t_emb = self.time_embed(timestep_sinusoid(timesteps, w).to(x_t.dtype))[:, None]  # (N, 1, W)
+        x_emb = self.x_proj(x_t)[:, None]  # (N, 1, W)
+        final = self.final_emb.expand(x_t.shape[0], -1, -1)  # (N, 1, W)
+        parts = [t_emb]
+        if self.pos_embed is not None:
+            parts.append(self.pos_embed(timestep_sinusoid(cluster_idx, w).to(x_t.dtype))[:, None])
+        parts += [x_emb, final]
+        return torch.cat([p.to(x_t.dtype) for p in parts], dim=1)  # (N, T, W)
+
+    def _run_block(self, block: PriorBlock, h: Tensor, past=None, mask=None):
+        if self.config.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, h, past, mask, use_reentrant=False)
+        return block(h, past, mask)
+
+    # ---- full forward ------------------------------------------------------------------------
+
+    def forward(
+        self,
+        x_t: Tensor,
+        timesteps: Tensor,
+        cluster_idx: Optional[Tensor],
+        text_tokens: Tensor,
+        clip_text_emb: Tensor,
+    ) -> Tensor:
+        """x0_hat (N, D) from the whole sequence [text | clip | t | (cluster) | x_t | final].
+
+        N = B: one timestep per caption. N = B*K: K timesteps per caption (row n uses caption n // K)
+        share one caption prefix, computed once (prefix-shared training; exact).
+        """
+        b = self._check_caption(text_tokens, clip_text_emb)
+        n = self._check_tail(x_t, timesteps, cluster_idx)
+        if n != b:
+            if n % b:
+                raise ValueError(
+                    f"x_t: batch {n} is not a multiple of the caption batch {b} (text_tokens/clip_text_emb)"
+                )
+            return self.forward_cached(self.encode_prefix(text_tokens, clip_text_emb), x_t, timesteps, cluster_idx)
+        h = torch.cat(
+            [self._prefix_tokens(text_tokens, clip_text_emb), self._tail_tokens(x_t, timesteps, cluster_idx)],
+            dim=1,
+        )  # (B, L + 1 + T, W)
+        for block in self.blocks:
+            h, _, _ = self._run_block(block, h)
+        return self.out_proj(h[:, -1])  # (B, D)
+
+    # ---- prefix cache ------------------------------------------------------------------------
+
+    def encode_prefix(self, text_tokens: Tensor, clip_text_emb: Tensor) -> PrefixCache:
+        """Per-layer keys/values of the L + 1 caption positions (independent of t, cluster, x_t)."""
+        self._check_caption(text_tokens, clip_text_emb)
+        h = self._prefix_tokens(text_tokens, clip_text_emb)  # (B, P, W)
+        keys, values = [], []
+        for block in self.blocks:
+            h, k, v = self._run_block(block, h)
+            keys.append(k)  # (B, H, P, dh)
+            values.append(v)
+        return PrefixCache(tuple(keys), tuple(values))
+
+    def forward_cached(
+        self,
+        prefix: PrefixCache,
+        x_t: Tensor,
+        timesteps: Tensor,
+        cluster_idx: Optional[Tensor],
+    ) -> Tensor:
+        """x0_hat (N, D) for N = B*K tail sequences on a prefix of batch B (row n uses caption n // K)."""
+        if not isinstance(prefix, PrefixCache):
+            raise TypeError(f"prefix: expected a PrefixCache from encode_prefix, got {type(prefix).__name__}")
+        cfg = self.config
+        if prefix.depth != cfg.depth or prefix.length != cfg.prefix_len:
+            raise ValueError(
+                f"prefix: expected depth {cfg.depth} and length {cfg.prefix_len}, "
+                f"got depth {prefix.depth} and length {prefix.length}"
+            )
+        n = self._check_tail(x_t, timesteps, cluster_idx)
+        b = prefix.batch_size
+        if n % b:
+            raise ValueError(
+                f"x_t: batch {n} must be a multiple of the prefix batch {b} (K timesteps per caption)"
+            )
+        groups = n // b
+        tail = cfg.tail_len
+        h = self._tail_tokens(x_t, timesteps, cluster_idx)  # (B*K, T, W)
+        h = h.reshape(b, groups * tail, cfg.width)  # (B, K*T, W): caption-major, timestep-minor
+        if groups == 1:  # the T tail tokens see the whole prefix and each other causally: bottom-right causal
+            mask = causal_lower_right(tail, prefix.length + tail)
+        else:
+            mask = _tail_attention_mask(prefix.length, tail, groups, x_t.device)  # (K*T, P + K*T)
+        if torch.is_grad_enabled():  # training: gradients flow into the prefix through a concatenation
+            past = list(zip(prefix.keys, prefix.values))
+        else:  # sampling: the prefix is copied into per-layer buffers once, not at every step
+            past = prefix.kv_buffers(groups * tail, prefix.keys[0].dtype)
+        for block, kv in zip(self.blocks, past):
+            h, _, _ = self._run_block(block, h, kv, mask)
+        h = h.reshape(n, tail, cfg.width)  # (B*K, T, W)
+        return self.out_proj(h[:, -1])  # (B*K, D)
+
+    # ---- sampling ----------------------------------------------------------------------------
+
+    def denoiser(
+        self,
+        text_tokens: Tensor,
+        clip_text_emb: Tensor,
+        cluster_idx: Optional[Tensor],
+        *,
+        guidance_scale: float = 1.0,
+        null_text_tokens: Optional[Tensor] = None,
+        null_clip_text_emb: Optional[Tensor] = None,
+    ) -> Callable[[Tensor, Tensor], Tensor]:
+        """A sampler denoiser (x_t, timesteps) -> x0_hat with cached caption prefixes.
+
+        guidance_scale != 1: x0_hat = x0_uncond + g * (x0_cond - x0_uncond) with the unconditional
+        caption = `null_text_tokens` ((L, E) or (1, L, E), broadcast) and, if given,
+        `null_clip_text_emb` ((D,) or (1, D)); cond and uncond run as one doubled batch.
+        The prefix is computed here, once, under the caller's grad mode. x_t may have batch B*K
+        (K samples per caption, `repeat_interleave` order).
+        """
+        cfg = self.config
+        b = self._check_caption(text_tokens, clip_text_emb)
+        # a bf16/fp16 network samples from fp32 inputs: captions and x_t go in its dtype, x0_hat comes back in x_t's
+        dtype = self.final_emb.dtype if not torch.is_autocast_enabled() else clip_text_emb.dtype
+        text_tokens, clip_text_emb = text_tokens.to(dtype), clip_text_emb.to(dtype)
+        if cfg.has_cluster_token:
+            if cluster_idx is None:
+                raise ValueError(f"cluster_idx: required (shape (B={b},)) because vocab_size={cfg.vocab_size}")
+            _check_tensor("cluster_idx", cluster_idx, (b,), f"(B={b},)")
+        guided = float(guidance_scale) != 1.0
+
+        if not guided:
+            prefix = self.encode_prefix(text_tokens, clip_text_emb)
+        else:
+            if null_text_tokens is None:
+                raise ValueError(
+                    "null_text_tokens: required when guidance_scale != 1 (the text tokens of the empty caption)"
+                )
+            _require_tensor("null_text_tokens", null_text_tokens)
+            null_tokens = null_text_tokens[None] if null_text_tokens.dim() == 2 else null_text_tokens
+            _check_tensor(
+                "null_text_tokens", null_tokens, (1, cfg.text_len, cfg.text_dim),
+                f"(text_len={cfg.text_len}, text_dim={cfg.text_dim}) or (1, {cfg.text_len}, {cfg.text_dim})",
+                given=null_text_tokens,
+            )
+            null_tokens = null_tokens.to(text_tokens).expand(b, -1, -1)
+            if null_clip_text_emb is None:
+                null_clip = clip_text_emb
+            else:
+                _require_tensor("null_clip_text_emb", null_clip_text_emb)
+                null_clip = null_clip_text_emb[None] if null_clip_text_emb.dim() == 1 else null_clip_text_emb
+                _check_tensor(
+                    "null_clip_text_emb", null_clip, (1, cfg.clip_dim),
+                    f"(clip_dim={cfg.clip_dim},) or (1, {cfg.clip_dim})",
+                    given=null_clip_text_emb,
+                )
+                null_clip = null_clip.to(clip_text_emb).expand(b, -1)
+            prefix = self.encode_prefix(
+                torch.cat([text_tokens, null_tokens], dim=0), torch.cat([clip_text_emb, null_clip], dim=0)
+            )  # batch 2B: [cond | uncond]
+
+        def denoise(x_t: Tensor, timesteps: Tensor) -> Tensor:
+            n = x_t.shape[0]
+            if timesteps.dim() == 0:
+                timesteps = timesteps.expand(n)
+            if n % b:
+                raise ValueError(f"x_t: batch {n} must be a multiple of the caption batch {b}")
+            idx = cluster_idx
+            if idx is not None and n != b:
+                idx = idx.repeat_interleave(n // b)
+            if not guided:
+                return self.forward_cached(prefix, x_t.to(dtype), timesteps, idx).to(x_t.dtype)
+            idx2 = None if idx is None else torch.cat([idx, idx])
+            x0 = self.forward_cached(prefix, torch.cat([x_t, x_t]).to(dtype), torch.cat([timesteps, timesteps]), idx2)
+            x0_cond, x0_uncond = x0.to(x_t.dtype).chunk(2, dim=0)
+            return classifier_free_guidance(x0_cond, x0_uncond, guidance_scale)
+
+        return denoise

@@ -1,0 +1,168 @@
+"""Original ClipPrior (real x_transformers 0.28.4 Decoder trunk) -> ShiftedPrior conversion is exact."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("x_transformers")
+
+from shifted_diffusion.convert import (  # noqa: E402
+    convert_original_state_dict,
+    infer_config_from_original,
+    load_original_checkpoint,
+)
+from shifted_diffusion.prior import PriorConfig, ShiftedPrior  # noqa: E402
+
+pytestmark = pytest.mark.reference
+
+
+def _load_reference_module():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "reference_prior.py"
+    spec = importlib.util.spec_from_file_location("_reference_prior_for_tests", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ref_mod = _load_reference_module()
+
+CONFIGS = {
+    "tiny_vocab": PriorConfig.preset("tiny"),
+    "tiny_baseline": PriorConfig.preset("tiny", vocab_size=None),
+    # inner attention width (3 * 64) != width (96), 3 blocks: catches q/k/v split and layer-order slips
+    "odd_heads": PriorConfig(width=96, depth=3, heads=3, clip_dim=40, text_dim=24, text_len=5, vocab_size=7),
+}
+
+
+def _reference(config, seed=0):
+    ref = ref_mod.ReferenceClipPrior.from_config(config)
+    ref_mod.randomize_(ref, torch.Generator().manual_seed(seed))
+    return ref.eval()
+
+
+def _inputs(config, batch=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        x_t=torch.randn(batch, config.clip_dim, generator=g) * 2.0,
+        timesteps=torch.randint(0, 1000, (batch,), generator=g),
+        cluster_idx=torch.randint(0, config.vocab_size or 1, (batch,), generator=g),
+        text_tokens=torch.randn(batch, config.text_len, config.text_dim, generator=g),
+        clip_text_emb=torch.randn(batch, config.clip_dim, generator=g),
+    )
+
+
+def _run_reference(ref, inp):
+    return ref(inp["x_t"], inp["timesteps"], inp["text_tokens"], inp["clip_text_emb"], inp["cluster_idx"])
+
+
+def _run_ours(model, inp):
+    return model(inp["x_t"], inp["timesteps"], inp["cluster_idx"], inp["text_tokens"], inp["clip_text_emb"])
+
+
+def test_randomized_reference_has_no_default_weights():
+    ref = _reference(CONFIGS["tiny_vocab"])
+    sd = ref.state_dict()
+    norm_gains = [k for k in sd if k.endswith(".g") or k.endswith(".gamma")]
+    assert len(norm_gains) == 2 * 2 + 4  # 2 RMSNorms per block x 2 blocks + 4 LayerNorms
+    for k in norm_gains:
+        assert not torch.allclose(sd[k], torch.ones_like(sd[k])), k
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_converted_model_matches_reference(name):
+    config = CONFIGS[name]
+    ref = _reference(config)
+    model = ShiftedPrior(config).eval()
+    model.load_state_dict(convert_original_state_dict(ref.state_dict()), strict=True)
+    inp = _inputs(config)
+    with torch.no_grad():
+        expected = _run_reference(ref, inp)
+        got = _run_ours(model, inp)
+        cached = model.forward_cached(
+            model.encode_prefix(inp["text_tokens"], inp["clip_text_emb"]),
+            inp["x_t"], inp["timesteps"], inp["cluster_idx"],
+        )
+    assert expected.abs().max() > 0.1  # a non-degenerate output
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cached, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_input_gradients_match_reference():
+    config = CONFIGS["tiny_vocab"]
+    ref = _reference(config, seed=3)
+    model = ShiftedPrior(config)
+    model.load_state_dict(convert_original_state_dict(ref.state_dict()))
+    grads = []
+    for fn, net in ((_run_reference, ref), (_run_ours, model)):
+        inp = _inputs(config, seed=4)
+        inp["x_t"].requires_grad_(True)
+        inp["text_tokens"].requires_grad_(True)
+        fn(net, inp).square().sum().backward()
+        grads.append((inp["x_t"].grad, inp["text_tokens"].grad))
+    torch.testing.assert_close(grads[1][0], grads[0][0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(grads[1][1], grads[0][1], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_infer_config(name):
+    config = CONFIGS[name]
+    sd = _reference(config).state_dict()
+    inferred = infer_config_from_original(sd, text_len=config.text_len, vocab_size=config.vocab_size or 1)
+    assert inferred == config
+
+
+def test_load_original_checkpoint_wrapped_and_prefixed(tmp_path):
+    config = CONFIGS["tiny_vocab"]
+    ref = _reference(config, seed=5)
+    wrapped = {"state_dict": {f"module.{k}": v for k, v in ref.state_dict().items()}, "epoch": 3}
+    path = tmp_path / "prior.pth"
+    torch.save(wrapped, path)
+    model = load_original_checkpoint(path, text_len=config.text_len, vocab_size=config.vocab_size).eval()
+    assert model.config == config
+    inp = _inputs(config, seed=6)
+    with torch.no_grad():
+        torch.testing.assert_close(_run_ours(model, inp), _run_reference(ref, inp), atol=1e-5, rtol=1e-5)
+
+
+def test_learnable_vocab_keys_dropped_and_size_inferred():
+    config = CONFIGS["tiny_vocab"]
+    sd = dict(_reference(config).state_dict())
+    sd["vocab.mean.weight"] = torch.randn(11, config.clip_dim)
+    sd["vocab.log_std.weight"] = torch.randn(11, config.clip_dim)
+    assert infer_config_from_original(sd, text_len=config.text_len).vocab_size == 11
+    assert not any(k.startswith("vocab.") for k in convert_original_state_dict(sd))
+
+
+def test_bad_state_dicts_raise():
+    config = CONFIGS["tiny_vocab"]
+    sd = dict(_reference(config).state_dict())
+    with pytest.raises(ValueError, match="unexpected keys.*bogus"):
+        convert_original_state_dict({**sd, "bogus.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match="t5_proj.0.beta"):
+        convert_original_state_dict({**sd, "t5_proj.0.beta": torch.ones(config.text_dim)})
+    no_k = {k: v for k, v in sd.items() if k != "transformer.layers.2.1.to_k.weight"}
+    with pytest.raises(ValueError, match="block 1 lacks"):
+        convert_original_state_dict(no_k)
+    sigma = {**sd, "out_proj.2.weight": torch.zeros(2 * config.clip_dim, 2 * config.clip_dim)}
+    with pytest.raises(ValueError, match="learn_sigma"):
+        infer_config_from_original(sigma)
+
+
+def test_full_size_presets_match_reference_parameter_count():
+    for preset in ("small", "large"):
+        config = PriorConfig.preset(preset)
+        with torch.device("meta"):
+            ours = ShiftedPrior(config)
+            ref = ref_mod.ReferenceClipPrior.from_config(config)
+        n_ours = sum(p.numel() for p in ours.parameters())
+        n_ref = sum(p.numel() for p in ref.parameters())
+        assert n_ours == n_ref
+        assert sum(1 for _ in ours.blocks) == config.depth
+        ref_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+        converted = convert_original_state_dict(
+            {k: torch.empty(s, device="meta") for k, s in ref_shapes.items()}
+        )
+        ours_shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+        assert {k: tuple(v.shape) for k, v in converted.items()} == ours_shapes

@@ -1,0 +1,38 @@
+"""benchmarks/prior_speed.py runs end to end at tiny size and reports every phase (no timing asserts)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("x_transformers")
+
+
+def _load_benchmark():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "prior_speed.py"
+    spec = importlib.util.spec_from_file_location("_prior_speed_for_tests", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_prior_speed_tiny_smoke(tmp_path):
+    bench = _load_benchmark()
+    out = tmp_path / "speed.json"
+    report = bench.main([
+        "--preset", "tiny", "--device", "cpu", "--batch", "4", "--k", "2", "--prompts", "3,5",
+        "--steps", "2", "--warmup", "0", "--iters", "1", "--threads", "1", "--json", str(out),
+    ])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert report["errors"] == {}
+    assert report["device_type"] == "cpu" and report["preset"] == "tiny"
+    assert report["max_abs_diff_fp32_ours_vs_reference"] < 1e-5  # same weights, same network
+    expected_ours = {"train_step", "train_prefix_shared_k2", "sample_guided_2steps_3", "sample_guided_2steps_5"}
+    assert set(report["ours"]) == expected_ours
+    assert set(report["reference"]) == {"train_step", "sample_guided_2steps_3", "sample_guided_2steps_5"}
+    assert set(report["ratios"]) == expected_ours
+    for name in ("train_step", "train_prefix_shared_k2"):
+        assert report["ours"][name]["pairs"] == 4 and report["ours"][name]["pairs_per_s"] > 0
+    assert report["reference"]["sample_guided_2steps_5"]["prompts"] == 5
+    assert all(r > 0 for r in report["ratios"].values())
