@@ -193,13 +193,14 @@ class PriorPipeline:
         return self.sample(clip_text, tokens, **kwargs)
 
 
-def load_prior(path, device=None, *, clip=None, text_encoder=None) -> PriorPipeline:
-    """A PriorPipeline from a prior folder (``train.py`` output) or an original-release checkpoint file."""
+def load_prior(path, device=None, *, clip=None, text_encoder=None, **original_options) -> PriorPipeline:
+    """A PriorPipeline from a prior folder (``train.py`` output) or an original-release checkpoint file
+    (``original_options``: text_len / vocab_size / dim_head of that network when not the release's 80 / 1024 / 64)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"prior not found: {os.fspath(path)} (expected a folder written by train.py)")
     if path.is_file():
-        return _load_original(path, device, clip=clip, text_encoder=text_encoder)
+        return _load_original(path, device, clip=clip, text_encoder=text_encoder, **original_options)
     config_path = path / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{os.fspath(path)} has no config.json: not a prior folder written by train.py")
@@ -222,14 +223,16 @@ def load_prior(path, device=None, *, clip=None, text_encoder=None) -> PriorPipel
     return pipeline.to(device) if device is not None else pipeline
 
 
-def _load_original(path: Path, device, *, clip=None, text_encoder=None) -> PriorPipeline:
+def _load_original(path: Path, device, *, clip=None, text_encoder=None, **options) -> PriorPipeline:
     """The original release: a ClipPrior state dict, mean.pth / std.pth beside it (std_scale 5)."""
     from .convert import load_original_checkpoint
 
-    prior = load_original_checkpoint(path)
+    prior = load_original_checkpoint(path, **options)
     mean_path, std_path = path.parent / "mean.pth", path.parent / "std.pth"
     if mean_path.is_file() and std_path.is_file():
         shift = ClusterVocab.from_original(mean_path, std_path, dim=prior.config.clip_dim)
+        if shift.num_clusters > prior.config.vocab_size:  # the release's files may hold extra rows: it read [:1024]
+            shift = ClusterVocab(shift.means[: prior.config.vocab_size], shift.stds[: prior.config.vocab_size], shift.std_scale)
     elif prior.config.has_cluster_token:
         raise FileNotFoundError(f"{os.fspath(path)} is a shifted prior but mean.pth / std.pth are not beside it")
     else:

@@ -166,3 +166,28 @@ def test_full_size_presets_match_reference_parameter_count():
         )
         ours_shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
         assert {k: tuple(v.shape) for k, v in converted.items()} == ours_shapes
+
+
+def test_load_prior_reads_an_original_release_folder(tmp_path):
+    """load_prior(<ckpt file>) with the original's flattened mean.pth / std.pth beside it: the caption's
+    cluster (argmax cosine to the means) drives the shift, and the network is the converted one."""
+    from shifted_diffusion.prior_pipeline import load_prior
+
+    config = CONFIGS["tiny_vocab"]
+    ref = _reference(config, seed=3)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in ref.state_dict().items()}}, tmp_path / "prior.pt")
+    g = torch.Generator().manual_seed(4)
+    means = torch.randn(config.vocab_size + 2, config.clip_dim, generator=g)  # extra rows, as in the release
+    torch.save(means.flatten(), tmp_path / "mean.pth")
+    torch.save(torch.rand(config.vocab_size + 2, config.clip_dim, generator=g).flatten(), tmp_path / "std.pth")
+    pipeline = load_prior(tmp_path / "prior.pt", text_len=config.text_len, vocab_size=config.vocab_size)
+    assert pipeline.shift.num_clusters == config.vocab_size  # the extra rows are dropped, as the release did
+    torch.testing.assert_close(pipeline.shift.means, means[: config.vocab_size])
+    inp = _inputs(config)
+    with torch.no_grad():
+        torch.testing.assert_close(_run_ours(pipeline.prior, inp), _run_reference(ref, inp), atol=1e-5, rtol=1e-5)
+    expected_idx = torch.nn.functional.normalize(inp["clip_text_emb"], dim=-1) @ torch.nn.functional.normalize(
+        means[: config.vocab_size], dim=-1).T
+    torch.testing.assert_close(pipeline.shift.assign(inp["clip_text_emb"]), expected_idx.argmax(1))
+    out = pipeline.sample(inp["clip_text_emb"], inp["text_tokens"], num_steps=3, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (3, config.clip_dim)
