@@ -1,0 +1,157 @@
+"""Text-to-image: caption -> prior (shifted or baseline, from train.py) -> CLIP image embedding -> decoder.
+
+    python sft_test.py --prior runs/prior --decoder sd2-shifted-decoder \\
+        --prompt "a red double-decker bus" --prompt "two cats on a sofa" --num_images 4 \\
+        --prior_steps 8 --prior_guidance_scale 2.0 --guidance_scale 5 --output_dir samples/
+
+The decoder's negative (unconditional) embedding is, by default, the prior's sample for the empty
+caption "" computed now (as the original did); `--negative empty` uses the decoder's stored empty
+embedding, `--negative FILE` any embedding file. Writes one image per sample (caption in the name)
+and a grid (one row per prompt).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import re
+from pathlib import Path
+
+import torch
+
+from shifted_diffusion.decoder import (SCHEDULERS, default_device_dtype, load_decoder, load_embedding, make_grid,
+                                      save_embedding)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prior", required=True, help="prior folder written by train.py (shifted or baseline)")
+    parser.add_argument("--decoder", required=True, help="decoder folder written by finetune.py")
+    parser.add_argument("--prompt", action="append", default=[], help="a caption (repeatable)")
+    parser.add_argument("--prompts_file", default=None, help="a text file, one caption per non-empty line")
+    parser.add_argument("--num_images", type=int, default=1, help="images per prompt")
+    parser.add_argument("--prior_steps", type=int, default=8, help="prior sampling steps (re-spaced)")
+    parser.add_argument("--prior_guidance_scale", type=float, default=None,
+                        help="prior classifier-free guidance (default: the prior pipeline's own default)")
+    parser.add_argument("--guidance_scale", type=float, default=5.0, help="decoder classifier-free guidance")
+    parser.add_argument("--num_inference_steps", type=int, default=50, help="decoder sampling steps")
+    parser.add_argument("--scheduler", default=None, help=f"decoder scheduler, one of {sorted(SCHEDULERS)}")
+    parser.add_argument("--negative", default="prior",
+                        help='"prior" (the prior\'s sample for ""), "empty" (the decoder\'s empty embedding) or a file')
+    parser.add_argument("--save_negative", default=None,
+                        help="also write the negative embedding (D,) to this .safetensors file (e.g. for finetune.py "
+                             "--empty_embedding: the prior's sample for the empty caption, as the original used)")
+    parser.add_argument("--batch_size", type=int, default=4, help="decoder batch size")
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output_dir", default="samples")
+    parser.add_argument("--grid", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default=None, help="decoder dtype: float32, float16, bfloat16 (default fp16 on CUDA)")
+    return parser
+
+
+def sanitize(caption: str, max_length: int = 80) -> str:
+    """A caption as a safe file-name part: letters, digits, '-' and '_' only."""
+    text = re.sub(r"\s+", "_", caption.strip().lower())
+    text = re.sub(r"[^a-z0-9_\-]", "", text)
+    text = re.sub(r"_+", "_", text).strip("_-")
+    return text[:max_length] or "empty"
+
+
+def read_prompts(args) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise SystemExit(f"sft_test.py: --prompts_file {path} does not exist")
+        prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise SystemExit("sft_test.py: give at least one --prompt or a --prompts_file")
+    return prompts
+
+
+def load_prior_or_exit(path: str, device):
+    """load_prior with a clear message when the folder is missing."""
+    if not Path(path).exists():
+        raise SystemExit(f"sft_test.py: prior folder {path} does not exist (train one with train.py)")
+    from shifted_diffusion.prior_pipeline import load_prior
+
+    import inspect
+
+    takes_device = "device" in inspect.signature(load_prior).parameters
+    return load_prior(path, device=device) if takes_device else load_prior(path)
+
+
+def prior_generate(prior, prompts, *, num_images_per_prompt, num_steps, guidance_scale, generator) -> torch.Tensor:
+    kwargs = {"num_images_per_prompt": num_images_per_prompt, "num_steps": num_steps, "generator": generator}
+    if guidance_scale is not None:
+        kwargs["guidance_scale"] = guidance_scale
+    return torch.as_tensor(prior.generate(list(prompts), **kwargs)).float()
+
+
+def main(argv=None) -> list[Path]:
+    args = build_parser().parse_args(argv)
+    prompts = read_prompts(args)
+    if not Path(args.decoder).exists():
+        raise SystemExit(f"sft_test.py: decoder folder {args.decoder} does not exist (fine-tune one with finetune.py)")
+    device, dtype = default_device_dtype(args.device, args.dtype)
+    prior = load_prior_or_exit(args.prior, device)
+    decoder = load_decoder(args.decoder, device=device, dtype=dtype, scheduler=args.scheduler)
+    prior_dim = int(getattr(prior, "clip_dim", decoder.clip_dim))
+    if prior_dim != decoder.clip_dim:
+        raise SystemExit(f"sft_test.py: the prior ({args.prior}) makes embeddings of dim {prior_dim}, the decoder "
+                         f"({args.decoder}/image_projection) expects {decoder.clip_dim}: they use different CLIP models")
+
+    prior_clips = getattr(prior, "encoders", {}).get("clip_models")
+    if prior_clips is not None:
+        from shifted_diffusion.train_config import parse_clip_specs
+
+        if [tuple(spec) for spec in parse_clip_specs(prior_clips)] != [tuple(spec) for spec in decoder.clip_specs]:
+            print(f"sft_test.py: warning: the prior was trained with CLIP models {list(prior_clips)} but the decoder "
+                  f"with {decoder.clip_specs}; same dim {prior_dim}, but the embeddings may not match", file=sys.stderr)
+    prior_device = torch.device(getattr(prior, "device", None) or "cpu")
+    prior_generator = torch.Generator(device=prior_device).manual_seed(args.seed)
+    image_embeds = prior_generate(prior, prompts, num_images_per_prompt=args.num_images, num_steps=args.prior_steps,
+                                  guidance_scale=args.prior_guidance_scale, generator=prior_generator)  # (P*N, D)
+    expected = (len(prompts) * args.num_images, decoder.clip_dim)
+    if tuple(image_embeds.shape) != expected:
+        raise RuntimeError(f"prior.generate returned image embeddings of shape {tuple(image_embeds.shape)}, "
+                           f"expected {expected} (prompts x num_images, clip_dim)")
+    if args.negative == "prior":
+        negative = prior_generate(prior, [""], num_images_per_prompt=1, num_steps=args.prior_steps,
+                                  guidance_scale=args.prior_guidance_scale, generator=prior_generator)[0]
+    elif args.negative == "empty":
+        negative = None
+    else:
+        negative = load_embedding(args.negative)
+
+    if args.save_negative:
+        save_embedding(args.save_negative, decoder.empty_embedding if negative is None else negative)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    jobs = [(p, k) for p in range(len(prompts)) for k in range(args.num_images)]  # prompt-major, as the prior
+    images = []
+    for start in range(0, len(jobs), args.batch_size):
+        rows = slice(start, start + args.batch_size)
+        generators = [torch.Generator(device=device).manual_seed(args.seed + i)
+                      for i in range(start, min(start + args.batch_size, len(jobs)))]
+        images += decoder.generate(image_embeds[rows], guidance_scale=args.guidance_scale,
+                                   num_inference_steps=args.num_inference_steps, negative_embeds=negative,
+                                   generator=generators, height=args.height, width=args.width)
+    written = []
+    for (p, k), image in zip(jobs, images):
+        path = output_dir / f"{p:03d}_{sanitize(prompts[p])}_{k}.png"
+        image.save(path)
+        written.append(path)
+    if args.grid:
+        grid_path = output_dir / "grid.png"
+        make_grid([images[p * args.num_images:(p + 1) * args.num_images] for p in range(len(prompts))]).save(grid_path)
+        written.append(grid_path)
+    print(f"sft_test.py: {len(prompts)} prompts x {args.num_images} images -> {output_dir}")
+    return written
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Image-to-image with the fine-tuned decoder: image -> multi-CLIP embedding -> projection -> Stable Diffusion.
+
+    python test.py --decoder sd2-shifted-decoder --images photos/ cat.jpg --output_dir recon/ \\
+        --guidance_scale 5 --num_inference_steps 50 --scheduler dpm --seed 0
+
+Writes `re_<name>.png` beside each input (or under --output_dir, keeping sub-folders of input folders).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from shifted_diffusion.data import read_image_folder
+from shifted_diffusion.decoder import SCHEDULERS, default_device_dtype, load_decoder, load_embedding
+from shifted_diffusion.train_config import parse_clip_specs
+
+OUTPUT_PREFIX = "re_"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--decoder", required=True, help="folder written by finetune.py")
+    parser.add_argument("--images", nargs="+", required=True, help="image files and/or folders (searched recursively)")
+    parser.add_argument("--output_dir", default=None, help="default: beside each input image")
+    parser.add_argument("--guidance_scale", type=float, default=5.0)
+    parser.add_argument("--num_inference_steps", type=int, default=50)
+    parser.add_argument("--scheduler", default=None, help=f"one of {sorted(SCHEDULERS)} (default: the decoder's own)")
+    parser.add_argument("--negative", default=None,
+                        help="embedding file (D,) for the unconditional branch; default: the decoder's empty embedding")
+    parser.add_argument("--num_images", type=int, default=1, help="reconstructions per input image")
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--clip_models", nargs="+", default=None,
+                        help="override the decoder's CLIP specs (MODEL:PRETRAINED); must give the same dim")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default=None, help="float32, float16, bfloat16 (default fp16 on CUDA)")
+    parser.add_argument("--skip_existing", action=argparse.BooleanOptionalAction, default=False)
+    return parser
+
+
+def collect_inputs(items: list[str], output_dir: str | None) -> list[tuple[Path, Path]]:
+    """(input image, output path) pairs; folders keep their sub-folders under --output_dir."""
+    pairs = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            for record in read_image_folder(path):
+                if Path(record.file_name).name.startswith(OUTPUT_PREFIX):
+                    continue  # our own earlier outputs
+                relative = Path(record.file_name)
+                base = Path(output_dir) / path.name / relative.parent if output_dir else record.path.parent
+                pairs.append((record.path, base / f"{OUTPUT_PREFIX}{relative.stem}.png"))
+        elif path.is_file():
+            base = Path(output_dir) if output_dir else path.parent
+            pairs.append((path, base / f"{OUTPUT_PREFIX}{path.stem}.png"))
+        else:
+            raise SystemExit(f"test.py: --images {path}: no such file or folder")
+    if not pairs:
+        raise SystemExit(f"test.py: no images found in {items}")
+    return pairs
+
+
+def numbered(path: Path, k: int, count: int) -> Path:
+    return path if count == 1 else path.with_name(f"{path.stem}_{k}{path.suffix}")
+
+
+def main(argv=None) -> list[Path]:
+    args = build_parser().parse_args(argv)
+    from tqdm.auto import tqdm
+
+    from shifted_diffusion.encoders import MultiCLIP
+
+    device, dtype = default_device_dtype(args.device, args.dtype)
+    decoder = load_decoder(args.decoder, device=device, dtype=dtype, scheduler=args.scheduler)
+    specs = parse_clip_specs(args.clip_models) if args.clip_models else decoder.clip_specs
+    clip = MultiCLIP(specs, device=device, dtype=dtype)
+    if clip.dim != decoder.clip_dim:
+        raise SystemExit(f"test.py: the CLIP models {specs} give dim {clip.dim}, the decoder's projection expects "
+                         f"{decoder.clip_dim} (from {args.decoder}/image_projection/config.json)")
+    negative = load_embedding(args.negative) if args.negative else None
+    pairs = collect_inputs(args.images, args.output_dir)
+    jobs = [(source, numbered(target, k, args.num_images), index * args.num_images + k)
+            for index, (source, target) in enumerate(pairs) for k in range(args.num_images)]
+    if args.skip_existing:
+        jobs = [job for job in jobs if not job[1].exists()]
+    written, unreadable = [], set()
+    for start in tqdm(range(0, len(jobs), args.batch_size), desc="images", unit="batch"):
+        batch, images = [], []
+        for job in jobs[start:start + args.batch_size]:
+            try:
+                with Image.open(job[0]) as image:
+                    images.append(image.convert("RGB"))
+                batch.append(job)
+            except Exception as error:
+                print(f"test.py: skipping unreadable image {job[0]}: {type(error).__name__}: {error}", file=sys.stderr)
+                unreadable.add(job[0])
+        if not batch:
+            continue
+        image_embeds = clip.encode_image(images)  # (B, D)
+        generators = [torch.Generator(device=device).manual_seed(args.seed + seed_index) for _, _, seed_index in batch]
+        outputs = decoder.generate(image_embeds, guidance_scale=args.guidance_scale,
+                                   num_inference_steps=args.num_inference_steps, negative_embeds=negative,
+                                   generator=generators, height=args.height, width=args.width)
+        for (_, target, _), image in zip(batch, outputs):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            image.save(target)
+            written.append(target)
+    print(f"test.py: wrote {len(written)} images ({len(pairs)} inputs x {args.num_images}); "
+          f"{len(unreadable)} unreadable inputs skipped")
+    return written
+
+
+if __name__ == "__main__":
+    main()

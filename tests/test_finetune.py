@@ -1,0 +1,350 @@
+"""finetune.py on tiny random SD components (saved + reloaded through from_pretrained) and tiny open_clips:
+checkpoints, exact resume (UNet + projection + EMA + optimizer), the output folder, bad inputs."""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import finetune  # noqa: E402
+
+RESOLUTION = 32
+
+
+def load_script(name):
+    """A top-level script as a module, by path (the repo's test.py shares its name with the stdlib `test`)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_script_{Path(name).stem}", ROOT / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---------------------------------------------------------------------------------------------- builders
+
+
+def build_tiny_sd(directory, prediction_type="epsilon", with_text_encoder=True):
+    """A complete tiny StableDiffusionPipeline folder (UNet 16x16 latents, VAE factor 2, DDIM, tiny text encoder)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=RESOLUTION // 2, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=24, attention_head_dim=4, norm_num_groups=8)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4, norm_num_groups=4, sample_size=RESOLUTION)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+    text_encoder = None
+    if with_text_encoder:  # a "stock" folder: the text encoder is present but must never be needed
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=24, intermediate_size=32, num_attention_heads=2,
+                                                    num_hidden_layers=1, vocab_size=100, max_position_embeddings=16,
+                                                    projection_dim=24))
+    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=None, unet=unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    pipeline.save_pretrained(directory)
+    return Path(directory)
+
+
+TINY_CLIP_CFGS = (  # two different tiny open_clips: D = 32 + 24 = 56
+    {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
+     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}},
+    {"embed_dim": 24, "vision_cfg": {"image_size": 48, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
+     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}},
+)
+
+
+def build_tiny_clips(root) -> list[str]:
+    """Two tiny random open_clip folders written with encoders.save_open_clip (loadable by MultiCLIP)."""
+    import open_clip
+
+    from shifted_diffusion.encoders import save_open_clip
+
+    folders = []
+    for i, cfg in enumerate(TINY_CLIP_CFGS):
+        torch.manual_seed(i)
+        folders.append(str(save_open_clip(open_clip.CLIP(**cfg), cfg, Path(root) / f"clip{i}")))
+    return folders
+
+
+def make_images(directory, count=10, seed=0):
+    """Small RGB images of a coloured rectangle on a coloured background, some with (ignored) captions."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        array = np.zeros((36 + 2 * (i % 3), 40, 3), np.uint8)
+        array[...] = rng.integers(0, 256, 3)
+        array[8:24, 10:30] = rng.integers(0, 256, 3)
+        Image.fromarray(array).save(directory / f"img{i:02d}.png")
+        if i % 2:
+            (directory / f"img{i:02d}.txt").write_text("a caption that the decoder ignores")
+    return directory
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny convolutions are far faster on one thread on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("finetune_world")
+    make_images(root / "images")
+    (root / "images" / "broken.png").write_bytes(b"not a png")
+    return {
+        "sd": build_tiny_sd(root / "sd"),
+        "images": root / "images",  # 10 images + one corrupt file (reported and left out)
+        "clips": build_tiny_clips(root),
+        "root": root,
+    }
+
+
+def base_args(world, output_dir, *extra):
+    return [
+        "--pretrained_model_name_or_path", str(world["sd"]), "--train_data_dir", str(world["images"]),
+        "--clip_models", *world["clips"], "--resolution", str(RESOLUTION), "--center_crop", "--random_flip",
+        "--train_batch_size", "2", "--gradient_checkpointing", "--learning_rate", "1e-3", "--lr_warmup_steps", "0", "--seed", "0",
+        "--num_validation_images", "2", "--report_to", "none", "--output_dir", str(output_dir), *extra,
+    ]
+
+
+def _ema_state(checkpoint):
+    return torch.load(Path(checkpoint) / "custom_checkpoint_0.pkl", map_location="cpu", weights_only=True)
+
+
+def _assert_same_safetensors(a, b):
+    ta, tb = load_file(str(a)), load_file(str(b))
+    assert ta.keys() == tb.keys()
+    for key in ta:
+        assert torch.equal(ta[key], tb[key]), key
+
+
+# ---------------------------------------------------------------------------------------------- tests
+
+
+def test_finetune_checkpoint_resume_and_output_folder(world, tmp_path, capsys):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from shifted_diffusion.decoder import load_decoder
+    from shifted_diffusion.projection import ImageEmbeddingProjection
+
+    run_a = tmp_path / "a"
+    finetune.main(base_args(world, run_a, "--use_ema", "--max_train_steps", "3", "--checkpointing_steps", "1",
+                            "--checkpoints_total_limit", "2", "--validation_steps", "2",
+                            "--validation_num_inference_steps", "2"))
+    summary = json.loads((run_a / "train_summary.json").read_text())
+    print(f"\n[tiny finetune] {summary['cpu_s_per_step']:.3f} CPU s/step, {summary['wall_s_per_step']:.3f} wall s/step")
+    assert summary["global_step"] == 3 and np.isfinite(summary["last_train_loss"]) and summary["last_train_loss"] > 0
+    assert summary["num_train_images"] == 8 and summary["num_unreadable_images"] == 1  # 10 - 2 held out
+    assert [p.name for p in finetune.list_checkpoints(run_a)] == ["checkpoint-2", "checkpoint-3"]  # limit 2
+    with Image.open(run_a / "validation" / "step-0000002.png") as grid:
+        assert grid.size == (2 * RESOLUTION, 2 * RESOLUTION)  # 2 held-out images x [original | reconstruction]
+
+    ckpt2, ckpt3 = run_a / "checkpoint-2", run_a / "checkpoint-3"
+    unet2, unet3 = load_file(str(ckpt2 / "model.safetensors")), load_file(str(ckpt3 / "model.safetensors"))
+    assert any(not torch.equal(unet2[k], unet3[k]) for k in unet2), "step 3 did not change the UNet"
+    proj3 = load_file(str(ckpt3 / "model_1.safetensors"))
+    ema3 = _ema_state(ckpt3)
+    assert ema3["optimization_step"] == 3
+    raw = list(unet3.values()) + list(proj3.values())
+    assert len(ema3["shadow_params"]) == len(raw)
+    assert any(not torch.equal(s, r) for s, r in zip(ema3["shadow_params"], raw)), "EMA equals raw weights"
+
+    # resume from checkpoint-2 ("latest" of a fresh output folder) -> step 3 must be bit-identical
+    run_b = tmp_path / "b"
+    run_b.mkdir()
+    shutil.copytree(ckpt2, run_b / "checkpoint-2")
+    finetune.main(base_args(world, run_b, "--use_ema", "--max_train_steps", "3", "--checkpointing_steps", "1",
+                            "--resume_from_checkpoint", "latest", "--validation_steps", "0"))
+    assert json.loads((run_b / "train_summary.json").read_text())["steps_this_run"] == 1
+    _assert_same_safetensors(ckpt3 / "model.safetensors", run_b / "checkpoint-3" / "model.safetensors")
+    _assert_same_safetensors(ckpt3 / "model_1.safetensors", run_b / "checkpoint-3" / "model_1.safetensors")
+    ema_b = _ema_state(run_b / "checkpoint-3")
+    assert ema_b["optimization_step"] == 3
+    for s_a, s_b in zip(ema3["shadow_params"], ema_b["shadow_params"]):
+        assert torch.equal(s_a, s_b)
+    opt_a = torch.load(ckpt3 / "optimizer.bin", map_location="cpu", weights_only=True)["state"]
+    opt_b = torch.load(run_b / "checkpoint-3" / "optimizer.bin", map_location="cpu", weights_only=True)["state"]
+    assert all(torch.equal(opt_a[i]["exp_avg_sq"], opt_b[i]["exp_avg_sq"]) for i in opt_a)
+
+    # the output folder: standard pipeline (no text encoder) + projection, carrying the EMA weights
+    index = json.loads((run_a / "model_index.json").read_text())
+    assert index["text_encoder"] == [None, None] and index["unet"][1] == "UNet2DConditionModel"
+    pipeline = StableDiffusionPipeline.from_pretrained(run_a, text_encoder=None, tokenizer=None)
+    unet_final = UNet2DConditionModel.from_pretrained(run_a, subfolder="unet")
+    projection = ImageEmbeddingProjection.from_pretrained(run_a / "image_projection")
+    final = list(unet_final.parameters()) + list(projection.parameters())
+    for shadow, param in zip(ema3["shadow_params"], final):
+        assert torch.equal(shadow, param.detach())
+    assert pipeline.unet.config.cross_attention_dim == projection.config.cross_attention_dim == 24
+    decoder = load_decoder(run_a)
+    assert decoder.clip_dim == 32 + 24 and decoder.clip_specs == [(c, "") for c in world["clips"]]
+
+    # image-to-image from the fine-tuned folder, requested size
+    img2img = load_script("test.py")
+    out = tmp_path / "recon"
+    written = img2img.main(["--decoder", str(run_a), "--images", str(world["images"] / "img00.png"),
+                            str(world["images"] / "img01.png"), "--output_dir", str(out),
+                            "--num_inference_steps", "2", "--height", "40", "--width", "24"])
+    assert sorted(p.name for p in written) == ["re_img00.png", "re_img01.png"]
+    for path in written:
+        with Image.open(path) as image:
+            assert image.size == (24, 40)
+
+
+def test_prediction_target_matches_closed_form():
+    from diffusers import DDPMScheduler
+
+    latents, noise = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    timesteps = torch.tensor([0, 500, 999])
+    eps_scheduler = DDPMScheduler(prediction_type="epsilon")
+    assert torch.equal(finetune.prediction_target(eps_scheduler, latents, noise, timesteps), noise)
+    v_scheduler = DDPMScheduler(prediction_type="v_prediction")
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)  # DDPMScheduler's default "linear"
+    alphas_cumprod = torch.cumprod(1 - betas, 0)[timesteps].float()[:, None, None, None]
+    expected = alphas_cumprod.sqrt() * noise - (1 - alphas_cumprod).sqrt() * latents
+    torch.testing.assert_close(finetune.prediction_target(v_scheduler, latents, noise, timesteps), expected,
+                               rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="sample"):
+        finetune.prediction_target(DDPMScheduler(prediction_type="sample"), latents, noise, timesteps)
+
+
+def test_condition_dropout_replaces_embedding(world):
+    """dropout 1 -> the loss ignores the batch's embeddings (uses the empty one); dropout 0 -> it depends on them."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    from shifted_diffusion.projection import ImageEmbeddingProjection
+
+    unet = UNet2DConditionModel.from_pretrained(world["sd"], subfolder="unet")
+    vae = AutoencoderKL.from_pretrained(world["sd"], subfolder="vae")
+    scheduler = DDPMScheduler.from_pretrained(world["sd"], subfolder="scheduler")
+    projection = ImageEmbeddingProjection(clip_dim=8, cross_attention_dim=24)
+    pixels = torch.rand(2, 3, RESOLUTION, RESOLUTION) * 2 - 1
+    empty = torch.randn(8)
+
+    def loss(embeds, prob):
+        batch = {"pixel_values": pixels, "image_embeds": embeds}
+        with torch.no_grad():
+            return finetune.diffusion_loss(unet, projection, vae, scheduler, batch, empty,
+                                           generator=torch.Generator().manual_seed(0), dropout_prob=prob,
+                                           random_flip=True, weight_dtype=torch.float32)
+
+    first, second = torch.randn(2, 8), torch.randn(2, 8)
+    assert loss(first, 1.0) == loss(second, 1.0) == loss(empty.expand(2, 8), 0.0)
+    assert loss(first, 0.0) != loss(second, 0.0)
+
+
+def test_embedding_cache_reused_when_it_matches(world, tmp_path):
+    from shifted_diffusion import cache
+    from shifted_diffusion.data import read_image_folder
+    from shifted_diffusion.encoders import MultiCLIP, NoTextEncoder
+
+    clip = MultiCLIP([(c, "") for c in world["clips"]], device="cpu", dtype=torch.float32)
+    with pytest.warns(UserWarning, match="broken.png"):
+        cache.precompute(world["images"], tmp_path / "cache", clip, NoTextEncoder(), progress=False,
+                         clip_dtype=torch.float32)
+    paths = [r.path for r in read_image_folder(world["images"])][::-1][:5]  # another order, a subset
+    cached, readable = finetune.cached_image_embeddings(tmp_path / "cache", clip, paths)
+    direct = clip.encode_image([Image.open(p).convert("RGB") for p in paths])
+    assert bool(readable.all())
+    torch.testing.assert_close(cached, direct, rtol=1e-4, atol=1e-5)
+    with_broken, readable = finetune.cached_image_embeddings(tmp_path / "cache", clip,
+                                                             [world["images"] / "broken.png"] + paths)
+    assert readable.tolist() == [False] + [True] * 5 and torch.equal(with_broken[1:], cached)
+    other_clip = MultiCLIP([(world["clips"][0], "")], device="cpu", dtype=torch.float32)
+    assert finetune.cached_image_embeddings(tmp_path / "cache", other_clip, paths) is None
+    stranger = make_images(tmp_path / "other", count=1, seed=3) / "img00.png"
+    assert finetune.cached_image_embeddings(tmp_path / "cache", clip, paths + [stranger]) is None
+
+
+def test_epoch_sampler_is_a_function_of_seed_and_epoch():
+    sampler = finetune.EpochShuffleSampler(10, seed=3)
+    sampler.set_epoch(0)
+    first = list(sampler)
+    assert sorted(first) == list(range(10)) and list(sampler) == first
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+    again = finetune.EpochShuffleSampler(10, seed=3)
+    again.set_epoch(1)
+    assert list(again) == list(sampler)
+
+
+def test_training_images_ignore_malformed_captions(tmp_path):
+    folder = make_images(tmp_path / "imgs", count=2)
+    (folder / "metadata.jsonl").write_text('{"file_name": "img00.png", "caption": "no text column"}\n')
+    assert [p.name for p in finetune.list_training_images(str(folder))] == ["img00.png", "img01.png"]
+
+
+def test_empty_folder_is_a_clear_error(world, tmp_path):
+    (tmp_path / "empty").mkdir()
+    args = base_args(world, tmp_path / "out", "--max_train_steps", "1")
+    args[args.index("--train_data_dir") + 1] = str(tmp_path / "empty")
+    with pytest.raises(SystemExit, match="holds no images"):
+        finetune.main(args)
+
+
+def test_empty_embedding_dim_mismatch_names_both_dims(world, tmp_path):
+    from shifted_diffusion.decoder import save_embedding
+
+    save_embedding(tmp_path / "empty.safetensors", torch.zeros(10))
+    args = base_args(world, tmp_path / "out", "--max_train_steps", "1", "--empty_embedding",
+                     str(tmp_path / "empty.safetensors"))
+    with pytest.raises(ValueError, match=r"dim 10 \(--empty_embedding .*clip_dim=56"):
+        finetune.main(args)
+
+
+def test_pretrained_projection_dim_mismatch_names_both_dims(world, tmp_path):
+    from shifted_diffusion.projection import ImageEmbeddingProjection
+
+    base = tmp_path / "continued"
+    shutil.copytree(world["sd"], base)
+    ImageEmbeddingProjection(clip_dim=7, cross_attention_dim=24).save_pretrained(base / "image_projection")
+    args = base_args(world, tmp_path / "out", "--max_train_steps", "1")
+    args[args.index("--pretrained_model_name_or_path") + 1] = str(base)
+    with pytest.raises(ValueError, match=r"dim 56 \(--clip_models.*clip_dim=7"):
+        finetune.main(args)
+
+
+def test_config_presets_parse_and_flags_override(tmp_path):
+    for preset in sorted((ROOT / "configs").glob("finetune_*.yaml")):
+        args = finetune.parse_args(["--config", str(preset), "--train_data_dir", "x", "--no-use_ema",
+                                    "--resolution", "256"])
+        assert args.use_ema is False and args.center_crop is True and args.resolution == 256
+        assert args.clip_specs == [("ViT-B-16", "openai"), ("ViT-B-32", "openai"), ("RN101", "openai")]
+    (tmp_path / "bad.yaml").write_text("learning_rat: 1.0\n")
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--config", str(tmp_path / "bad.yaml"), "--train_data_dir", "x"])
+    with pytest.raises(SystemExit):
+        finetune.parse_args([])  # no --train_data_dir
+
+
+def test_v_prediction_base_trains_and_keeps_its_prediction_type(world, tmp_path):
+    """An SD2-768-style base (v_prediction) trains on the v target and the output keeps prediction_type."""
+    base = build_tiny_sd(tmp_path / "sd_v", prediction_type="v_prediction", with_text_encoder=False)
+    args = base_args(world, tmp_path / "out", "--max_train_steps", "1", "--validation_steps", "0",
+                     "--checkpointing_steps", "0", "--no-random_flip", "--no-projection_layer_norm")
+    args[args.index("--pretrained_model_name_or_path") + 1] = str(base)
+    out = finetune.main(args)
+    assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
+    assert json.loads((out / "image_projection" / "config.json").read_text())["layer_norm"] is False
+    assert np.isfinite(json.loads((out / "train_summary.json").read_text())["last_train_loss"])

@@ -1,0 +1,232 @@
+"""The decoder folder (load_decoder / Decoder.generate), test.py (image-to-image) and sft_test.py (text-to-image)
+on a tiny decoder folder built from a saved "stock" SD folder (text encoder present, unused)."""
+
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import sft_test  # noqa: E402
+from test_finetune import build_tiny_clips, build_tiny_sd, load_script, make_images  # noqa: E402
+
+from shifted_diffusion.decoder import load_decoder, load_embedding, save_embedding, write_decoder_files  # noqa: E402
+from shifted_diffusion.projection import ImageEmbeddingProjection  # noqa: E402
+
+img2img = load_script("test.py")  # the repo's test.py (the name `test` is also a stdlib package)
+CLIP_DIM = 32 + 24  # the two tiny open_clips of test_finetune.build_tiny_clips
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def clip_dirs(tmp_path_factory):
+    return build_tiny_clips(tmp_path_factory.mktemp("clips"))
+
+
+@pytest.fixture(scope="module")
+def decoder_dir(tmp_path_factory, clip_dirs):
+    directory = build_tiny_sd(tmp_path_factory.mktemp("decoder") / "sd", with_text_encoder=True)
+    torch.manual_seed(0)
+    projection = ImageEmbeddingProjection(clip_dim=CLIP_DIM, cross_attention_dim=24, num_tokens=4, layer_norm=True)
+    write_decoder_files(directory, projection, torch.randn(CLIP_DIM),
+                        [(clip_dirs[0], ""), (clip_dirs[1], "")])
+    return directory
+
+
+def _pixels(image):
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def test_generate_equals_pipeline_on_projected_embeddings(decoder_dir):
+    """Decoder.generate == the stock pipeline fed prompt_embeds = LayerNorm(W x0 + b) computed by hand."""
+    decoder = load_decoder(decoder_dir)
+    assert decoder.pipeline.text_encoder is None and decoder.clip_dim == CLIP_DIM
+    x0 = torch.randn(2, CLIP_DIM)
+    ours = decoder.generate(x0, guidance_scale=3.0, num_inference_steps=3,
+                            generator=[torch.Generator().manual_seed(s) for s in (5, 6)])
+
+    linear, norm = decoder.projection.proj, decoder.projection.norm
+
+    def by_hand(e):
+        tokens = (e @ linear.weight.T + linear.bias).reshape(e.shape[0], 4, 24)
+        return torch.nn.functional.layer_norm(tokens, (24,), norm.weight, norm.bias)
+
+    with torch.no_grad():
+        reference = decoder.pipeline(
+            prompt_embeds=by_hand(x0), negative_prompt_embeds=by_hand(decoder.empty_embedding.expand(2, -1)),
+            guidance_scale=3.0, num_inference_steps=3, output_type="pil",
+            generator=[torch.Generator().manual_seed(s) for s in (5, 6)]).images
+    for a, b in zip(ours, reference):
+        assert np.abs(_pixels(a) - _pixels(b)).max() <= 1
+    # the negative matters: another negative embedding gives other images
+    other = decoder.generate(x0, guidance_scale=3.0, num_inference_steps=3, negative_embeds=torch.randn(CLIP_DIM),
+                             generator=[torch.Generator().manual_seed(s) for s in (5, 6)])
+    assert np.abs(_pixels(other[0]) - _pixels(ours[0])).max() > 1
+    with pytest.raises(ValueError, match=r"\(B, 56\).*\(2, 9\)"):
+        decoder.generate(torch.randn(2, 9), num_inference_steps=1)
+
+
+def test_img2img_folder_beside_and_output_dir(decoder_dir, tmp_path, capsys):
+    inputs = make_images(tmp_path / "in", count=2)
+    make_images(inputs / "nested", count=1, seed=1)
+    (inputs / "broken.jpg").write_bytes(b"not a jpeg")  # reported and skipped
+    common = ["--decoder", str(decoder_dir), "--num_inference_steps", "2", "--batch_size", "2"]
+    beside = img2img.main(common + ["--images", str(inputs)])
+    assert "skipping unreadable image" in capsys.readouterr().err
+    assert sorted(p.relative_to(inputs).as_posix() for p in beside) == [
+        "nested/re_img00.png", "re_img00.png", "re_img01.png"]
+    for path in beside:
+        with Image.open(path) as image:
+            assert image.size == (32, 32)  # the UNet's sample_size x the VAE factor
+    again = img2img.main(common + ["--images", str(inputs)])  # earlier re_ outputs are not inputs
+    assert len(again) == 3
+    out = img2img.main(common + ["--images", str(inputs), "--output_dir", str(tmp_path / "out"),
+                                 "--num_images", "2", "--height", "16", "--width", "24"])
+    assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in out) == [
+        "in/nested/re_img00_0.png", "in/nested/re_img00_1.png", "in/re_img00_0.png", "in/re_img00_1.png",
+        "in/re_img01_0.png", "in/re_img01_1.png"]
+    with Image.open(out[0]) as image:
+        assert image.size == (24, 16)
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpm", "euler", "pndm"])
+def test_img2img_schedulers(decoder_dir, tmp_path, scheduler):
+    make_images(tmp_path, count=1)
+    written = img2img.main(["--decoder", str(decoder_dir), "--images", str(tmp_path / "img00.png"),
+                            "--num_inference_steps", "3", "--scheduler", scheduler, "--output_dir", str(tmp_path / "o")])
+    with Image.open(written[0]) as image:
+        assert image.size == (32, 32) and np.asarray(image).std() > 0
+
+
+def test_img2img_clip_mismatch_and_missing_input(decoder_dir, tmp_path, clip_dirs):
+    make_images(tmp_path, count=1)
+    with pytest.raises(SystemExit, match="dim 32.*expects 56"):
+        img2img.main(["--decoder", str(decoder_dir), "--images", str(tmp_path / "img00.png"),
+                      "--clip_models", clip_dirs[0]])
+    with pytest.raises(SystemExit, match="no such file"):
+        img2img.main(["--decoder", str(decoder_dir), "--images", str(tmp_path / "nope.png")])
+    with pytest.raises(FileNotFoundError, match="not a shifted-diffusion decoder"):
+        load_decoder(tmp_path)
+
+
+class StandInPrior:
+    """The PriorPipeline interface: .generate(prompts, ...) -> (P * N, D), prompt-major; .clip_dim."""
+
+    def __init__(self, clip_dim=CLIP_DIM):
+        self.clip_dim = clip_dim
+        self.calls = []
+
+    def generate(self, prompts, *, num_images_per_prompt=1, num_steps=8, guidance_scale=1.0, generator=None):
+        self.calls.append((list(prompts), num_images_per_prompt, num_steps, guidance_scale))
+        rows = []
+        for prompt in prompts:
+            g = torch.Generator().manual_seed(sum(map(ord, prompt)) + 1)
+            rows.append(torch.randn(num_images_per_prompt, self.clip_dim, generator=g))
+        return torch.cat(rows)
+
+
+@pytest.fixture
+def stand_in_prior(monkeypatch, tmp_path):
+    prior = StandInPrior()
+    module = types.ModuleType("shifted_diffusion.prior_pipeline")
+    module.load_prior = lambda path: prior
+    monkeypatch.setitem(sys.modules, "shifted_diffusion.prior_pipeline", module)
+    (tmp_path / "prior").mkdir()
+    return prior, tmp_path / "prior"
+
+
+def test_sft_text_to_image_with_prior_negative(decoder_dir, tmp_path, stand_in_prior):
+    prior, prior_dir = stand_in_prior
+    prompts = ["A red circle!", "two  blue/squares"]
+    written = sft_test.main(["--prior", str(prior_dir), "--decoder", str(decoder_dir), "--prompt", prompts[0],
+                             "--prompt", prompts[1], "--num_images", "2", "--prior_steps", "4",
+                             "--prior_guidance_scale", "2.0", "--num_inference_steps", "2", "--guidance_scale", "3",
+                             "--output_dir", str(tmp_path / "out"), "--seed", "0",
+                             "--save_negative", str(tmp_path / "negative.safetensors")])
+    names = [p.name for p in written]
+    assert names == ["000_a_red_circle_0.png", "000_a_red_circle_1.png", "001_two_bluesquares_0.png",
+                     "001_two_bluesquares_1.png", "grid.png"]
+    assert prior.calls[0] == (prompts, 2, 4, 2.0) and prior.calls[1] == ([""], 1, 4, 2.0)
+    with Image.open(written[-1]) as grid:
+        assert grid.size == (2 * 32, 2 * 32)
+    assert torch.equal(load_embedding(tmp_path / "negative.safetensors"), StandInPrior().generate([""])[0])
+    # the same images as the decoder fed the prior's samples, with the prior's "" sample as negative
+    decoder = load_decoder(decoder_dir)
+    embeds = StandInPrior().generate(prompts, num_images_per_prompt=2)
+    expected = decoder.generate(embeds, guidance_scale=3.0, num_inference_steps=2,
+                                negative_embeds=StandInPrior().generate([""])[0],
+                                generator=[torch.Generator().manual_seed(i) for i in range(4)])
+    for path, image in zip(written[:4], expected):
+        with Image.open(path) as saved:
+            assert np.abs(_pixels(saved) - _pixels(image)).max() <= 1
+
+
+def test_sft_prompts_file_and_empty_negative(decoder_dir, tmp_path, stand_in_prior):
+    prior, prior_dir = stand_in_prior
+    (tmp_path / "prompts.txt").write_text("first prompt\n\nsecond prompt\n")
+    negative = tmp_path / "neg.safetensors"
+    save_embedding(negative, torch.randn(CLIP_DIM))
+    for mode in ("empty", str(negative)):
+        written = sft_test.main(["--prior", str(prior_dir), "--decoder", str(decoder_dir), "--prompts_file",
+                                 str(tmp_path / "prompts.txt"), "--num_inference_steps", "1", "--negative", mode,
+                                 "--no-grid", "--height", "16", "--width", "16", "--output_dir", str(tmp_path / "o")])
+        assert [p.name for p in written] == ["000_first_prompt_0.png", "001_second_prompt_0.png"]
+        with Image.open(written[0]) as image:
+            assert image.size == (16, 16)
+    assert all(call[0] != [""] for call in prior.calls)  # no prior sample for "" was needed
+
+
+def test_sft_bad_inputs(decoder_dir, tmp_path, monkeypatch, stand_in_prior):
+    with pytest.raises(SystemExit, match="prior folder .*missing_prior does not exist"):
+        sft_test.main(["--prior", str(tmp_path / "missing_prior"), "--decoder", str(decoder_dir), "--prompt", "x"])
+    _, prior_dir = stand_in_prior
+    with pytest.raises(SystemExit, match="at least one"):
+        sft_test.main(["--prior", str(prior_dir), "--decoder", str(decoder_dir)])
+    wrong = StandInPrior(clip_dim=40)
+    sys.modules["shifted_diffusion.prior_pipeline"].load_prior = lambda path: wrong
+    with pytest.raises(SystemExit, match="dim 40.*expects 56"):
+        sft_test.main(["--prior", str(prior_dir), "--decoder", str(decoder_dir), "--prompt", "x"])
+
+
+def test_sanitize():
+    assert sft_test.sanitize("  A photo of a Cat, on a mat!  ") == "a_photo_of_a_cat_on_a_mat"
+    assert sft_test.sanitize("../../etc/passwd") == "etcpasswd"
+    assert sft_test.sanitize("") == "empty"
+    assert len(sft_test.sanitize("x" * 500)) == 80
+
+
+@pytest.mark.parametrize("baseline", [False, True])
+def test_sft_with_a_real_tiny_prior_folder(decoder_dir, clip_dirs, tmp_path, baseline):
+    """A prior folder written by prior_pipeline.save_prior (shifted or baseline) drives sft_test end to end."""
+    from shifted_diffusion.prior import PriorConfig, ShiftedPrior
+    from shifted_diffusion.prior_pipeline import load_prior, save_prior
+    from shifted_diffusion.schedule import ScheduleConfig
+    from shifted_diffusion.vocab import ClusterVocab, StandardNormalShift
+
+    torch.manual_seed(0)
+    config = PriorConfig.preset("tiny", clip_dim=CLIP_DIM, text_dim=16, text_len=8,
+                                vocab_size=None if baseline else 4)
+    shift = StandardNormalShift(CLIP_DIM) if baseline else ClusterVocab(torch.randn(4, CLIP_DIM),
+                                                                         torch.rand(4, CLIP_DIM) + 0.1)
+    encoders = {"clip_models": list(clip_dirs), "t5_model": f"clip-tokens:{clip_dirs[0]}", "text_max_length": 8}
+    save_prior(tmp_path / "prior", ShiftedPrior(config), shift, ScheduleConfig(), encoders,
+               torch.randn(CLIP_DIM), torch.randn(8, 16))
+    written = sft_test.main(["--prior", str(tmp_path / "prior"), "--decoder", str(decoder_dir), "--prompt",
+                             "a red circle", "--num_images", "2", "--prior_steps", "4", "--prior_guidance_scale", "2",
+                             "--num_inference_steps", "2", "--output_dir", str(tmp_path / "out")])
+    assert [p.name for p in written] == ["000_a_red_circle_0.png", "000_a_red_circle_1.png", "grid.png"]
+    with Image.open(written[0]) as a, Image.open(written[1]) as b:
+        assert a.size == (32, 32) and np.abs(_pixels(a) - _pixels(b)).max() > 0  # two different samples
+    assert load_prior(tmp_path / "prior").clip_dim == CLIP_DIM

@@ -1,0 +1,82 @@
+"""process_img.py: centre crop + LANCZOS resize over a nested folder, corrupt files, skip-if-done."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import process_img  # noqa: E402
+
+
+def _banded(width, height, band):
+    """Red band left/top, blue band right/bottom (each `band` px), green centre."""
+    array = np.zeros((height, width, 3), np.uint8)
+    array[...] = (0, 255, 0)
+    if width > height:
+        array[:, :band] = (255, 0, 0)
+        array[:, width - band:] = (0, 0, 255)
+    else:
+        array[:band, :] = (255, 0, 0)
+        array[height - band:, :] = (0, 0, 255)
+    return Image.fromarray(array)
+
+
+@pytest.fixture
+def tree(tmp_path):
+    src = tmp_path / "src"
+    (src / "a" / "b").mkdir(parents=True)
+    _banded(60, 40, 10).save(src / "wide.png")  # centre crop removes exactly the two bands
+    _banded(30, 50, 10).save(src / "a" / "tall.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (37, 53, 3), np.uint8)).save(src / "a" / "b" / "noise.jpg")
+    (src / "a" / "b" / "noise.txt").write_text("a caption")
+    (src / "a" / "broken.jpg").write_bytes(b"this is not a jpeg")
+    return src, tmp_path / "dest"
+
+
+def test_center_crop_pixels_match_direct_crop():
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 70, 3), np.uint8))
+    out = process_img.center_crop_resize(image, 40)
+    expected = np.asarray(image)[:, 15:55]  # (70 - 40) / 2 = 15 columns cut on each side
+    np.testing.assert_array_equal(np.asarray(out), expected)
+    odd = process_img.center_crop_resize(image.crop((0, 0, 41, 40)), 40)  # 41 wide: floor((41-40)/2)=0 left
+    np.testing.assert_array_equal(np.asarray(odd), np.asarray(image)[:, 0:40])
+
+
+def test_process_tree(tree, capsys):
+    src, dest = tree
+    counts = process_img.main(["--src", str(src), "--dest", str(dest), "--size", "16", "--num", "2"])
+    assert counts["total"] == 4 and counts["done"] == 3 and counts["failed"] == 1 and counts["skipped"] == 0
+    captured = capsys.readouterr()
+    assert str(src / "a" / "broken.jpg") in captured.err
+    assert "1 unreadable" in captured.out and "3 written" in captured.out
+    for rel in ["wide.png", "a/tall.png", "a/b/noise.jpg"]:
+        with Image.open(dest / rel) as image:
+            assert image.size == (16, 16)
+    assert not (dest / "a" / "broken.jpg").exists()
+    assert (dest / "a" / "b" / "noise.txt").read_text() == "a caption"
+    for rel in ["wide.png", "a/tall.png"]:  # the coloured bands lie outside the centre crop
+        pixels = np.asarray(Image.open(dest / rel).convert("RGB")).astype(int)
+        assert np.abs(pixels - np.array([0, 255, 0])).max() <= 2, rel
+
+    before = (dest / "wide.png").stat().st_mtime_ns
+    again = process_img.main(["--src", str(src), "--dest", str(dest), "--size", "16", "--num", "1"])
+    assert again["skipped"] == 3 and again["done"] == 0 and again["failed"] == 1
+    assert (dest / "wide.png").stat().st_mtime_ns == before
+
+
+def test_empty_source_is_an_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="holds no images"):
+        process_img.main(["--src", str(tmp_path / "empty"), "--dest", str(tmp_path / "out"), "--size", "8"])
+
+
+def test_malformed_captions_do_not_matter(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    _banded(20, 10, 2).save(src / "x.png")
+    (src / "metadata.jsonl").write_text('{"file_name": "x.png", "caption": "not the text column"}\n')
+    counts = process_img.main(["--src", str(src), "--dest", str(tmp_path / "dest"), "--size", "8", "--num", "1"])
+    assert counts["done"] == 1 and (tmp_path / "dest" / "x.png").is_file()
