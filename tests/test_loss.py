@@ -100,3 +100,30 @@ def test_dropout_needs_the_empty_caption_encodings():
         model, **data, null_text_tokens=torch.zeros(L, E), generator=torch.Generator().manual_seed(0)
     )
     assert float(model.calls[0][3].abs().max()) == 0.0
+
+
+def test_prefix_shared_loss_equals_separate_per_timestep_losses():
+    """K timesteps sharing one caption prefix == the K (caption, timestep) pairs computed separately."""
+    from shifted_diffusion.prior import PriorConfig, ShiftedPrior
+
+    torch.manual_seed(0)
+    config = PriorConfig.preset("tiny", clip_dim=D, text_dim=E, text_len=L, vocab_size=B)
+    model = ShiftedPrior(config)
+    schedule = DiffusionSchedule.from_config(ScheduleConfig())
+    loss_fn = ShiftedDiffusionLoss(schedule, LossConfig(empty_t5_prob=0.0))
+    data = batch(seed=2)
+    K = 3
+    t = torch.randint(0, 1000, (B * K,), generator=torch.Generator().manual_seed(1))
+    noise = torch.randn(B * K, D, generator=torch.Generator().manual_seed(2))
+    shared = loss_fn(model, **data, t=t, noise=noise, timesteps_per_caption=K)
+    shared.sum().backward()
+    grads_shared = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    rep = {k: v.repeat_interleave(K, dim=0) for k, v in data.items()}
+    separate = loss_fn(model, **rep, t=t, noise=noise)  # B*K independent full forwards
+    assert shared.shape == (B,)
+    torch.testing.assert_close(shared, separate.reshape(B, K).mean(1), rtol=1e-5, atol=1e-6)
+    separate.reshape(B, K).mean(1).sum().backward()
+    for a, p in zip(grads_shared, model.parameters()):
+        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
