@@ -92,3 +92,10 @@ def test_bad_inputs_fail_clearly(caption_image_folder, tiny_open_clip_dir, tmp_p
                         "--vocab_path", str(wrong_vocab)))
     with pytest.raises(FileNotFoundError, match="prior not found"):
         load_prior(tmp_path / "nowhere")
+
+
+def test_prefix_shared_training_runs_through_train_py(caption_image_folder, tiny_open_clip_dir, tmp_path):
+    prior_dir = train.main(args(caption_image_folder, tiny_open_clip_dir, tmp_path / "k", "--timesteps_per_caption", "3",
+                                "--max_train_steps", "2", "--validation_steps", "0", "--checkpointing_steps", "0"))
+    config = json.loads((prior_dir / "config.json").read_text())
+    assert config["train"]["timesteps_per_caption"] == 3 and config["global_step"] == 2
