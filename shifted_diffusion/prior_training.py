@@ -7,9 +7,7 @@ the data order from (seed, epoch), so a resumed run takes exactly the steps of a
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import shutil
 import time
 from pathlib import Path

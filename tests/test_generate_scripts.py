@@ -22,14 +22,6 @@ img2img = load_script("test.py")  # the repo's test.py (the name `test` is also 
 CLIP_DIM = 32 + 24  # the two tiny open_clips of test_finetune.build_tiny_clips
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def clip_dirs(tmp_path_factory):
     return build_tiny_clips(tmp_path_factory.mktemp("clips"))
