@@ -27,6 +27,7 @@ import math
 import random
 import shutil
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--conditioning_dropout_prob", type=float, default=0.1)
     train = parser.add_argument_group("training")
     train.add_argument("--output_dir", default="sd-shifted-decoder")
-    train.add_argument("--seed", type=int, default=None)
+    train.add_argument("--seed", type=int, default=0, help="same on every process and on resume")
     train.add_argument("--train_batch_size", type=int, default=16)
     train.add_argument("--num_train_epochs", type=int, default=100)
     train.add_argument("--max_train_steps", type=int, default=None, help="overrides --num_train_epochs")
@@ -486,7 +487,7 @@ def diffusion_loss(unet, projection, vae, noise_scheduler, batch: dict, empty_em
 def main(argv=None) -> Path:
     args = parse_args(argv)
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
     from diffusers import StableDiffusionPipeline
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
@@ -507,10 +508,9 @@ def main(argv=None) -> Path:
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+        # the main process embeds the images while the others wait at a barrier
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=12))],
     )
-    if args.seed is None:
-        args.seed = random.SystemRandom().randrange(2**31)
-        logger.info(f"no --seed given; using {args.seed}")
     set_seed(args.seed)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -578,7 +578,8 @@ def main(argv=None) -> Path:
         dataset, batch_size=args.train_batch_size, sampler=EpochShuffleSampler(len(dataset), args.seed),
         num_workers=args.dataloader_num_workers, drop_last=False,
     )
-    steps_per_epoch_guess = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
+    # prepare() shards the loader over the processes: an epoch is len / num_processes batches per process
+    steps_per_epoch_guess = math.ceil(math.ceil(len(dataloader) / accelerator.num_processes) / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch_guess
     lr_scheduler = get_scheduler(
         args.lr_scheduler, optimizer=optimizer,

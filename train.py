@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import yaml
+from accelerate import PartialState
 
 from shifted_diffusion.prior_training import train_prior
 from shifted_diffusion.train_config import TrainConfig, parse_config
@@ -25,7 +26,8 @@ def toy_config(argv: Sequence[str]) -> TrainConfig:
     from shifted_diffusion.toy import ensure_toy_assets
 
     cfg = parse_config(argv, defaults=yaml.safe_load(TOY_CONFIG.read_text()))
-    assets = ensure_toy_assets(cfg.toy_root, fast=cfg.toy_fast)
+    with PartialState().main_process_first():  # under `accelerate launch`, one process builds, the others reuse
+        assets = ensure_toy_assets(cfg.toy_root, fast=cfg.toy_fast)
     return dataclasses.replace(
         cfg, train_data_dir=assets["world"], clip_models=(assets["clip"],), t5_model=f"clip-tokens:{assets['clip']}"
     )
@@ -38,7 +40,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     if toy:
         cfg = toy_config(argv)
     prior_dir = train_prior(cfg)
-    if toy and cfg.evaluate_toy:
+    if toy and cfg.evaluate_toy and PartialState().is_main_process:
         from shifted_diffusion.toy.prior_eval import evaluate_toy_prior, format_table
 
         results = evaluate_toy_prior(prior_dir, cfg.train_data_dir, Path(cfg.output_dir) / "embeddings", seed=cfg.seed)

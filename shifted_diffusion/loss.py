@@ -23,8 +23,13 @@ class LossConfig:
         return asdict(self)
 
 
+def _draw_device(generator: Optional[torch.Generator], device):
+    """Random numbers are drawn where the generator lives (then moved), as diffusers does."""
+    return generator.device if generator is not None else device
+
+
 def _bernoulli(batch: int, prob: float, device, generator) -> torch.Tensor:
-    return torch.rand(batch, generator=generator, device=device) < prob
+    return torch.rand(batch, generator=generator, device=_draw_device(generator, device)).to(device) < prob
 
 
 def drop_conditions(
@@ -64,7 +69,8 @@ class ShiftedDiffusionLoss:
 
     def sample_timesteps(self, batch: int, device, generator=None) -> torch.Tensor:
         """t ~ Uniform{0, ..., S-1} (table indices)."""
-        return torch.randint(0, self.schedule.num_steps, (batch,), device=device, generator=generator)
+        draw = _draw_device(generator, device)
+        return torch.randint(0, self.schedule.num_steps, (batch,), device=draw, generator=generator).to(device)
 
     def __call__(
         self,
@@ -95,7 +101,8 @@ class ShiftedDiffusionLoss:
         if t is None:
             t = self.sample_timesteps(batch, x0.device, generator)
         if noise is None:
-            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            draw = _draw_device(generator, x0.device)
+            noise = torch.randn(x0.shape, generator=generator, device=draw, dtype=x0.dtype).to(x0.device)
         x_t = self.schedule.q_sample(x0, t, noise, shift_mean, shift_std)
         text_tokens, clip_text_emb = drop_conditions(
             text_tokens,

@@ -85,6 +85,7 @@ class PriorPipeline:
         encoders: Optional[dict] = None,
         clip=None,
         text_encoder=None,
+        uncond_drops_clip: Optional[bool] = None,
     ):
         if shift.dim != prior.config.clip_dim:
             raise ValueError(f"vocabulary dim {shift.dim} does not match the prior's clip_dim {prior.config.clip_dim}")
@@ -97,6 +98,9 @@ class PriorPipeline:
         self.null_clip_text = null_clip_text
         self.null_text_tokens = null_text_tokens
         self._respaced: dict = {}
+        # the unconditional branch of guidance replaces the CLIP sentence embedding too when the prior was
+        # trained to drop it (empty_clip_prob > 0) or has no text tokens (else guidance would change nothing)
+        self.uncond_drops_clip = prior.config.text_len == 0 if uncond_drops_clip is None else uncond_drops_clip
 
     @property
     def device(self) -> torch.device:
@@ -173,9 +177,13 @@ class PriorPipeline:
         text_tokens = text_tokens.to(self.device, torch.float32)
         cluster_idx = self.shift.assign(clip_text_emb)
         null_clip, null_tokens = self.null_embeddings() if guidance_scale != 1.0 else (None, None)
+        if guidance_scale != 1.0 and self.prior.config.text_len == 0 and not self.uncond_drops_clip:
+            raise ValueError("guidance needs an unconditional branch: this prior has no text tokens, so set "
+                             "uncond_drops_clip=True (its CLIP sentence embedding is then replaced by that of '')")
         denoise = self.prior.denoiser(
             text_tokens, clip_text_emb, cluster_idx if self.prior.config.has_cluster_token else None,
             guidance_scale=guidance_scale, null_text_tokens=null_tokens,
+            null_clip_text_emb=null_clip if self.uncond_drops_clip else None,
         )
         shift_mean, shift_std = self.shift.shift(cluster_idx.repeat_interleave(num_images_per_prompt))
         shift_mean, shift_std = shift_mean.float(), shift_std.float()
@@ -219,6 +227,7 @@ def load_prior(path, device=None, *, clip=None, text_encoder=None, **original_op
         prior, shift, DiffusionSchedule.from_config(ScheduleConfig(**config["schedule"])),
         null_clip_text=nulls["null_clip_text"], null_text_tokens=nulls["null_text_tokens"],
         encoders=config["encoders"], clip=clip, text_encoder=text_encoder,
+        uncond_drops_clip=config.get("train", {}).get("empty_clip_prob", 0.0) > 0 or prior.config.text_len == 0,
     )
     return pipeline.to(device) if device is not None else pipeline
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Optional
 
@@ -101,7 +102,8 @@ def prior_config(cfg: TrainConfig, manifest: dict, vocab_size: Optional[int]) ->
 def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list:
     """This process's batches of one epoch: a (seed, epoch)-seeded permutation, sharded, full batches only."""
     perm = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    mine = perm[rank::world]
+    usable = num_items // (world * batch_size) * world * batch_size  # every process takes the same number of batches
+    mine = perm[:usable][rank::world]
     return [mine[i:i + batch_size] for i in range(0, len(mine) - batch_size + 1, batch_size)]
 
 
@@ -177,7 +179,7 @@ class EmaWeights:
 def train_prior(cfg: TrainConfig) -> Path:
     """Train a prior as configured; returns the ``<output_dir>/prior`` folder."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
@@ -191,6 +193,8 @@ def train_prior(cfg: TrainConfig) -> Path:
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with=trackers, project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        # the main process embeds the dataset and fits the vocabulary while the others wait at a barrier
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=12))],
     )
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     log = accelerator.print
@@ -208,7 +212,7 @@ def train_prior(cfg: TrainConfig) -> Path:
     manifest = load_manifest(cache_dir)
     in_memory = cache_bytes(cache_dir) < 4 * 2**30  # small caches live in RAM; large ones are memory-mapped
     train_set = EmbeddingDataset(cache_dir, "train", val_fraction=cfg.val_fraction, seed=cfg.seed, in_memory=in_memory)
-    val_set = EmbeddingDataset(cache_dir, "val", val_fraction=cfg.val_fraction, seed=cfg.seed, in_memory=in_memory)
+    val_set = EmbeddingDataset(cache_dir, "val", val_fraction=cfg.val_fraction, seed=cfg.seed)  # memory-mapped
     if len(train_set) < cfg.train_batch_size * world:
         raise ValueError(f"{len(train_set)} training pairs (captioned images) in {cfg.train_data_dir}: fewer than one "
                          f"batch of {cfg.train_batch_size} x {world} processes")
@@ -255,6 +259,8 @@ def train_prior(cfg: TrainConfig) -> Path:
     checkpoint = find_checkpoint(output_dir, cfg.resume_from_checkpoint)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
+        if ema is not None:
+            ema.to(device)  # accelerate restores registered objects on the CPU
         global_step = int(checkpoint.name[len(CHECKPOINT_PREFIX):]) if checkpoint.name.startswith(CHECKPOINT_PREFIX) \
             else json.loads((checkpoint / "train_state.json").read_text())["global_step"]
         log(f"[resume] {checkpoint} at step {global_step}")

@@ -27,7 +27,9 @@ def _check_shift(shift_mean: torch.Tensor, shift_std: torch.Tensor) -> None:
 
 
 def _noise(like: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
-    return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+    """N(0, I) like `like`, drawn on the generator's device (a CPU generator works for CUDA sampling)."""
+    device = generator.device if generator is not None else like.device
+    return torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
 
 
 def clamp_x0(x0_hat, shift_mean, shift_std, num_std: Optional[float]):
@@ -113,8 +115,9 @@ def sample_ddim(
     for i in tqdm(range(schedule.num_steps - 1, -1, -1), disable=not progress, desc="prior sampling (ddim)"):
         t = timesteps[i].expand(batch)
         x0_hat = clamp_x0(denoiser(x_t, t), shift_mean, shift_std, clamp_std)
-        eps_hat = (x_t - shift_mean - sqrt_ab[i] * (x0_hat - shift_mean)) / (sqrt_one_minus_ab[i] * shift_std)
-        y_prev = sqrt_ab_prev[i] * (x0_hat - shift_mean) + direction[i] * shift_std * eps_hat
+        # std * eps_hat = (x_t - mu - sqrt(abar_t)(x0_hat - mu)) / sqrt(1 - abar_t): std cancels (zero stds are fine)
+        std_eps_hat = (x_t - shift_mean - sqrt_ab[i] * (x0_hat - shift_mean)) / sqrt_one_minus_ab[i]
+        y_prev = sqrt_ab_prev[i] * (x0_hat - shift_mean) + direction[i] * std_eps_hat
         if i > 0 and eta > 0:
             y_prev = y_prev + noise_scale[i] * shift_std * _noise(x_t, generator)
         x_t = shift_mean + y_prev

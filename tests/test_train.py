@@ -40,10 +40,15 @@ def test_end_to_end_cache_vocab_train_load_sample(caption_image_folder, tiny_ope
     embeddings = pipeline.generate(["a red square", "blue"], num_images_per_prompt=2, num_steps=4, guidance_scale=2.0,
                                    generator=torch.Generator().manual_seed(0))
     assert embeddings.shape == (4, 32) and torch.isfinite(embeddings).all()
-    # the saved weights are the EMA weights, and they load into the network unchanged
+    # the saved weights load into the network unchanged, and they are the EMA weights, not the raw ones
     saved = load_file(str(prior_dir / "model.safetensors"))
     for key, value in pipeline.prior.state_dict().items():
         torch.testing.assert_close(value, saved[key])
+    raw_dir = train.main(args(caption_image_folder, tiny_open_clip_dir, tmp_path / "raw", "--max_train_steps", "3",
+                              "--checkpointing_steps", "0", "--validation_steps", "0", "--no-use_ema"))
+    raw = load_file(str(raw_dir / "model.safetensors"))
+    assert json.loads((raw_dir / "config.json").read_text())["weights"] == "raw" and config["weights"] == "ema"
+    assert any(not torch.allclose(raw[k], saved[k]) for k in saved)
 
 
 def test_resume_reaches_the_weights_of_an_uninterrupted_run(caption_image_folder, tiny_open_clip_dir, tmp_path):
