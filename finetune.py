@@ -25,7 +25,6 @@ import json
 import logging
 import math
 import random
-import shutil
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -35,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from shifted_diffusion.checkpoints import find_checkpoint, prune_checkpoints, step_generator
 from shifted_diffusion.data import IMAGE_EXTENSIONS, read_image_folder
 from shifted_diffusion.decoder import load_embedding, make_grid, write_decoder_files
 from shifted_diffusion.train_config import parse_clip_specs
@@ -341,39 +341,6 @@ def checkpoint_step(path: Path) -> int:
     return int(path.name.split("-")[-1])
 
 
-def list_checkpoints(output_dir: str) -> list[Path]:
-    folder = Path(output_dir)
-    if not folder.is_dir():
-        return []
-    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith("checkpoint-") and p.name[11:].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[11:]))
-
-
-def resolve_resume(args) -> Path | None:
-    if not args.resume_from_checkpoint:
-        return None
-    if args.resume_from_checkpoint == "latest":
-        found = list_checkpoints(args.output_dir)
-        if not found:
-            logger.warning(f"--resume_from_checkpoint latest: no checkpoint-N in {args.output_dir}; starting fresh")
-            return None
-        return found[-1]
-    path = Path(args.resume_from_checkpoint)
-    if not path.is_dir():
-        raise FileNotFoundError(f"--resume_from_checkpoint {path}: no such checkpoint folder")
-    return path
-
-
-def prune_checkpoints(output_dir: str, total_limit: int | None) -> None:
-    """Keep at most total_limit - 1 checkpoints before a new one is written."""
-    if total_limit is None:
-        return
-    found = list_checkpoints(output_dir)
-    for path in found[: max(0, len(found) - total_limit + 1)]:
-        logger.info(f"removing old checkpoint {path}")
-        shutil.rmtree(path)
-
-
 # ----------------------------------------------------------------------------------------------
 # validation
 
@@ -442,11 +409,6 @@ def build_projection(args, clip_dim: int, cross_attention_dim: int) -> ImageEmbe
         return projection
     return ImageEmbeddingProjection(clip_dim=clip_dim, cross_attention_dim=cross_attention_dim,
                                     num_tokens=args.num_tokens, layer_norm=args.projection_layer_norm)
-
-
-def step_generator(seed: int, counter: int, process_index: int, device: torch.device) -> torch.Generator:
-    """Randomness of one micro-batch (noise, timesteps, flips, dropout) as a function of its index: exact resume."""
-    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + counter * 7919 + process_index) % (2**63))
 
 
 def prediction_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
@@ -603,7 +565,7 @@ def main(argv=None) -> Path:
         accelerator.init_trackers("shifted-diffusion-decoder", config=config)
 
     global_step = 0
-    resume = resolve_resume(args)
+    resume = find_checkpoint(args.output_dir, args.resume_from_checkpoint)
     if resume is not None:
         accelerator.print(f"resuming from {resume}")
         accelerator.load_state(str(resume))
@@ -633,7 +595,7 @@ def main(argv=None) -> Path:
         for batch in epoch_loader:
             counter = epoch * len(dataloader) + batch_in_epoch
             batch_in_epoch += 1
-            generator = step_generator(args.seed, counter, accelerator.process_index, accelerator.device)
+            generator = step_generator(args.seed, accelerator.process_index, counter, accelerator.device)
             cpu_start, wall_start = time.process_time(), time.perf_counter()
             with accelerator.accumulate(unet, projection):
                 loss = diffusion_loss(unet, projection, vae, noise_scheduler, batch, empty_on_device,

@@ -8,7 +8,6 @@ the data order from (seed, epoch), so a resumed run takes exactly the steps of a
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
+from .checkpoints import PREFIX as CHECKPOINT_PREFIX, find_checkpoint, prune_checkpoints, step_generator
 from .cache import EmbeddingDataset, load_image_embeddings, load_manifest, precompute
 from .loss import LossConfig, ShiftedDiffusionLoss
 from .metrics import blockwise_cosine
@@ -25,9 +25,6 @@ from .prior_pipeline import PriorPipeline, save_prior
 from .schedule import DiffusionSchedule, ScheduleConfig
 from .train_config import TrainConfig, parse_clip_specs
 from .vocab import ClusterVocab, StandardNormalShift
-
-CHECKPOINT_PREFIX = "checkpoint-"
-
 
 # ---- pieces of the run, each from the config ---------------------------------------------------
 
@@ -107,38 +104,12 @@ def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int, rank: 
     return [mine[i:i + batch_size] for i in range(0, len(mine) - batch_size + 1, batch_size)]
 
 
-def step_generator(seed: int, rank: int, micro_step: int, device) -> torch.Generator:
-    """A generator owned by one micro-step of one process (resume-exact randomness)."""
-    return torch.Generator(device=device).manual_seed((seed * 7919 + rank) * 10_000_019 + micro_step)
-
-
 def to_device(batch: dict, device) -> dict:
     return {key: batch[key].to(device, non_blocking=True) for key in ("clip_image", "clip_text", "text_tokens")}
 
 
 def cache_bytes(cache_dir: Path) -> int:
     return sum(p.stat().st_size for p in Path(cache_dir).glob("*.safetensors"))
-
-
-def find_checkpoint(output_dir: Path, resume: Optional[str]) -> Optional[Path]:
-    if resume is None:
-        return None
-    if resume != "latest":
-        path = Path(resume)
-        if not path.is_dir():
-            raise FileNotFoundError(f"resume_from_checkpoint {resume}: no such checkpoint folder")
-        return path
-    found = sorted(output_dir.glob(f"{CHECKPOINT_PREFIX}*"), key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
-    return found[-1] if found else None
-
-
-def prune_checkpoints(output_dir: Path, limit: Optional[int]) -> None:
-    """Keep at most limit - 1 checkpoints before saving a new one."""
-    if limit is None:
-        return
-    found = sorted(output_dir.glob(f"{CHECKPOINT_PREFIX}*"), key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
-    for old in found[: max(len(found) - limit + 1, 0)]:
-        shutil.rmtree(old)
 
 
 @torch.no_grad()
@@ -264,8 +235,6 @@ def train_prior(cfg: TrainConfig) -> Path:
         global_step = int(checkpoint.name[len(CHECKPOINT_PREFIX):]) if checkpoint.name.startswith(CHECKPOINT_PREFIX) \
             else json.loads((checkpoint / "train_state.json").read_text())["global_step"]
         log(f"[resume] {checkpoint} at step {global_step}")
-    elif cfg.resume_from_checkpoint == "latest":
-        log("[resume] no checkpoint yet: starting from scratch")
     if accelerator.is_main_process and trackers:
         accelerator.init_trackers("shifted_diffusion_prior", config={k: str(v) for k, v in cfg.to_dict().items()})
 

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import finetune  # noqa: E402
+from shifted_diffusion.checkpoints import list_checkpoints  # noqa: E402
 
 RESOLUTION = 32
 
@@ -147,7 +148,7 @@ def test_finetune_checkpoint_resume_and_output_folder(world, tmp_path, capsys):
     print(f"\n[tiny finetune] {summary['cpu_s_per_step']:.3f} CPU s/step, {summary['wall_s_per_step']:.3f} wall s/step")
     assert summary["global_step"] == 3 and np.isfinite(summary["last_train_loss"]) and summary["last_train_loss"] > 0
     assert summary["num_train_images"] == 8 and summary["num_unreadable_images"] == 1  # 10 - 2 held out
-    assert [p.name for p in finetune.list_checkpoints(run_a)] == ["checkpoint-2", "checkpoint-3"]  # limit 2
+    assert [p.name for p in list_checkpoints(run_a)] == ["checkpoint-2", "checkpoint-3"]  # limit 2
     with Image.open(run_a / "validation" / "step-0000002.png") as grid:
         assert grid.size == (2 * RESOLUTION, 2 * RESOLUTION)  # 2 held-out images x [original | reconstruction]
 
