@@ -43,8 +43,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     if toy and cfg.evaluate_toy and PartialState().is_main_process:
         from shifted_diffusion.toy.prior_eval import evaluate_toy_prior, format_table
 
-        results = evaluate_toy_prior(prior_dir, cfg.train_data_dir, Path(cfg.output_dir) / "embeddings", seed=cfg.seed)
-        print(format_table({"shifted" if not results["baseline"] else "baseline": results["steps"]}))
+        cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.output_dir) / "embeddings"
+        results = evaluate_toy_prior(prior_dir, cfg.train_data_dir, cache_dir, seed=cfg.seed)
+        name = "baseline" if results["baseline"] else "shifted"
+        print(format_table({name: results["steps"]}, reference=results.get("reference")))
     return prior_dir
 
 
