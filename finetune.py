@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from shifted_diffusion.checkpoints import find_checkpoint, prune_checkpoints, step_generator
-from shifted_diffusion.data import IMAGE_EXTENSIONS, read_image_folder
+from shifted_diffusion.data import list_image_files
 from shifted_diffusion.decoder import load_embedding, make_grid, write_decoder_files
 from shifted_diffusion.train_config import parse_clip_specs
 from shifted_diffusion.projection import PROJECTION_SUBFOLDER, ImageEmbeddingProjection
@@ -198,15 +198,11 @@ class ImageEmbeddingDataset(torch.utils.data.Dataset):
 
 
 def list_training_images(folder: str) -> list[Path]:
-    """The image files of a folder (data.read_image_folder); captions are ignored, even malformed ones."""
-    try:
-        return [record.path for record in read_image_folder(folder)]
-    except (KeyError, ValueError) as error:  # e.g. a metadata.jsonl without the caption column
-        logger.warning(f"ignoring the captions of {folder}: {error}")
-        paths = sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-        if not paths:
-            raise FileNotFoundError(f"image folder {folder!r} holds no images") from error
-        return paths
+    """The image files of a folder; captions are ignored, even malformed ones."""
+    paths = list_image_files(folder)
+    if not paths:
+        raise FileNotFoundError(f"image folder {folder!r} holds no images")
+    return paths
 
 
 def list_validation_images(items: list[str]) -> list[Path]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from shifted_diffusion.data import IMAGE_EXTENSIONS, METADATA_NAME, read_image_folder
+from shifted_diffusion.data import METADATA_NAME, list_image_files
 
 SIDE_FILE_EXTENSIONS = (".txt",)
 
@@ -35,13 +35,8 @@ def center_crop_resize(image: Image.Image, size: int) -> Image.Image:
 
 
 def list_tree(src: Path) -> tuple[list[str], list[Path]]:
-    """Relative names of the images (data.read_image_folder) and of the caption side files under `src`."""
-    try:
-        images = [record.file_name for record in read_image_folder(src)]
-    except (KeyError, ValueError) as error:  # a metadata.jsonl we cannot parse: captions do not matter here
-        print(f"process_img: ignoring the captions ({error})", file=sys.stderr)
-        images = sorted(p.relative_to(src).as_posix() for p in src.rglob("*")
-                        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    """Relative names of the images (data.list_image_files) and of the caption side files under `src`."""
+    images = [path.relative_to(src).as_posix() for path in list_image_files(src)]
     side_files = sorted(
         path.relative_to(src) for path in src.rglob("*")
         if path.is_file() and (path.name == METADATA_NAME or path.suffix.lower() in SIDE_FILE_EXTENSIONS)

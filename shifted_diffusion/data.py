@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Union
@@ -115,3 +116,13 @@ def read_image_folder(
         raise FileNotFoundError(f"image folder {str(root)!r} holds no images "
                                 f"(extensions {sorted(IMAGE_EXTENSIONS)}) and no {METADATA_NAME} rows")
     return records
+
+
+def list_image_files(folder: Union[str, os.PathLike]) -> list:
+    """Every image file under `folder`, captioned or not (for image-only uses: the decoder, resizing);
+    a caption file that cannot be parsed is reported and ignored, since captions do not matter there."""
+    try:
+        return [record.path for record in read_image_folder(folder)]
+    except (KeyError, ValueError) as error:
+        warnings.warn(f"ignoring the captions of {os.fspath(folder)}: {error}")
+        return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
