@@ -52,5 +52,5 @@ def ensure_toy_assets(root, fast: bool = False, world_config=None, clip_config=N
         clip_config = dataclasses.replace(clip_config, image_size=world_config.image_size)
     tag = "fast" if fast else "default"
     world = generate_world(root / f"world_{tag}", world_config)
-    clip = train_toy_clip(world, root / f"clip_{tag}", clip_config, eval_images=64 if fast else 1000)
+    clip = train_toy_clip(world, root / f"clip_{tag}", clip_config, eval_images=64 if fast else 1000, progress=not fast)
     return {"world": str(world), "clip": str(clip)}

@@ -12,6 +12,7 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .world import ATTRIBUTES, caption_for, load_world_config, sample_mentioned
 
@@ -172,6 +173,7 @@ def train_clip_model(
     data: Optional[tuple] = None,
     callback: Optional[Callable[[int, float, torch.nn.Module], None]] = None,
     log_every: int = 0,
+    progress: bool = False,
 ) -> tuple:
     """Train a tiny CLIP with open_clip.ClipLoss; returns (model, losses list)."""
     import open_clip
@@ -200,7 +202,8 @@ def train_clip_model(
         order = torch.randperm(n, generator=generator)
         cursor = 0
         start = time.time()
-        for step in range(config.steps):
+        bar = tqdm(range(config.steps), desc="toy CLIP training", disable=not progress)
+        for step in bar:
             if cursor + batch_size > n:
                 order, cursor = torch.randperm(n, generator=generator), 0
             idx = order[cursor: cursor + batch_size]
@@ -221,6 +224,7 @@ def train_clip_model(
             with torch.no_grad():
                 model.logit_scale.clamp_(0, math.log(100))
             losses.append(loss.item())
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
             if log_every and (step + 1) % log_every == 0:
                 print(f"step {step + 1}/{config.steps} loss {np.mean(losses[-log_every:]):.4f} "
                       f"{time.time() - start:.1f}s", flush=True)
@@ -246,7 +250,8 @@ def clip_is_cached(out_dir, config: ToyClipConfig, world_folder) -> bool:
 
 
 def train_toy_clip(
-    world_folder, out_dir, config: Optional[ToyClipConfig] = None, *, log_every: int = 0, eval_images: int = 1000
+    world_folder, out_dir, config: Optional[ToyClipConfig] = None, *, log_every: int = 0, eval_images: int = 1000,
+    progress: bool = False,
 ) -> str:
     """Train (or reuse, if cached) a tiny CLIP on the world and save it with encoders.save_open_clip.
 
@@ -264,7 +269,7 @@ def train_toy_clip(
     if marker.exists():
         marker.unlink()
     start, start_cpu = time.time(), time.process_time()
-    model, losses = train_clip_model(world_folder, config, log_every=log_every)
+    model, losses = train_clip_model(world_folder, config, log_every=log_every, progress=progress)
     train_seconds, train_cpu_seconds = time.time() - start, time.process_time() - start_cpu
     save_open_clip(model, config.model_cfg(), out_dir)
     world = json.loads((Path(world_folder) / "toy_world.json").read_text())["config"]

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+from tqdm.auto import tqdm
 from PIL import Image, ImageDraw
 
 ATTRIBUTES = ("shape", "colour", "size", "position", "background")
@@ -287,7 +288,7 @@ def generate_world(folder, config: Optional[ToyWorldConfig] = None) -> str:
         with mp.get_context("spawn").Pool(config.num_workers) as pool:
             parts = pool.map(_render_and_save, jobs)
     else:
-        parts = [_render_and_save(job) for job in jobs]
+        parts = [_render_and_save(job) for job in tqdm(jobs, desc=f"toy world ({config.num_images} images)", unit="chunk")]
     tmp = Path(folder) / "metadata.jsonl.tmp"
     with open(tmp, "w") as f:
         for part in parts:
