@@ -3,6 +3,9 @@
     python sft_test.py --prior runs/prior --decoder sd2-shifted-decoder \\
         --prompt "a red double-decker bus" --prompt "two cats on a sofa" --num_images 4 \\
         --prior_steps 8 --prior_guidance_scale 2.0 --guidance_scale 5 --output_dir samples/
+    python sft_test.py    # no arguments: a few example toy-world captions with the toy prior
+                          # (outputs/toy_prior/prior, `python train.py`) and the toy decoder
+                          # (outputs/toy_decoder, `python train_toy_decoder.py`) -> outputs/toy_sft_test/
 
 The decoder's negative (unconditional) embedding is, by default, the prior's sample for the empty
 caption "" computed now (as the original did); `--negative empty` uses the decoder's stored empty
@@ -22,11 +25,25 @@ import torch
 from shifted_diffusion.decoder import (SCHEDULERS, default_device_dtype, load_decoder, load_embedding, make_grid,
                                       save_embedding)
 
+TOY_PRIOR = "outputs/toy_prior/prior"
+# where else a toy prior may be (benchmarks/toy_prior_quality.py); one on the decoder's CLIP is preferred
+TOY_PRIOR_CANDIDATES = (TOY_PRIOR, "outputs/toy_prior_quality/shifted/prior")
+TOY_OUTPUT_DIR = "outputs/toy_sft_test"
+TOY_EXAMPLE_PROMPTS = (
+    "a red circle",
+    "a large blue square on a white background",
+    "a green star in the top left",
+    "a small yellow triangle on a black background",
+)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prior", required=True, help="prior folder written by train.py (shifted or baseline)")
-    parser.add_argument("--decoder", required=True, help="decoder folder written by finetune.py")
+    parser.add_argument("--prior", default=None,
+                        help=f"prior folder written by train.py (shifted or baseline); default: the toy prior "
+                             f"{TOY_PRIOR} (with example captions when no --prompt is given)")
+    parser.add_argument("--decoder", default=None,
+                        help="decoder folder written by finetune.py (default: the toy decoder, train_toy_decoder.py)")
     parser.add_argument("--prompt", action="append", default=[], help="a caption (repeatable)")
     parser.add_argument("--prompts_file", default=None, help="a text file, one caption per non-empty line")
     parser.add_argument("--num_images", type=int, default=1, help="images per prompt")
@@ -45,10 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output_dir", default="samples")
+    parser.add_argument("--output_dir", default=None, help=f"default: samples ({TOY_OUTPUT_DIR} for the toy defaults)")
     parser.add_argument("--grid", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, help="decoder dtype: float32, float16, bfloat16 (default fp16 on CUDA)")
+    toy = parser.add_argument_group("toy-world defaults (used when --prior / --decoder are not given)")
+    toy.add_argument("--toy_root", default="outputs/toy_assets", help="where the toy world and its CLIP are cached")
+    toy.add_argument("--toy_decoder", default=None, help="toy decoder folder (default outputs/toy_decoder)")
+    toy.add_argument("--toy_fast", action="store_true", help="the tiny test world and decoder (tests)")
+    parser.add_argument("--num_threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's own; 1 for the toy defaults, where tiny "
+                             "convolutions are far faster on one thread)")
     return parser
 
 
@@ -91,8 +115,68 @@ def prior_generate(prior, prompts, *, num_images_per_prompt, num_steps, guidance
     return torch.as_tensor(prior.generate(list(prompts), **kwargs)).float()
 
 
+def _clip_paths(folder, key_path) -> list:
+    import json
+
+    from shifted_diffusion.train_config import parse_clip_specs
+
+    config = Path(folder) / key_path[0]
+    if not config.is_file():
+        return []
+    value = json.loads(config.read_text())
+    for key in key_path[1:]:
+        value = value.get(key, {}) if isinstance(value, dict) else {}
+    entries = [e if isinstance(e, str) else ":".join(e) for e in (value or [])]  # "M:P" strings or [M, P] lists
+    return [str(Path(m).resolve()) for m, _ in parse_clip_specs(entries)]
+
+
+def toy_prior_for(decoder: str) -> str:
+    """The first existing toy prior trained with the decoder's CLIP (else the first existing one)."""
+    existing = [p for p in TOY_PRIOR_CANDIDATES if Path(p).exists()]
+    wanted = _clip_paths(decoder, ("shifted_decoder.json", "clip_models"))
+    for prior in existing:
+        if _clip_paths(prior, ("config.json", "encoders", "clip_models")) == wanted:
+            return prior
+    return existing[0]
+
+
+def toy_defaults(args) -> None:
+    """Fill in the toy prior / toy decoder / example captions / output folder where none were given."""
+    toy_prior = args.prior is None
+    if toy_prior and not any(Path(p).exists() for p in TOY_PRIOR_CANDIDATES):
+        raise SystemExit(f"sft_test.py: no --prior given and the toy prior {TOY_PRIOR} does not exist: "
+                         f"train it with `python train.py` (or pass --prior)")
+    if args.decoder is None:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from train_toy_decoder import ensure_toy_decoder
+
+        print(f"sft_test.py: no --decoder given: using the toy decoder (built by `python train_toy_decoder.py`"
+              f"{' --fast' if args.toy_fast else ''}; trained now if missing)", flush=True)
+        args.decoder = str(ensure_toy_decoder(args.toy_decoder, toy_root=args.toy_root, fast=args.toy_fast))
+    if toy_prior:
+        args.prior = toy_prior_for(args.decoder)
+        print(f"sft_test.py: no --prior given: using the toy prior {args.prior}", flush=True)
+        if not args.prompt and not args.prompts_file:
+            args.prompt = list(TOY_EXAMPLE_PROMPTS)
+    if args.output_dir is None:
+        args.output_dir = TOY_OUTPUT_DIR if toy_prior else "samples"
+
+
 def main(argv=None) -> list[Path]:
     args = build_parser().parse_args(argv)
+    if args.num_threads is None and (args.prior is None or args.decoder is None):
+        args.num_threads = 1
+    previous_threads = torch.get_num_threads()
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    try:
+        return run(args)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def run(args) -> list[Path]:
+    toy_defaults(args)
     prompts = read_prompts(args)
     if not Path(args.decoder).exists():
         raise SystemExit(f"sft_test.py: decoder folder {args.decoder} does not exist (fine-tune one with finetune.py)")
@@ -149,7 +233,8 @@ def main(argv=None) -> list[Path]:
         grid_path = output_dir / "grid.png"
         make_grid([images[p * args.num_images:(p + 1) * args.num_images] for p in range(len(prompts))]).save(grid_path)
         written.append(grid_path)
-    print(f"sft_test.py: {len(prompts)} prompts x {args.num_images} images -> {output_dir}")
+    print(f"sft_test.py: {len(prompts)} prompts x {args.num_images} images -> {output_dir}"
+          + (f" (grid: {output_dir / 'grid.png'})" if args.grid else ""))
     return written
 
 

@@ -2,13 +2,18 @@
 
     python test.py --decoder sd2-shifted-decoder --images photos/ cat.jpg --output_dir recon/ \\
         --guidance_scale 5 --num_inference_steps 50 --scheduler dpm --seed 0
+    python test.py        # no arguments: the toy decoder (outputs/toy_decoder, trained by train_toy_decoder.py
+                          # first if missing) on a few held-out toy-world images -> outputs/toy_test/
 
 Writes `re_<name>.png` beside each input (or under --output_dir, keeping sub-folders of input folders).
+Without --images, a few held-out toy-world images are rendered into <output_dir>/inputs and a grid
+[input | reconstructions] is written to <output_dir>/grid.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -20,13 +25,25 @@ from shifted_diffusion.decoder import SCHEDULERS, default_device_dtype, load_dec
 from shifted_diffusion.train_config import parse_clip_specs
 
 OUTPUT_PREFIX = "re_"
+TOY_OUTPUT_DIR = "outputs/toy_test"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--decoder", required=True, help="folder written by finetune.py")
-    parser.add_argument("--images", nargs="+", required=True, help="image files and/or folders (searched recursively)")
-    parser.add_argument("--output_dir", default=None, help="default: beside each input image")
+    parser.add_argument("--decoder", default=None,
+                        help="folder written by finetune.py (default: the toy decoder, see train_toy_decoder.py)")
+    parser.add_argument("--images", nargs="+", default=None,
+                        help="image files and/or folders (searched recursively); default: held-out toy-world images")
+    parser.add_argument("--output_dir", default=None,
+                        help=f"default: beside each input image ({TOY_OUTPUT_DIR} for the toy-world default images)")
+    toy = parser.add_argument_group("toy-world defaults (used when --decoder / --images are not given)")
+    toy.add_argument("--num_toy_images", type=int, default=4, help="held-out toy-world images to reconstruct")
+    toy.add_argument("--toy_root", default="outputs/toy_assets", help="where the toy world and its CLIP are cached")
+    toy.add_argument("--toy_decoder", default=None, help="toy decoder folder (default outputs/toy_decoder)")
+    toy.add_argument("--toy_fast", action="store_true", help="the tiny test world and decoder (tests)")
+    parser.add_argument("--num_threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's own; 1 for the toy defaults, where tiny "
+                             "convolutions are far faster on one thread)")
     parser.add_argument("--guidance_scale", type=float, default=5.0)
     parser.add_argument("--num_inference_steps", type=int, default=50)
     parser.add_argument("--scheduler", default=None, help=f"one of {sorted(SCHEDULERS)} (default: the decoder's own)")
@@ -71,11 +88,60 @@ def numbered(path: Path, k: int, count: int) -> Path:
     return path if count == 1 else path.with_name(f"{path.stem}_{k}{path.suffix}")
 
 
+def toy_decoder_folder(args) -> str:
+    """The toy decoder (trained now by train_toy_decoder.py if missing): the default --decoder."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from train_toy_decoder import ensure_toy_decoder
+
+    print(f"test.py: no --decoder given: using the toy decoder (built by `python train_toy_decoder.py`"
+          f"{' --fast' if args.toy_fast else ''}; trained now if missing)", flush=True)
+    return str(ensure_toy_decoder(args.toy_decoder, toy_root=args.toy_root, fast=args.toy_fast))
+
+
+def write_toy_inputs(args, folder: Path) -> list[str]:
+    """Render --num_toy_images held-out toy-world images into folder (the default --images)."""
+    from shifted_diffusion.toy import ensure_toy_assets
+    from shifted_diffusion.toy.world import load_world_config, render_image, sample_record
+
+    decoder_record = Path(args.decoder) / "toy_decoder.json"  # a toy decoder names the world it was trained on
+    world = json.loads(decoder_record.read_text())["world"] if decoder_record.is_file() else \
+        ensure_toy_assets(args.toy_root, fast=args.toy_fast)["world"]
+    config = load_world_config(world).heldout(args.num_toy_images, offset=3_000_017)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(args.num_toy_images):
+        record = sample_record(config, index)
+        path = folder / f"toy{index:02d}.png"
+        render_image(config, record).save(path)
+        (folder / f"toy{index:02d}.txt").write_text(record["text"] + "\n")
+        paths.append(str(path))
+    return paths
+
+
 def main(argv=None) -> list[Path]:
     args = build_parser().parse_args(argv)
+    toy_inputs = args.images is None
+    if args.num_threads is None and (toy_inputs or args.decoder is None):
+        args.num_threads = 1
+    previous_threads = torch.get_num_threads()
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    try:
+        return run(args, toy_inputs)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def run(args, toy_inputs: bool) -> list[Path]:
     from tqdm.auto import tqdm
 
     from shifted_diffusion.encoders import MultiCLIP
+
+    if args.decoder is None:
+        args.decoder = toy_decoder_folder(args)
+    if toy_inputs:
+        args.output_dir = args.output_dir or TOY_OUTPUT_DIR
+        args.images = write_toy_inputs(args, Path(args.output_dir) / "inputs")
 
     device, dtype = default_device_dtype(args.device, args.dtype)
     decoder = load_decoder(args.decoder, device=device, dtype=dtype, scheduler=args.scheduler)
@@ -112,7 +178,16 @@ def main(argv=None) -> list[Path]:
             target.parent.mkdir(parents=True, exist_ok=True)
             image.save(target)
             written.append(target)
-    print(f"test.py: wrote {len(written)} images ({len(pairs)} inputs x {args.num_images}); "
+    if toy_inputs and written:
+        from shifted_diffusion.decoder import make_grid
+
+        rows = [[Image.open(source).convert("RGB")] + [Image.open(numbered(target, k, args.num_images)).convert("RGB")
+                                                       for k in range(args.num_images)] for source, target in pairs]
+        grid_path = Path(args.output_dir) / "grid.png"
+        make_grid(rows).save(grid_path)
+        print(f"test.py: grid [input | reconstructions] written to {grid_path}")
+    where = args.output_dir or "beside the inputs"
+    print(f"test.py: wrote {len(written)} images ({len(pairs)} inputs x {args.num_images}) to {where}; "
           f"{len(unreadable)} unreadable inputs skipped")
     return written
 

@@ -1,0 +1,223 @@
+"""The toy decoder (tiny VAE + UNet through finetune.py), the attribute reader, the toy defaults of test.py /
+sft_test.py and benchmarks/toy_text_to_image.py, all at fast size on the fast toy world."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import sft_test  # noqa: E402
+import train_toy_decoder  # noqa: E402
+
+from shifted_diffusion.toy import ToyWorldConfig, ensure_toy_assets  # noqa: E402
+from shifted_diffusion.toy.decoder import foreground_weights, kl_to_standard_normal  # noqa: E402
+from shifted_diffusion.toy.reader import ToyAttributeReader, largest_blob, reader_accuracy  # noqa: E402
+from shifted_diffusion.toy.world import ATTRIBUTES, COLOUR_RGB, render_image, sample_record  # noqa: E402
+
+
+def _load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+img2img = _load("_script_test", ROOT / "test.py")  # the repo's test.py (stdlib `test` shadows the name)
+benchmark = _load("_toy_text_to_image", ROOT / "benchmarks" / "toy_text_to_image.py")
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """Fast toy assets + a fast toy decoder trained through finetune.py (a couple of steps)."""
+    root = tmp_path_factory.mktemp("toy")
+    assets = ensure_toy_assets(root / "assets", fast=True)
+    decoder = train_toy_decoder.main(["--fast", "--toy_root", str(root / "assets"), "--output_dir", str(root / "dec")])
+    return {"root": root, "toy_root": str(root / "assets"), "decoder": Path(decoder), **assets}
+
+
+def tiny_prior(directory, clip_dir, baseline: bool) -> Path:
+    """A random tiny prior folder (prior_pipeline.save_prior) on the toy CLIP, shifted or baseline."""
+    from shifted_diffusion.prior import PriorConfig, ShiftedPrior
+    from shifted_diffusion.prior_pipeline import save_prior
+    from shifted_diffusion.schedule import ScheduleConfig
+    from shifted_diffusion.vocab import ClusterVocab, StandardNormalShift
+
+    model_cfg = json.loads((Path(clip_dir) / "open_clip_config.json").read_text())["model_cfg"]
+    clip_dim, text_dim = model_cfg["embed_dim"], model_cfg["text_cfg"]["width"]
+    torch.manual_seed(0)
+    config = PriorConfig.preset("tiny", clip_dim=clip_dim, text_dim=text_dim, text_len=8,
+                                vocab_size=None if baseline else 4)
+    shift = StandardNormalShift(clip_dim) if baseline else ClusterVocab(torch.randn(4, clip_dim),
+                                                                         torch.rand(4, clip_dim) + 0.1)
+    encoders = {"clip_models": [str(clip_dir)], "t5_model": f"clip-tokens:{clip_dir}", "text_max_length": 8}
+    return save_prior(directory, ShiftedPrior(config), shift, ScheduleConfig(), encoders, torch.randn(clip_dim),
+                      torch.randn(8, text_dim))
+
+
+# ---------------------------------------------------------------------------------------------- reader
+
+
+def test_reader_reads_real_renders_exactly():
+    """On freshly rendered world images the reader returns the renderer's own attribute indices."""
+    accuracy = reader_accuracy(ToyAttributeReader(ToyWorldConfig()), ToyWorldConfig(), num_images=150)
+    assert all(accuracy[a] == 1.0 for a in ATTRIBUTES), accuracy
+
+
+def test_reader_other_world_size_and_palette_and_noise():
+    """Thresholds follow the config (48 px, other colours); mild pixel noise does not change the reading."""
+    config = ToyWorldConfig(num_images=10, image_size=48, colours=("red", "green", "blue"), backgrounds=("white", "black"),
+                            seed=3)
+    reader = ToyAttributeReader(config)
+    records = [sample_record(config, i) for i in range(60)]
+    rng = np.random.default_rng(0)
+    images = [np.clip(np.asarray(render_image(config, r), np.float64) + rng.normal(0, 8, (48, 48, 3)), 0, 255)
+              for r in records]
+    predicted = reader.read(images)
+    for a in ATTRIBUTES:
+        truth = torch.tensor([r["indices"][a] for r in records])
+        assert (predicted[a] == truth).float().mean() >= 0.95, a
+
+
+def test_reader_on_hand_drawn_pixels():
+    """Shapes drawn with plain numpy (not the world's renderer): square / circle, sizes, grid cells, colours."""
+    size = 64
+    yy, xx = np.mgrid[:size, :size] + 0.5
+    image = np.empty((size, size, 3), np.uint8)
+    image[:] = COLOUR_RGB["white"]
+    image[(np.abs(yy - 16) < 11) & (np.abs(xx - 16) < 11)] = COLOUR_RGB["red"]  # 22 px square at the top left
+    second = np.empty((size, size, 3), np.uint8)
+    second[:] = COLOUR_RGB["black"]
+    second[(yy - 48) ** 2 + (xx - 32) ** 2 < 7.5 ** 2] = COLOUR_RGB["blue"]  # 15 px disc at the bottom centre
+    config = ToyWorldConfig()
+    names = ToyAttributeReader(config).names(ToyAttributeReader(config).read([image, second]))
+    assert names[0] == {"shape": "square", "colour": "red", "size": "large", "position": "top left",
+                        "background": "white"}
+    assert names[1] == {"shape": "circle", "colour": "blue", "size": "small", "position": "bottom centre",
+                        "background": "black"}
+
+
+def test_largest_blob_keeps_the_biggest_component():
+    mask = np.zeros((10, 10), bool)
+    mask[0:2, 0:2] = True  # 4 pixels
+    mask[5:9, 5:8] = True  # 12 pixels
+    mask[0, 9] = True
+    blob = largest_blob(mask)
+    assert blob.sum() == 12 and blob[5:9, 5:8].all() and not blob[0:2, 0:2].any()
+    assert not largest_blob(np.zeros((4, 4), bool)).any()
+
+
+# ---------------------------------------------------------------------------------------------- decoder pieces
+
+
+def test_kl_matches_torch_distributions():
+    mean, logvar = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    posterior = torch.distributions.Normal(mean, (0.5 * logvar).exp())
+    expected = torch.distributions.kl_divergence(posterior, torch.distributions.Normal(0.0, 1.0)).flatten(1).sum(1)
+    torch.testing.assert_close(kl_to_standard_normal(mean, logvar), expected)
+
+
+def test_foreground_weights_mark_the_object_only():
+    pixels = torch.full((1, 3, 8, 8), -0.5)
+    pixels[0, :, 2:4, 3:6] = torch.tensor([0.8, -0.9, 0.1])[:, None, None]
+    weights = foreground_weights(pixels, extra_weight=10.0)
+    expected = torch.ones(1, 1, 8, 8)
+    expected[0, 0, 2:4, 3:6] = 11.0
+    assert torch.equal(weights, expected)
+
+
+def test_fast_toy_decoder_is_a_standard_pipeline_folder_and_is_cached(toy):
+    from shifted_diffusion.decoder import load_decoder
+
+    decoder_dir = toy["decoder"]
+    index = json.loads((decoder_dir / "model_index.json").read_text())
+    assert index["text_encoder"] == [None, None] and index["vae"][1] == "AutoencoderKL"
+    record = json.loads((decoder_dir / "toy_decoder.json").read_text())
+    assert record["complete"] and record["unet"]["global_step"] == 2
+    assert record["clip"]["path"] == str(Path(toy["clip"]).resolve())
+    decoder = load_decoder(decoder_dir)
+    assert decoder.clip_specs == [(toy["clip"], "")]
+    assert 2 ** (len(decoder.pipeline.vae.config.block_out_channels) - 1) == 4  # 64 px -> 16 x 16 latents
+    images = decoder.generate(torch.randn(2, decoder.clip_dim), num_inference_steps=2, guidance_scale=2.0)
+    assert [im.size for im in images] == [(64, 64), (64, 64)]
+    weights = decoder_dir / "unet" / "diffusion_pytorch_model.safetensors"
+    before = weights.stat().st_mtime_ns
+    assert train_toy_decoder.ensure_toy_decoder(decoder_dir, toy_root=toy["toy_root"], fast=True) == decoder_dir
+    assert train_toy_decoder.main(["--fast", "--toy_root", toy["toy_root"], "--output_dir", str(decoder_dir)]) \
+        == decoder_dir
+    assert weights.stat().st_mtime_ns == before  # reused, not retrained
+
+
+# ---------------------------------------------------------------------------------------------- script defaults
+
+
+def test_test_py_defaults_reconstruct_toy_images(toy, tmp_path, capsys):
+    out = tmp_path / "img2img"
+    written = img2img.main(["--toy_fast", "--toy_root", toy["toy_root"], "--toy_decoder", str(toy["decoder"]),
+                            "--num_toy_images", "2", "--num_inference_steps", "2", "--output_dir", str(out)])
+    assert sorted(p.name for p in written) == ["re_toy00.png", "re_toy01.png"]
+    assert (out / "inputs" / "toy00.png").is_file() and (out / "inputs" / "toy00.txt").read_text().strip()
+    with Image.open(out / "grid.png") as grid:
+        assert grid.size == (2 * 64, 2 * 64)  # [input | reconstruction] x 2 images
+    printed = capsys.readouterr().out
+    assert "toy decoder" in printed and str(out) in printed
+
+
+def test_sft_test_defaults_use_the_toy_prior_and_example_captions(toy, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="python train.py"):
+        sft_test.main(["--toy_fast", "--toy_root", toy["toy_root"], "--toy_decoder", str(toy["decoder"])])
+    tiny_prior(tmp_path / sft_test.TOY_PRIOR, toy["clip"], baseline=False)
+    written = sft_test.main(["--toy_fast", "--toy_root", toy["toy_root"], "--toy_decoder", str(toy["decoder"]),
+                             "--num_inference_steps", "2", "--prior_steps", "2"])
+    prompts = sft_test.TOY_EXAMPLE_PROMPTS
+    assert [p.name for p in written] == [f"{i:03d}_{sft_test.sanitize(p)}_0.png" for i, p in enumerate(prompts)] \
+        + ["grid.png"]
+    assert all(p.resolve().parent == (tmp_path / sft_test.TOY_OUTPUT_DIR).resolve() for p in written)
+    assert sft_test.TOY_OUTPUT_DIR in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------- benchmark
+
+
+def test_attribute_scores_by_hand():
+    truth = torch.tensor([[0, 1, 0, 2, 1], [3, 3, 1, 0, 0]])
+    predicted = torch.tensor([[0, 2, 0, 2, 1], [3, 3, 0, 0, 1]])
+    mask = torch.tensor([[True, True, False, False, False], [True, False, True, True, False]])
+    scores = benchmark.attribute_scores(predicted, truth, mask)
+    assert scores["mean"] == pytest.approx((1 / 2 + 2 / 3) / 2)
+    assert scores["all"] == 0.0
+    assert scores["shape"] == 1.0 and scores["colour"] == 0.0 and scores["size"] == 0.0 and scores["position"] == 1.0
+    assert np.isnan(scores["background"])
+
+
+def test_benchmark_runs_end_to_end_at_fast_size(toy, tmp_path):
+    priors = {name: tiny_prior(tmp_path / name, toy["clip"], baseline=name == "baseline") for name in ("shifted", "baseline")}
+    out = tmp_path / "results.json"
+    results = benchmark.main(["--fast", "--toy_root", toy["toy_root"], "--decoder", str(toy["decoder"]),
+                              "--shifted_prior", str(priors["shifted"]), "--baseline_prior", str(priors["baseline"]),
+                              "--output_dir", str(tmp_path / "bench"), "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert set(saved["text_to_image"]) == {"shifted", "baseline"}
+    for name in ("shifted", "baseline"):
+        m = saved["text_to_image"][name]
+        assert 0.0 <= m["attribute_accuracy"]["mean"] <= 1.0 and np.isfinite(m["fd"]) and m["fd"] >= 0
+        assert len(m["cos_text_per_block"]) == len(saved["config"]["block_sizes"]) == 1
+        assert m["prior_source"] == "given"
+    real = saved["reference"]["real_images"]
+    assert real["attribute_accuracy"]["all"] == 1.0  # the reader on ground-truth renders
+    assert real["cos_gt"] == pytest.approx(1.0)  # each real image against itself
+    assert 0.0 <= saved["image_to_image"]["attribute_accuracy"]["mean"] <= 1.0
+    with Image.open(saved["grid"]) as grid:
+        c, s = saved["config"]["num_captions"], saved["config"]["samples_per_caption"]
+        assert grid.size == (300 + 64 * (2 + 2 * s), 16 + 64 * c)
+    assert "text→image, shifted prior" in benchmark.format_table(results)
