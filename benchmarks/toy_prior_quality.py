@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import importlib.util
 import json
+import os
 import platform
 import sys
 import time
@@ -85,6 +86,9 @@ def toy_assets(root, fast: bool, clip_overrides: Optional[dict] = None) -> dict:
             "clip_config": clip_config.to_dict()}
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args, passthrough = build_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
     output_dir = Path(args.output_dir or ("outputs/toy_prior_quality_fast" if args.fast else "outputs/toy_prior_quality"))
@@ -148,7 +152,8 @@ def run(args, passthrough, output_dir: Path, steps: list, eval_kwargs: dict, max
         results[name] = evaluation["steps"]
         results.setdefault("reference", evaluation["reference"])
         saved = json.loads((Path(prior_dir) / "config.json").read_text())
-        train_info[name] = {"argv": argv_prior, "prior_dir": str(prior_dir), "global_step": saved.get("global_step"),
+        recorded = [os.path.relpath(a, REPO) if a == str(train.TOY_CONFIG) else a for a in argv_prior]
+        train_info[name] = {"argv": recorded, "prior_dir": str(prior_dir), "global_step": saved.get("global_step"),
                             "train": saved.get("train"), "prior": saved.get("prior"), "validation": saved.get("validation")}
 
     results["config"] = {
