@@ -317,7 +317,8 @@ def train_prior(cfg: TrainConfig) -> Path:
     progress.close()
 
     # the prior folder: EMA weights when EMA is on, plus vocabulary, empty-caption encodings, config
-    metrics = run_validation(global_step) if len(val_set) else metrics
+    if len(val_set) and not (cfg.validation_steps and global_step % cfg.validation_steps == 0):
+        metrics = run_validation(global_step)  # unless the loop just validated this very step
     accelerator.wait_for_everyone()
     prior_dir = output_dir / "prior"
     if accelerator.is_main_process:
