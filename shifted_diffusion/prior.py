@@ -143,9 +143,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        rms = x32.pow(2).mean(dim=-1, keepdim=True).sqrt().clamp(min=self.eps)
-        return (x32 / rms * self.weight.float()).to(x.dtype)
+        # fused kernel: x / sqrt(mean(x^2) + eps^2) equals x / max(rms, eps) except for rms ~ eps (fp32 math)
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), eps=self.eps**2).to(x.dtype)
 
 
 def _layer_norm(dim: int) -> nn.LayerNorm:
