@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from shifted_diffusion.threads import torch_threads
 from shifted_diffusion.decoder import (SCHEDULERS, default_device_dtype, load_decoder, load_embedding, make_grid,
                                       save_embedding)
 
@@ -166,13 +167,8 @@ def main(argv=None) -> list[Path]:
     args = build_parser().parse_args(argv)
     if args.num_threads is None and (args.prior is None or args.decoder is None):
         args.num_threads = 1
-    previous_threads = torch.get_num_threads()
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
-    try:
+    with torch_threads(args.num_threads):
         return run(args)
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 def run(args) -> list[Path]:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from shifted_diffusion.threads import torch_threads
 from shifted_diffusion.data import read_image_folder
 from shifted_diffusion.decoder import SCHEDULERS, default_device_dtype, load_decoder, load_embedding
 from shifted_diffusion.train_config import parse_clip_specs
@@ -123,13 +124,8 @@ def main(argv=None) -> list[Path]:
     toy_inputs = args.images is None
     if args.num_threads is None and (toy_inputs or args.decoder is None):
         args.num_threads = 1
-    previous_threads = torch.get_num_threads()
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
-    try:
+    with torch_threads(args.num_threads):
         return run(args, toy_inputs)
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 def run(args, toy_inputs: bool) -> list[Path]:

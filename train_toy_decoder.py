@@ -25,6 +25,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from shifted_diffusion.threads import torch_threads
+
 ROOT = Path(__file__).resolve().parent
 DEFAULT_OUTPUT_DIR = "outputs/toy_decoder"
 DEFAULT_FAST_OUTPUT_DIR = "outputs/toy_decoder_fast"
@@ -126,13 +128,8 @@ def default_embedding_cache(fast: bool) -> Optional[str]:
 
 def main(argv: Optional[Sequence[str]] = None) -> Path:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    previous_threads = torch.get_num_threads()
-    if args.num_threads > 0:
-        torch.set_num_threads(args.num_threads)
-    try:
+    with torch_threads(args.num_threads):
         return train(args)
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 def train(args) -> Path:

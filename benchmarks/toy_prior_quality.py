@@ -33,6 +33,7 @@ if importlib.util.find_spec("shifted_diffusion") is None or importlib.util.find_
     sys.path.insert(0, str(ROOT))  # run as a script from a checkout
 
 import train  # noqa: E402
+from shifted_diffusion.threads import torch_threads  # noqa: E402
 from shifted_diffusion.toy import ToyClipConfig, ensure_toy_assets, generate_world, train_toy_clip  # noqa: E402
 from shifted_diffusion.toy.world import ToyWorldConfig  # noqa: E402
 from shifted_diffusion.toy.prior_eval import DEFAULT_STEPS, evaluate_toy_prior, format_table  # noqa: E402
@@ -102,13 +103,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         eval_kwargs["samples_per_caption"] = args.samples_per_caption
     max_train_steps = args.max_train_steps if args.max_train_steps is not None else (FAST_MAX_TRAIN_STEPS if args.fast else None)
 
-    previous_threads = torch.get_num_threads()
-    if args.num_threads > 0:
-        torch.set_num_threads(args.num_threads)
-    try:
+    with torch_threads(args.num_threads):
         return run(args, passthrough, output_dir, steps, eval_kwargs, max_train_steps)
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 def run(args, passthrough, output_dir: Path, steps: list, eval_kwargs: dict, max_train_steps: Optional[int]) -> dict:

@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if importlib.util.find_spec("shifted_diffusion") is None or importlib.util.find_spec("train_toy_decoder") is None:
     sys.path.insert(0, str(ROOT))  # run as a script from a checkout
 
+from shifted_diffusion.threads import torch_threads  # noqa: E402
 from shifted_diffusion.toy.world import ATTRIBUTES  # noqa: E402
 
 PRIORS = ("shifted", "baseline")
@@ -293,13 +294,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    previous_threads = torch.get_num_threads()
-    if args.num_threads > 0:
-        torch.set_num_threads(args.num_threads)
-    try:
+    with torch_threads(args.num_threads):
         return run(args)
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 def run(args) -> dict:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..threads import torch_threads
 from .world import ATTRIBUTES, caption_for, load_world_config, sample_mentioned
 
 TRAIN_CONFIG_FILE = "toy_clip_train.json"
@@ -178,10 +179,7 @@ def train_clip_model(
     """Train a tiny CLIP with open_clip.ClipLoss; returns (model, losses list)."""
     import open_clip
 
-    previous_threads = torch.get_num_threads()
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
-    try:
+    with torch_threads(config.num_threads):
         world_config = load_world_config(world_folder)
         images, attribute_idx, texts = data if data is not None else load_world_tensors(world_folder)
         model = build_model(config)
@@ -232,8 +230,6 @@ def train_clip_model(
                 callback(step, losses[-1], model)
         model.eval()
         return model, losses
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 def clip_is_cached(out_dir, config: ToyClipConfig, world_folder) -> bool:
