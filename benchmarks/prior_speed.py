@@ -4,13 +4,16 @@
                                      [--dtype bf16|fp16|fp32] [--compile] [--no-cuda-graphs]
 
 Times, in one run and on one device:
-  * train_step: forward + backward + AdamW (fused on CUDA) on B (caption, timestep) pairs, autocast;
-  * train_prefix_shared_k{K}: ours only, B / K captions x K timesteps, prefix computed once per caption
-    (the reference has no such path; its ratio is taken against its plain train_step on B pairs);
+  * train_step: forward + backward + AdamW (fused on CUDA) on B captions, one timestep each, autocast;
+  * train_prefix_shared_k{K}: ours only, the same B captions x K timesteps each (B*K pairs), the caption
+    prefix computed once per caption (`timesteps_per_caption` K in training); the reference has no such
+    path, so its ratio is taken against the reference's plain train_step (pairs/s);
   * sample_guided_{S}steps_{N}: classifier-free guided ancestral sampling of N prompts in S steps.
     Ours: cond + uncond prefixes built once, then S tail-only steps (optionally as one CUDA graph);
     reference: the whole sequence through the trunk at every step, batch doubled;
-  * peak CUDA memory of each phase.
+  * peak CUDA memory of each phase;
+  * with --profile (CUDA): each phase's GPU kernel time per call by kind (matmul, attention, optimizer,
+    copies/casts, other elementwise) and its top kernels, next to the wall time.
 Prints (and optionally writes) one JSON object with ours, reference, ratios (ours speed / reference
 speed) and the device name. Nothing here is asserted; tests/test_prior_speed_smoke.py runs it tiny.
 """
@@ -23,6 +26,7 @@ import copy
 import importlib.util
 import json
 import platform
+import re
 import sys
 import time
 import traceback
@@ -87,6 +91,41 @@ def _time(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int) 
     return (time.perf_counter() - start) / iters
 
 
+_KERNEL_KINDS = (  # first match wins; names of cuBLAS / CUTLASS / flash / PyTorch kernels
+    ("attention", re.compile(r"flash|fmha|attention|softmax", re.I)),
+    ("matmul", re.compile(r"gemm|nvjet|cutlass|xmma|cublas", re.I)),
+    ("optimizer", re.compile(r"adam|multi_tensor", re.I)),
+    ("copy_cast", re.compile(r"copy|cat_|CatArray|fill", re.I)),
+)
+
+
+def profile_kernels(fn: Callable[[], Any], device: torch.device, calls: int = 2, top: int = 8) -> Dict[str, Any]:
+    """GPU kernel time per call of `fn` by kind, and the `top` kernels (torch.profiler, CUDA only)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    _sync(device)
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        _sync(device)
+    wall_ms = (time.perf_counter() - start) * 1e3 / calls
+    kernels = [(e.key, e.self_device_time_total / 1e3 / calls, e.count // calls) for e in prof.key_averages()
+               if e.self_device_time_total > 0 and e.device_type == torch.autograd.DeviceType.CUDA]
+    by_kind: Dict[str, float] = {}
+    for name, ms, _ in kernels:
+        kind = next((k for k, pattern in _KERNEL_KINDS if pattern.search(name)), "other")
+        by_kind[kind] = by_kind.get(kind, 0.0) + ms
+    kernels.sort(key=lambda k: -k[1])
+    return {
+        "wall_ms_profiled": round(wall_ms, 3),
+        "gpu_kernel_ms": round(sum(ms for _, ms, _ in kernels), 3),
+        "kernel_ms_by_kind": {k: round(v, 3) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+        "top_kernels": [{"name": name[:120], "ms": round(ms, 3), "launches": n} for name, ms, n in kernels[:top]],
+    }
+
+
 def _autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
 
@@ -135,7 +174,8 @@ def _optimizer(model: torch.nn.Module, device: torch.device) -> torch.optim.Opti
 
 
 def bench_train(
-    loss_fn: Callable[[], torch.Tensor], model: torch.nn.Module, device, dtype, pairs: int, warmup: int, iters: int
+    loss_fn: Callable[[], torch.Tensor], model: torch.nn.Module, device, dtype, pairs: int, warmup: int, iters: int,
+    profile: bool = False,
 ) -> Dict[str, Any]:
     """forward + backward + optimizer step on `pairs` pairs under autocast."""
     opt = _optimizer(model, device)
@@ -153,16 +193,23 @@ def bench_train(
     seconds = _time(step, device, warmup, iters)
     result = {"pairs": pairs, "ms_per_step": round(seconds * 1e3, 3), "pairs_per_s": round(pairs / seconds, 2),
               "peak_mem_mib": _peak_mib(device)}
+    if profile:
+        result["profile"] = profile_kernels(step, device)
     del opt
     model.zero_grad(set_to_none=True)
     return result
 
 
-def bench_sampling(sample_fn: Callable[[], torch.Tensor], device, n: int, warmup: int, iters: int) -> Dict[str, Any]:
+def bench_sampling(
+    sample_fn: Callable[[], torch.Tensor], device, n: int, warmup: int, iters: int, profile: bool = False
+) -> Dict[str, Any]:
     _reset_peak(device)
     seconds = _time(sample_fn, device, warmup, iters)
-    return {"prompts": n, "ms_per_batch": round(seconds * 1e3, 3), "prompts_per_s": round(n / seconds, 2),
-            "peak_mem_mib": _peak_mib(device)}
+    result = {"prompts": n, "ms_per_batch": round(seconds * 1e3, 3), "prompts_per_s": round(n / seconds, 2),
+              "peak_mem_mib": _peak_mib(device)}
+    if profile:
+        result["profile"] = profile_kernels(sample_fn, device)
+    return result
 
 
 def _sampling_context(model, device, dtype):
@@ -240,12 +287,14 @@ def _guarded(errors: Dict[str, str], name: str, fn: Callable[[], Any]) -> Option
 
 def _train_with_fallback(errors, name, loss_fn, eager_loss_fn, model, device, dtype, batch, args):
     """The (compiled, if --compile) training step; on a compile failure, the eager one (error recorded)."""
-    result = _guarded(errors, name, lambda: bench_train(loss_fn, model, device, dtype, batch, args.warmup, args.iters))
+    result = _guarded(errors, name, lambda: bench_train(loss_fn, model, device, dtype, batch, args.warmup, args.iters,
+                                                        args.profile))
     if result is not None:
         result["compiled"] = bool(args.compile)
     elif args.compile:
         result = _guarded(errors, name + "_eager",
-                          lambda: bench_train(eager_loss_fn, model, device, dtype, batch, args.warmup, args.iters))
+                          lambda: bench_train(eager_loss_fn, model, device, dtype, batch, args.warmup, args.iters,
+                                              args.profile))
         if result is not None:
             result["compiled"] = False
     return result
@@ -263,7 +312,8 @@ def _ratio(ours: Optional[dict], ref: Optional[dict], key: str) -> Optional[floa
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="tiny", choices=["tiny", "small", "large"])
-    p.add_argument("--batch", type=int, default=None, help="(caption, timestep) pairs per training step")
+    p.add_argument("--batch", type=int, default=None,
+                   help="captions per training step (x K timesteps each in the prefix-shared step)")
     p.add_argument("--k", type=int, default=4, help="timesteps per caption in prefix-shared training")
     p.add_argument("--prompts", default="64,256", help="comma-separated prompt counts for sampling")
     p.add_argument("--steps", type=int, default=8, help="sampling steps (respaced schedule)")
@@ -277,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time our sampling captured as a CUDA graph (CUDA only)")
     p.add_argument("--grad-checkpointing", action="store_true", help="ours only")
     p.add_argument("--skip-reference", action="store_true")
+    p.add_argument("--profile", action="store_true",
+                   help="CUDA: add each phase's kernel-time breakdown (torch.profiler, after the timing)")
     p.add_argument("--json", default=None, help="also write the JSON here")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None,
@@ -299,9 +351,10 @@ def main(argv=None) -> Dict[str, Any]:
 
 def _run(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    args.profile = args.profile and device.type == "cuda"
     batch = args.batch or DEFAULT_BATCH[args.preset]
-    if batch % args.k:
-        raise SystemExit(f"--batch {batch} must be a multiple of --k {args.k}")
+    if batch < 1 or args.k < 1:
+        raise SystemExit(f"--batch ({batch}) and --k ({args.k}) must be >= 1")
     prompt_counts = [int(n) for n in args.prompts.split(",") if n.strip()]
     config = PriorConfig.preset(args.preset, grad_checkpointing=args.grad_checkpointing)
     torch.manual_seed(args.seed)
@@ -350,18 +403,19 @@ def _run(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
         return F.mse_loss(out.float(), train["x0"])
 
     k = args.k
-    shared_caps = {key: train[key][:: k] for key in ("text_tokens", "clip_text_emb")}
+    shared = _pairs(config, batch * k, device, gen)  # B*K (x_t, t, x0) rows ...
+    shared_caps = {key: train[key] for key in ("text_tokens", "clip_text_emb")}  # ... on the B captions
 
     def shared_forward(text_tokens, clip_text_emb, x_t, timesteps, cluster_idx):
         prefix = ours.encode_prefix(text_tokens, clip_text_emb)  # (B/K) captions, with grad
-        return ours.forward_cached(prefix, x_t, timesteps, cluster_idx)  # B pairs
+        return ours.forward_cached(prefix, x_t, timesteps, cluster_idx)  # B*K pairs
 
     shared_step = _maybe_compile(shared_forward, args.compile, errors, "ours_shared")
 
     def ours_shared_loss(fn=shared_step):
-        out = fn(shared_caps["text_tokens"], shared_caps["clip_text_emb"], train["x_t"], train["timesteps"],
-                 train["cluster_idx"])
-        return F.mse_loss(out.float(), train["x0"])
+        out = fn(shared_caps["text_tokens"], shared_caps["clip_text_emb"], shared["x_t"], shared["timesteps"],
+                 shared["cluster_idx"])
+        return F.mse_loss(out.float(), shared["x0"])
 
     def ours_shared_eager_loss():
         return ours_shared_loss(shared_forward)
@@ -369,11 +423,12 @@ def _run(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
     results["ours"]["train_step"] = _train_with_fallback(
         errors, "ours_train_step", ours_loss, ours_eager_loss, ours, device, dtype, batch, args)
     results["ours"][f"train_prefix_shared_k{k}"] = _train_with_fallback(
-        errors, "ours_train_prefix_shared", ours_shared_loss, ours_shared_eager_loss, ours, device, dtype, batch, args)
+        errors, "ours_train_prefix_shared", ours_shared_loss, ours_shared_eager_loss, ours, device, dtype,
+        batch * k, args)
     if not args.skip_reference:
         results["reference"]["train_step"] = _train_with_fallback(
             errors, "reference_train_step", ref_loss, ref_eager_loss, ref, device, dtype, batch, args)
-    del ours_step, ref_step, shared_step, train
+    del ours_step, ref_step, shared_step, train, shared
     ours.eval()
     ref.eval()
     ours_lowp = copy.deepcopy(ours).to(dtype) if dtype != torch.float32 else None
@@ -388,7 +443,8 @@ def _run(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
         sample_args = (schedule, caps, null_text, null_clip, args.guidance_scale, device, dtype)
         results["ours"][f"{key}_{n}"] = _guarded(
             errors, f"ours_{key}_{n}",
-            lambda: bench_sampling(_ours_sampler(ours, *sample_args), device, n, args.warmup, sample_iters))
+            lambda: bench_sampling(_ours_sampler(ours, *sample_args), device, n, args.warmup, sample_iters,
+                                   args.profile))
         if not args.skip_reference:
             results["reference"][f"{key}_{n}"] = _guarded(
                 errors, f"reference_{key}_{n}",
@@ -396,7 +452,8 @@ def _run(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
         if ours_lowp is not None:  # inference weights in the autocast dtype: no per-step weight casts
             results["ours"][f"{key}_{n}_lowp_weights"] = _guarded(
                 errors, f"ours_{key}_{n}_lowp_weights",
-                lambda: bench_sampling(_ours_sampler(ours_lowp, *sample_args), device, n, args.warmup, sample_iters))
+                lambda: bench_sampling(_ours_sampler(ours_lowp, *sample_args), device, n, args.warmup, sample_iters,
+                                   args.profile))
         if device.type == "cuda" and args.cuda_graphs:  # last: a failed capture must not spoil the others
             graph_model = ours_lowp if ours_lowp is not None else ours
             results["ours"][f"{key}_{n}_cuda_graph"] = _guarded(
@@ -425,7 +482,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
         "dtype": str(dtype).replace("torch.", ""),
         "torch": torch.__version__,
         "x_transformers": getattr(x_transformers, "__version__", None) or _dist_version("x-transformers"),
-        "batch_pairs": batch,
+        "batch_captions": batch,
         "k": k,
         "steps": args.steps,
         "guidance_scale": args.guidance_scale,

@@ -163,31 +163,42 @@ class SelfAttention(nn.Module):
         self.to_qkv = nn.Linear(width, 3 * inner, bias=False)  # rows: [q | k | v]
         self.to_out = nn.Linear(inner, width, bias=False)
 
+    def qkv(self, h: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys, values of h (B, N, W), each (B, H, N, dh)."""
+        b, n, _ = h.shape
+        qkv = self.to_qkv(h).view(b, n, 3, self.heads, self.dim_head)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k, v
+
     def forward(
         self,
         h: Tensor,
         past_key_value: Optional[Tuple[Tensor, Tensor]] = None,
         attn_mask: Optional[Tensor] = None,
+        rows: Optional[slice] = None,
     ) -> Tuple[Tensor, Tensor, Tensor]:
-        """Returns (output (B, N, W), keys (B, H, N, dh), values (B, H, N, dh)) of the N new tokens.
+        """Returns (output (B, N', W), keys (B, H, N, dh), values (B, H, N, dh)) of the N new tokens.
 
         Without `past_key_value` the N tokens attend causally to each other; with it they attend to
-        the cached P positions and to the new ones allowed by `attn_mask` (N, P + N), True = attend.
+        the cached P positions and to the new ones allowed by `attn_mask` (N', P + N), True = attend.
+        `rows` keeps only those query positions (N' of them; all N keys/values are still returned);
+        without a past it must select the last position alone, which sees every key (no mask).
         """
-        b, n, _ = h.shape
-        qkv = self.to_qkv(h).view(b, n, 3, self.heads, self.dim_head)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, dh)
+        b = h.shape[0]
+        q, k, v = self.qkv(h)
+        if rows is not None:
+            q = q[:, :, rows]
         if past_key_value is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=rows is None)
         elif isinstance(past_key_value, KVBuffer):  # inference: write the N new keys after the prefix, no copy of it
             k_all, v_all = past_key_value.write(k, v)  # (B, H, P + N, dh)
             out = F.scaled_dot_product_attention(q.to(k_all.dtype), k_all, v_all, attn_mask=attn_mask).to(q.dtype)
         else:
             past_k, past_v = past_key_value
-            k_all = torch.cat([past_k.to(k.dtype), k], dim=2)  # (B, H, P + N, dh)
-            v_all = torch.cat([past_v.to(v.dtype), v], dim=2)
+            k_all = torch.cat([past_k.to(k.dtype).expand(b, -1, -1, -1), k], dim=2)  # (B, H, P + N, dh)
+            v_all = torch.cat([past_v.to(v.dtype).expand(b, -1, -1, -1), v], dim=2)
             out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=attn_mask)
-        out = out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head)  # (B, N, H*dh)
+        out = out.transpose(1, 2).reshape(b, q.shape[2], self.heads * self.dim_head)  # (B, N', H*dh)
         return self.to_out(out), k, v
 
 
@@ -220,11 +231,20 @@ class PriorBlock(nn.Module):
         h: Tensor,
         past_key_value: Optional[Tuple[Tensor, Tensor]] = None,
         attn_mask: Optional[Tensor] = None,
+        rows: Optional[slice] = None,
     ) -> Tuple[Tensor, Tensor, Tensor]:
-        attn_out, k, v = self.attn(self.attn_norm(h), past_key_value, attn_mask)
+        """(h', keys, values); `rows` computes h' at those positions only (see SelfAttention)."""
+        attn_out, k, v = self.attn(self.attn_norm(h), past_key_value, attn_mask, rows)
+        if rows is not None:
+            h = h[:, rows]
         h = h + attn_out
         h = h + self.ff(self.ff_norm(h))
         return h, k, v
+
+    def keys_values(self, h: Tensor) -> Tuple[Tensor, Tensor]:
+        """Keys and values of h alone: all a cached prefix needs from the last block."""
+        _, k, v = self.attn.qkv(self.attn_norm(h))
+        return k, v
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,6 +288,20 @@ class PrefixCache:
         keys = tuple(torch.cat([c.keys[i] for c in caches], dim=0) for i in range(depth))
         values = tuple(torch.cat([c.values[i] for c in caches], dim=0) for i in range(depth))
         return cls(keys, values)
+
+    @classmethod
+    def cat_positions(cls, first: "PrefixCache", second: "PrefixCache") -> "PrefixCache":
+        """The positions of `second` after those of `first` (same batch and depth)."""
+        keys = tuple(torch.cat([a, b], dim=2) for a, b in zip(first.keys, second.keys))
+        values = tuple(torch.cat([a, b], dim=2) for a, b in zip(first.values, second.values))
+        return cls(keys, values)
+
+    def expand(self, batch: int) -> "PrefixCache":
+        """A batch-1 cache seen as `batch` identical captions (views, no copy)."""
+        if self.batch_size not in (1, batch):
+            raise ValueError(f"PrefixCache.expand: batch {self.batch_size} cannot expand to {batch}")
+        grow = lambda t: t.expand(batch, -1, -1, -1)  # noqa: E731
+        return PrefixCache(tuple(map(grow, self.keys)), tuple(map(grow, self.values)))
 
 
 class KVBuffer:
@@ -383,11 +417,17 @@ class ShiftedPrior(nn.Module):
 
     # ---- embeddings --------------------------------------------------------------------------
 
+    # the residual stream stays in the input dtype (fp32 under autocast; bf16 for a bf16 model)
+
+    def _text_positions(self, text_tokens: Tensor) -> Tensor:
+        return self.t5_proj(text_tokens).to(text_tokens.dtype)  # (B, L, W)
+
+    def _clip_position(self, clip_text_emb: Tensor) -> Tensor:
+        return self.clip_sentence_proj(clip_text_emb)[:, None].to(clip_text_emb.dtype)  # (B, 1, W)
+
     def _prefix_tokens(self, text_tokens: Tensor, clip_text_emb: Tensor) -> Tensor:
-        text = self.t5_proj(text_tokens)  # (B, L, W)
-        clip = self.clip_sentence_proj(clip_text_emb)[:, None]  # (B, 1, W)
-        # residual stream in the input dtype (fp32 under autocast; bf16 for a bf16 model)
-        return torch.cat([text.to(clip_text_emb.dtype), clip.to(clip_text_emb.dtype)], dim=1)  # (B, L+1, W)
+        text = self._text_positions(text_tokens).to(clip_text_emb.dtype)
+        return torch.cat([text, self._clip_position(clip_text_emb)], dim=1)  # (B, L+1, W)
 
     def _tail_tokens(self, x_t: Tensor, timesteps: Tensor, cluster_idx: Optional[Tensor]) -> Tensor:
         w = self.config.width
@@ -400,10 +440,10 @@ class ShiftedPrior(nn.Module):
         parts += [x_emb, final]
         return torch.cat([p.to(x_t.dtype) for p in parts], dim=1)  # (N, T, W)
 
-    def _run_block(self, block: PriorBlock, h: Tensor, past=None, mask=None):
+    def _run_block(self, block: PriorBlock, h: Tensor, past=None, mask=None, rows: Optional[slice] = None):
         if self.config.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, h, past, mask, use_reentrant=False)
-        return block(h, past, mask)
+            return checkpoint(block, h, past, mask, rows, use_reentrant=False)
+        return block(h, past, mask, rows)
 
     # ---- full forward ------------------------------------------------------------------------
 
@@ -432,8 +472,10 @@ class ShiftedPrior(nn.Module):
             [self._prefix_tokens(text_tokens, clip_text_emb), self._tail_tokens(x_t, timesteps, cluster_idx)],
             dim=1,
         )  # (B, L + 1 + T, W)
-        for block in self.blocks:
+        for block in self.blocks[:-1]:
             h, _, _ = self._run_block(block, h)
+        # only the final token is read out: the last block computes its row alone (keys/values of all)
+        h, _, _ = self._run_block(self.blocks[-1], h, rows=slice(-1, None))
         return self.out_proj(h[:, -1])  # (B, D)
 
     # ---- prefix cache ------------------------------------------------------------------------
@@ -441,13 +483,25 @@ class ShiftedPrior(nn.Module):
     def encode_prefix(self, text_tokens: Tensor, clip_text_emb: Tensor) -> PrefixCache:
         """Per-layer keys/values of the L + 1 caption positions (independent of t, cluster, x_t)."""
         self._check_caption(text_tokens, clip_text_emb)
-        h = self._prefix_tokens(text_tokens, clip_text_emb)  # (B, P, W)
+        return self._encode(self._prefix_tokens(text_tokens, clip_text_emb))
+
+    def _encode(self, h: Tensor, past: Optional[PrefixCache] = None) -> PrefixCache:
+        """Cache of the positions h (B, N, W), or of [past | h] when they follow `past` (batch 1 or B).
+
+        The last block's outputs are never read (only its keys/values), so it runs no attention or MLP."""
+        b, n = h.shape[:2]
+        mask = None if past is None else causal_lower_right(n, past.length + n)
         keys, values = [], []
-        for block in self.blocks:
-            h, k, v = self._run_block(block, h)
-            keys.append(k)  # (B, H, P, dh)
+        for i, block in enumerate(self.blocks):
+            kv = None if past is None else (past.keys[i], past.values[i])
+            if i + 1 < len(self.blocks):
+                h, k, v = self._run_block(block, h, kv, mask)
+            else:
+                k, v = block.keys_values(h)
+            keys.append(k)  # (B, H, N, dh)
             values.append(v)
-        return PrefixCache(tuple(keys), tuple(values))
+        cache = PrefixCache(tuple(keys), tuple(values))
+        return cache if past is None else PrefixCache.cat_positions(past.expand(b), cache)
 
     def forward_cached(
         self,
@@ -483,10 +537,14 @@ class ShiftedPrior(nn.Module):
             past = list(zip(prefix.keys, prefix.values))
         else:  # sampling: the prefix is copied into per-layer buffers once, not at every step
             past = prefix.kv_buffers(groups * tail, prefix.keys[0].dtype)
-        for block, kv in zip(self.blocks, past):
-            h, _, _ = self._run_block(block, h, kv, mask)
-        h = h.reshape(n, tail, cfg.width)  # (B*K, T, W)
-        return self.out_proj(h[:, -1])  # (B*K, D)
+        last = len(self.blocks) - 1
+        for i, (block, kv) in enumerate(zip(self.blocks, past)):
+            if i < last:
+                h, _, _ = self._run_block(block, h, kv, mask)
+            else:  # only each group's final token is read out; it sees the prefix and its whole group
+                final_rows = slice(tail - 1, None, tail)
+                h, _, _ = self._run_block(block, h, kv, None if groups == 1 else mask[final_rows], final_rows)
+        return self.out_proj(h.reshape(n, cfg.width))  # (B, K, W) -> (B*K, D)
 
     # ---- sampling ----------------------------------------------------------------------------
 
@@ -533,10 +591,8 @@ class ShiftedPrior(nn.Module):
                 f"(text_len={cfg.text_len}, text_dim={cfg.text_dim}) or (1, {cfg.text_len}, {cfg.text_dim})",
                 given=null_text_tokens,
             )
-            null_tokens = null_tokens.to(text_tokens).expand(b, -1, -1)
-            if null_clip_text_emb is None:
-                null_clip = clip_text_emb
-            else:
+            null_tokens = null_tokens.to(text_tokens)
+            if null_clip_text_emb is not None:
                 _require_tensor("null_clip_text_emb", null_clip_text_emb)
                 null_clip = null_clip_text_emb[None] if null_clip_text_emb.dim() == 1 else null_clip_text_emb
                 _check_tensor(
@@ -544,10 +600,12 @@ class ShiftedPrior(nn.Module):
                     f"(clip_dim={cfg.clip_dim},) or (1, {cfg.clip_dim})",
                     given=null_clip_text_emb,
                 )
-                null_clip = null_clip.to(clip_text_emb).expand(b, -1)
-            prefix = self.encode_prefix(
-                torch.cat([text_tokens, null_tokens], dim=0), torch.cat([clip_text_emb, null_clip], dim=0)
-            )  # batch 2B: [cond | uncond]
+                null_clip = null_clip.to(clip_text_emb)
+            # batch 2B: [cond | uncond]; the empty caption is encoded once, not once per prompt
+            prefix = PrefixCache.cat([
+                self.encode_prefix(text_tokens, clip_text_emb),
+                self._null_prefix(null_tokens, clip_text_emb if null_clip_text_emb is None else null_clip, b),
+            ])
 
         def denoise(x_t: Tensor, timesteps: Tensor) -> Tensor:
             n = x_t.shape[0]
@@ -566,3 +624,15 @@ class ShiftedPrior(nn.Module):
             return classifier_free_guidance(x0_cond, x0_uncond, guidance_scale)
 
         return denoise
+
+    def _null_prefix(self, null_tokens: Tensor, clip_text_emb: Tensor, batch: int) -> PrefixCache:
+        """Cache of the unconditional captions [null text (1, L) | CLIP emb (1 or B, D)], batch `batch`.
+
+        The L null-text positions are computed once; with a per-prompt CLIP embedding only that last
+        position runs per prompt (causal attention: the text positions cannot see it)."""
+        if clip_text_emb.shape[0] == 1:
+            return self._encode(self._prefix_tokens(null_tokens, clip_text_emb)).expand(batch)
+        if self.config.text_len == 0:
+            return self._encode(self._clip_position(clip_text_emb))
+        text = self._encode(self._text_positions(null_tokens).to(clip_text_emb.dtype))  # batch 1, L positions
+        return self._encode(self._clip_position(clip_text_emb), past=text)  # batch B, L + 1 positions

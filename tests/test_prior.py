@@ -173,7 +173,8 @@ def test_causal_prefix_hidden_states_ignore_tail():
         h.remove()
     p = TINY.prefix_len
     first, second = hiddens[: TINY.depth], hiddens[TINY.depth:]
-    for h1, h2 in zip(first, second):
+    assert first[-1].shape == (2, 1, TINY.width)  # the last block computes the read-out token alone
+    for h1, h2 in zip(first[:-1], second[:-1]):
         assert h1.shape == (2, TINY.seq_len, TINY.width)
         torch.testing.assert_close(h1[:, :p], h2[:, :p], atol=1e-6, rtol=0)
         assert (h1[:, p:] - h2[:, p:]).abs().max() > 1e-3
@@ -228,24 +229,46 @@ def test_denoiser_guidance_matches_two_plain_forwards(null_clip):
     torch.testing.assert_close(got_rep, u2 + scale * (c2 - u2), atol=1e-5, rtol=1e-5)
 
 
-def test_denoiser_guidance_one_is_conditional_and_builds_prefix_once():
+@pytest.mark.parametrize("null_clip", [False, True])
+def test_denoiser_builds_prefixes_once_and_the_empty_caption_once(null_clip):
+    """guidance 1: one prefix of the B captions. Guided: the B captions plus the empty caption's text
+    positions at batch 1 (then only the per-prompt CLIP position at batch B, or nothing when the
+    unconditional CLIP embedding is shared too); no prefix work at the sampling steps."""
     model = _model(TINY, seed=11)
     inp = _inputs(TINY, batch=2, seed=12)
     calls = []
-    original = model.encode_prefix
-    model.encode_prefix = lambda *a, **k: calls.append(a[0].shape[0]) or original(*a, **k)
+    original = model._encode
+    model._encode = lambda h, past=None: calls.append((h.shape[0], h.shape[1], past is not None)) or original(h, past)
     null_tokens = torch.zeros(1, TINY.text_len, TINY.text_dim)
+    null_clip_emb = torch.randn(TINY.clip_dim) if null_clip else None
     with torch.no_grad():
         cond = _forward(model, inp)
         den1 = model.denoiser(inp["text_tokens"], inp["clip_text_emb"], inp["cluster_idx"],
                               guidance_scale=1.0, null_text_tokens=null_tokens)
         den3 = model.denoiser(inp["text_tokens"], inp["clip_text_emb"], inp["cluster_idx"],
-                              guidance_scale=3.0, null_text_tokens=null_tokens)
+                              guidance_scale=3.0, null_text_tokens=null_tokens, null_clip_text_emb=null_clip_emb)
         for _ in range(3):
             out1 = den1(inp["x_t"], inp["timesteps"])
             den3(inp["x_t"], inp["timesteps"])
-    assert calls == [2, 4]  # one prefix each; the guided one is cond+uncond in one batch
+    p, length = TINY.prefix_len, TINY.text_len
+    uncond = [(1, p, False)] if null_clip else [(1, length, False), (2, 1, True)]
+    assert calls == [(2, p, False), (2, p, False)] + uncond
     torch.testing.assert_close(out1, cond, atol=1e-5, rtol=1e-5)
+
+
+def test_guidance_without_text_tokens_matches_plain_forwards():
+    config = PriorConfig.preset("tiny", text_len=0)
+    model = _model(config, seed=15)
+    inp = _inputs(config, batch=3, seed=16)
+    null_clip = torch.randn(config.clip_dim, generator=torch.Generator().manual_seed(17))
+    with torch.no_grad():
+        cond = _forward(model, inp)
+        uncond = _forward(model, dict(inp, clip_text_emb=null_clip.expand(3, -1)))
+        got = model.denoiser(inp["text_tokens"], inp["clip_text_emb"], inp["cluster_idx"], guidance_scale=2.0,
+                             null_text_tokens=inp["text_tokens"][0], null_clip_text_emb=null_clip)(
+            inp["x_t"], inp["timesteps"])
+    assert (cond - uncond).abs().max() > 1e-3
+    torch.testing.assert_close(got, uncond + 2.0 * (cond - uncond), atol=1e-5, rtol=1e-5)
 
 
 # ---- training options ---------------------------------------------------------------------------
