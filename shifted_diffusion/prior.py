@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -192,7 +193,7 @@ class SelfAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=rows is None)
         elif isinstance(past_key_value, KVBuffer):  # inference: write the N new keys after the prefix, no copy of it
             k_all, v_all = past_key_value.write(k, v)  # (B, H, P + N, dh)
-            out = F.scaled_dot_product_attention(q.to(k_all.dtype), k_all, v_all, attn_mask=attn_mask).to(q.dtype)
+            out = _few_query_attention(q.to(k_all.dtype), k_all, v_all, attn_mask).to(q.dtype)
         else:
             past_k, past_v = past_key_value
             k_all = torch.cat([past_k.to(k.dtype).expand(b, -1, -1, -1), k], dim=2)  # (B, H, P + N, dh)
@@ -200,6 +201,17 @@ class SelfAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=attn_mask)
         out = out.transpose(1, 2).reshape(b, q.shape[2], self.heads * self.dim_head)  # (B, N', H*dh)
         return self.to_out(out), k, v
+
+
+def _few_query_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """SDPA of a few tail queries over a long cached prefix (sampling).
+
+    On CUDA the flash kernel works on 128-query tiles, ~3% of them useful for 4 tail tokens; the
+    memory-efficient kernel (smaller tiles, boolean masks) is chosen instead. Same math, fp32 softmax."""
+    if not q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class GEGLUFeedForward(nn.Module):
@@ -264,7 +276,14 @@ class PrefixCache:
         """One KVBuffer per layer with room for `tail_len` new positions (created on first use)."""
         key = (tail_len, dtype)
         if key not in self.buffers:
-            self.buffers[key] = tuple(KVBuffer.around(k, v, tail_len, dtype) for k, v in zip(self.keys, self.values))
+            self.buffers[key] = tuple(KVBuffer.around([(k, v)], tail_len, dtype) for k, v in zip(self.keys, self.values))
+        return self.buffers[key]
+
+    def tail_mask(self, tail_len: int, groups: int, device: torch.device) -> Tensor:
+        """`_tail_attention_mask` for this prefix, built once per (tail length, groups)."""
+        key = ("mask", tail_len, groups)
+        if key not in self.buffers:
+            self.buffers[key] = _tail_attention_mask(self.length, tail_len, groups, device)
         return self.buffers[key]
 
     @property
@@ -290,6 +309,22 @@ class PrefixCache:
         return cls(keys, values)
 
     @classmethod
+    def cat_for_sampling(cls, caches: Sequence["PrefixCache"], tail_len: int) -> "PrefixCache":
+        """`cat`, copied straight into sampling buffers with room for `tail_len` positions: one copy of
+        the prefix instead of two (the cache's keys/values are views of the buffers)."""
+        depth = caches[0].depth
+        if any(c.depth != depth or c.length != caches[0].length for c in caches):
+            raise ValueError("PrefixCache.cat_for_sampling: caches differ in depth or length")
+        dtype = caches[0].keys[0].dtype
+        buffers = tuple(
+            KVBuffer.around([(c.keys[i], c.values[i]) for c in caches], tail_len, dtype) for i in range(depth)
+        )
+        p = caches[0].length
+        keys = tuple(buf.keys[:, :, :p] for buf in buffers)
+        values = tuple(buf.values[:, :, :p] for buf in buffers)
+        return cls(keys, values, {(tail_len, dtype): buffers})
+
+    @classmethod
     def cat_positions(cls, first: "PrefixCache", second: "PrefixCache") -> "PrefixCache":
         """The positions of `second` after those of `first` (same batch and depth)."""
         keys = tuple(torch.cat([a, b], dim=2) for a, b in zip(first.keys, second.keys))
@@ -312,12 +347,18 @@ class KVBuffer:
         self.keys, self.values, self.prefix_len = keys, values, prefix_len
 
     @classmethod
-    def around(cls, keys: Tensor, values: Tensor, tail_len: int, dtype: torch.dtype) -> "KVBuffer":
-        b, h, p, dh = keys.shape
+    def around(cls, parts: Sequence[Tuple[Tensor, Tensor]], tail_len: int, dtype: torch.dtype) -> "KVBuffer":
+        """Buffers holding the (keys, values) `parts` one after another along the batch, then `tail_len` free positions."""
+        keys = parts[0][0]
+        _, h, p, dh = keys.shape
+        b = sum(k.shape[0] for k, _ in parts)
         buf_k = keys.new_empty(b, h, p + tail_len, dh, dtype=dtype)
-        buf_v = values.new_empty(b, h, p + tail_len, dh, dtype=dtype)
-        buf_k[:, :, :p] = keys
-        buf_v[:, :, :p] = values
+        buf_v = keys.new_empty(b, h, p + tail_len, dh, dtype=dtype)
+        start = 0
+        for k, v in parts:
+            buf_k[start:start + k.shape[0], :, :p] = k
+            buf_v[start:start + k.shape[0], :, :p] = v
+            start += k.shape[0]
         return cls(buf_k, buf_v, p)
 
     def write(self, keys: Tensor, values: Tensor) -> Tuple[Tensor, Tensor]:
@@ -529,14 +570,15 @@ class ShiftedPrior(nn.Module):
         tail = cfg.tail_len
         h = self._tail_tokens(x_t, timesteps, cluster_idx)  # (B*K, T, W)
         h = h.reshape(b, groups * tail, cfg.width)  # (B, K*T, W): caption-major, timestep-minor
-        if groups == 1:  # the T tail tokens see the whole prefix and each other causally: bottom-right causal
-            mask = causal_lower_right(tail, prefix.length + tail)
-        else:
-            mask = _tail_attention_mask(prefix.length, tail, groups, x_t.device)  # (K*T, P + K*T)
         if torch.is_grad_enabled():  # training: gradients flow into the prefix through a concatenation
             past = list(zip(prefix.keys, prefix.values))
+            # groups == 1: the T tail tokens see the whole prefix and each other causally (bottom-right causal)
+            mask = causal_lower_right(tail, prefix.length + tail) if groups == 1 else None
         else:  # sampling: the prefix is copied into per-layer buffers once, not at every step
             past = prefix.kv_buffers(groups * tail, prefix.keys[0].dtype)
+            mask = None
+        if mask is None:
+            mask = prefix.tail_mask(tail, groups, x_t.device)  # (K*T, P + K*T), True = attend
         last = len(self.blocks) - 1
         for i, (block, kv) in enumerate(zip(self.blocks, past)):
             if i < last:
@@ -602,10 +644,10 @@ class ShiftedPrior(nn.Module):
                 )
                 null_clip = null_clip.to(clip_text_emb)
             # batch 2B: [cond | uncond]; the empty caption is encoded once, not once per prompt
-            prefix = PrefixCache.cat([
+            prefix = PrefixCache.cat_for_sampling([
                 self.encode_prefix(text_tokens, clip_text_emb),
                 self._null_prefix(null_tokens, clip_text_emb if null_clip_text_emb is None else null_clip, b),
-            ])
+            ], cfg.tail_len)
 
         def denoise(x_t: Tensor, timesteps: Tensor) -> Tensor:
             n = x_t.shape[0]

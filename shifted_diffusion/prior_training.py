@@ -206,6 +206,8 @@ def train_prior(cfg: TrainConfig) -> Path:
     model_config = prior_config(cfg, manifest, getattr(shift, "num_clusters", None))
     model = ShiftedPrior(model_config)
     log(f"[model] {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {model_config}")
+    if cfg.compile:  # in place: state_dict names stay those of ShiftedPrior; sampling (validation) stays eager
+        model.compile()
     schedule_config = ScheduleConfig(cfg.beta_schedule, cfg.num_timesteps, cfg.beta_min, cfg.beta_max)
     schedule = DiffusionSchedule.from_config(schedule_config)
     loss_fn = ShiftedDiffusionLoss(schedule, LossConfig(cfg.p2_k, cfg.p2_gamma, cfg.empty_t5_prob, cfg.empty_clip_prob))

@@ -50,6 +50,7 @@ class TrainConfig:
     model_layers: Optional[int] = None
     model_num_heads: Optional[int] = None
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the network's forward (checkpoints keep the same parameter names)
     # diffusion and loss
     beta_schedule: str = "linear"
     num_timesteps: int = 1000

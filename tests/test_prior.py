@@ -82,7 +82,24 @@ def test_inference_kv_buffers_are_exact_across_repeated_steps(groups):
             rep = lambda x: x.repeat_interleave(groups, dim=0)  # noqa: E731
             full = model(x_t, t, idx, rep(inp["text_tokens"]), rep(inp["clip_text_emb"]))
             torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
-        assert len(prefix.buffers) == 1  # allocated once, reused by every step
+        kv_entries = [key for key in prefix.buffers if key[0] != "mask"]
+        assert len(kv_entries) == 1  # allocated once, reused by every step
+
+
+def test_cat_for_sampling_is_cat_with_the_sampling_buffers_prefilled():
+    model = _model(TINY, seed=20)
+    a, b = _inputs(TINY, batch=2, seed=21), _inputs(TINY, batch=1, seed=22)
+    with torch.no_grad():
+        caches = [model.encode_prefix(x["text_tokens"], x["clip_text_emb"]) for x in (a, b)]
+        plain = PrefixCache.cat([caches[0], caches[1].expand(3)])
+        fused = PrefixCache.cat_for_sampling([caches[0], caches[1].expand(3)], TINY.tail_len)
+    assert fused.batch_size == 5 and fused.length == TINY.prefix_len
+    for k1, k2, v1, v2 in zip(plain.keys, fused.keys, plain.values, fused.values):
+        assert torch.equal(k1, k2) and torch.equal(v1, v2)
+    buffers = fused.kv_buffers(TINY.tail_len, fused.keys[0].dtype)
+    assert buffers[0].keys.data_ptr() == fused.keys[0].data_ptr()  # the cache is a view of the buffers: one copy
+    with pytest.raises(ValueError, match="differ"):
+        PrefixCache.cat_for_sampling([caches[0], PrefixCache(caches[1].keys[:1], caches[1].values[:1])], 4)
 
 
 def test_bf16_network_denoiser_takes_fp32_inputs():

@@ -104,3 +104,24 @@ def test_prefix_shared_training_runs_through_train_py(caption_image_folder, tiny
                                 "--max_train_steps", "2", "--validation_steps", "0", "--checkpointing_steps", "0"))
     config = json.loads((prior_dir / "config.json").read_text())
     assert config["train"]["timesteps_per_caption"] == 3 and config["global_step"] == 2
+
+
+def test_compiled_training_matches_eager_and_saves_plain_names(caption_image_folder, tiny_open_clip_dir, tmp_path,
+                                                               monkeypatch):
+    """--compile (torch.compile of the network): same weights after 2 steps as eager, same checkpoint names."""
+    from shifted_diffusion.prior import ShiftedPrior
+
+    compiled = []
+    original_compile = ShiftedPrior.compile
+    monkeypatch.setattr(ShiftedPrior, "compile", lambda self, *a, **k: compiled.append(1) or original_compile(self))
+    weights = {}
+    for name, extra in (("eager", ()), ("compiled", ("--compile",))):
+        prior_dir = train.main(args(caption_image_folder, tiny_open_clip_dir, tmp_path / name, "--max_train_steps",
+                                    "2", "--validation_steps", "0", "--checkpointing_steps", "0", "--no-use_ema",
+                                    *extra))
+        files = sorted(prior_dir.glob("*.safetensors"))
+        weights[name] = {k: v for f in files for k, v in load_file(f).items()}
+    assert compiled == [1]  # only the --compile run
+    assert set(weights["compiled"]) == set(weights["eager"]) and not any("_orig_mod" in k for k in weights["compiled"])
+    for key, value in weights["eager"].items():
+        torch.testing.assert_close(weights["compiled"][key], value, atol=1e-5, rtol=1e-4, msg=key)
