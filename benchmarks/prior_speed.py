@@ -263,7 +263,9 @@ def exactness_checks(ours, config, device, gen, sample_args) -> Dict[str, float]
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
         with torch.no_grad():
-            full = ours(inp["x_t"], inp["timesteps"], inp["cluster_idx"], inp["text_tokens"], inp["clip_text_emb"])
+            dt = next(ours.parameters()).dtype  # the plain forward takes inputs in the network's dtype
+            full = ours(inp["x_t"].to(dt), inp["timesteps"], inp["cluster_idx"], inp["text_tokens"].to(dt),
+                        inp["clip_text_emb"].to(dt)).float()
             den = ours.denoiser(inp["text_tokens"], inp["clip_text_emb"], inp["cluster_idx"])
             cached = den(inp["x_t"], inp["timesteps"])
     finally:

@@ -24,7 +24,6 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -144,8 +143,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # fused kernel: x / sqrt(mean(x^2) + eps^2) equals x / max(rms, eps) except for rms ~ eps (fp32 math)
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), eps=self.eps**2).to(x.dtype)
+        # fused kernel: x / sqrt(mean(x^2) + eps^2) equals x / max(rms, eps) except for rms ~ eps. It
+        # computes in fp32 for bf16/fp16 inputs too (one rounding of the output), so no fp32 copies of x.
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), eps=self.eps**2)
 
 
 def _layer_norm(dim: int) -> nn.LayerNorm:
@@ -204,14 +204,33 @@ class SelfAttention(nn.Module):
 
 
 def _few_query_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
-    """SDPA of a few tail queries over a long cached prefix (sampling).
+    """Attention of a few tail queries (B, H, N, dh) over a long cached prefix (sampling).
 
-    On CUDA the flash kernel works on 128-query tiles, ~3% of them useful for 4 tail tokens; the
-    memory-efficient kernel (smaller tiles, boolean masks) is chosen instead. Same math, fp32 softmax."""
-    if not q.is_cuda:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    The fused CUDA kernels tile 64-128 queries, of which 4 are used here, and run far below memory
+    bandwidth; two batched matmuls with fp32 scores read the keys and values once (bf16/fp16 on CUDA)."""
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        try:
+            return _matmul_attention(q, k, v, mask)
+        except TypeError:  # a torch without bmm(..., out_dtype=)
+            pass
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _matmul_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """softmax(q k^T / sqrt(dh) masked) v with fp32 scores and softmax, probabilities rounded to v's
+    dtype before the product with v (as the fused kernels do); mask (N, S) bool, True = attend."""
+    b, h, n, dh = q.shape
+    s = k.shape[2]
+    q2, k2 = q.reshape(b * h, n, dh), k.reshape(b * h, s, dh).transpose(1, 2)
+    if q.is_cuda and q.dtype != torch.float32:
+        scores = torch.bmm(q2, k2, out_dtype=torch.float32)  # low-precision inputs, fp32 accumulation and output
+    else:
+        scores = torch.bmm(q2.float(), k2.float())  # the same products (exact in fp32), summed in fp32
+    scores = scores.view(b, h, n, s).mul_(dh**-0.5)
+    if mask is not None:
+        scores.masked_fill_(~mask, float("-inf"))
+    probs = scores.softmax(dim=-1).to(v.dtype)
+    return torch.bmm(probs.view(b * h, n, s), v.reshape(b * h, s, dh)).view(b, h, n, dh)
 
 
 class GEGLUFeedForward(nn.Module):
@@ -224,8 +243,15 @@ class GEGLUFeedForward(nn.Module):
         self.proj_out = nn.Linear(inner, width)
 
     def forward(self, x: Tensor) -> Tensor:
-        a, gate = self.proj_in(x).chunk(2, dim=-1)
-        return self.proj_out(a * F.gelu(gate))
+        if torch.is_grad_enabled():  # training: one matmul, one weight gradient (torch.compile fuses the rest)
+            a, gate = self.proj_in(x).chunk(2, dim=-1)
+            return self.proj_out(a * F.gelu(gate))
+        # inference: the halves as two matmuls come out contiguous, so GELU and the product are vectorised
+        inner = self.proj_out.in_features
+        weight, bias = self.proj_in.weight, self.proj_in.bias
+        a = F.linear(x, weight[:inner], bias[:inner])
+        gate = F.linear(x, weight[inner:], bias[inner:])
+        return self.proj_out(a.mul_(F.gelu(gate)))
 
 
 class PriorBlock(nn.Module):

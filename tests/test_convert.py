@@ -94,13 +94,16 @@ def test_input_gradients_match_reference():
     ref = _reference(config, seed=3)
     model = ShiftedPrior(config)
     model.load_state_dict(convert_original_state_dict(ref.state_dict()))
-    grads = []
+    grads, outs = [], []
     for fn, net in ((_run_reference, ref), (_run_ours, model)):
         inp = _inputs(config, seed=4)
         inp["x_t"].requires_grad_(True)
         inp["text_tokens"].requires_grad_(True)
-        fn(net, inp).square().sum().backward()
+        out = fn(net, inp)  # with grad: the training code paths (e.g. the single-matmul GEGLU)
+        out.square().sum().backward()
         grads.append((inp["x_t"].grad, inp["text_tokens"].grad))
+        outs.append(out.detach())
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grads[1][0], grads[0][0], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(grads[1][1], grads[0][1], atol=1e-5, rtol=1e-4)
 
