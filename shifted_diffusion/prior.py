@@ -193,7 +193,7 @@ class SelfAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=rows is None)
         elif isinstance(past_key_value, KVBuffer):  # inference: write the N new keys after the prefix, no copy of it
             k_all, v_all = past_key_value.write(k, v)  # (B, H, P + N, dh)
-            out = _few_query_attention(q.to(k_all.dtype), k_all, v_all, attn_mask).to(q.dtype)
+            out = F.scaled_dot_product_attention(q.to(k_all.dtype), k_all, v_all, attn_mask=attn_mask).to(q.dtype)
         else:
             past_k, past_v = past_key_value
             k_all = torch.cat([past_k.to(k.dtype).expand(b, -1, -1, -1), k], dim=2)  # (B, H, P + N, dh)
@@ -201,36 +201,6 @@ class SelfAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=attn_mask)
         out = out.transpose(1, 2).reshape(b, q.shape[2], self.heads * self.dim_head)  # (B, N', H*dh)
         return self.to_out(out), k, v
-
-
-def _few_query_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
-    """Attention of a few tail queries (B, H, N, dh) over a long cached prefix (sampling).
-
-    The fused CUDA kernels tile 64-128 queries, of which 4 are used here, and run far below memory
-    bandwidth; two batched matmuls with fp32 scores read the keys and values once (bf16/fp16 on CUDA)."""
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        try:
-            return _matmul_attention(q, k, v, mask)
-        except TypeError:  # a torch without bmm(..., out_dtype=)
-            pass
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-
-def _matmul_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
-    """softmax(q k^T / sqrt(dh) masked) v with fp32 scores and softmax, probabilities rounded to v's
-    dtype before the product with v (as the fused kernels do); mask (N, S) bool, True = attend."""
-    b, h, n, dh = q.shape
-    s = k.shape[2]
-    q2, k2 = q.reshape(b * h, n, dh), k.reshape(b * h, s, dh).transpose(1, 2)
-    if q.is_cuda and q.dtype != torch.float32:
-        scores = torch.bmm(q2, k2, out_dtype=torch.float32)  # low-precision inputs, fp32 accumulation and output
-    else:
-        scores = torch.bmm(q2.float(), k2.float())  # the same products (exact in fp32), summed in fp32
-    scores = scores.view(b, h, n, s).mul_(dh**-0.5)
-    if mask is not None:
-        scores.masked_fill_(~mask, float("-inf"))
-    probs = scores.softmax(dim=-1).to(v.dtype)
-    return torch.bmm(probs.view(b * h, n, s), v.reshape(b * h, s, dh)).view(b, h, n, dh)
 
 
 class GEGLUFeedForward(nn.Module):
@@ -596,15 +566,14 @@ class ShiftedPrior(nn.Module):
         tail = cfg.tail_len
         h = self._tail_tokens(x_t, timesteps, cluster_idx)  # (B*K, T, W)
         h = h.reshape(b, groups * tail, cfg.width)  # (B, K*T, W): caption-major, timestep-minor
+        if groups == 1:  # the T tail tokens see the whole prefix and each other causally: bottom-right causal
+            mask = causal_lower_right(tail, prefix.length + tail)
+        else:
+            mask = prefix.tail_mask(tail, groups, x_t.device)  # (K*T, P + K*T), True = attend
         if torch.is_grad_enabled():  # training: gradients flow into the prefix through a concatenation
             past = list(zip(prefix.keys, prefix.values))
-            # groups == 1: the T tail tokens see the whole prefix and each other causally (bottom-right causal)
-            mask = causal_lower_right(tail, prefix.length + tail) if groups == 1 else None
         else:  # sampling: the prefix is copied into per-layer buffers once, not at every step
             past = prefix.kv_buffers(groups * tail, prefix.keys[0].dtype)
-            mask = None
-        if mask is None:
-            mask = prefix.tail_mask(tail, groups, x_t.device)  # (K*T, P + K*T), True = attend
         last = len(self.blocks) - 1
         for i, (block, kv) in enumerate(zip(self.blocks, past)):
             if i < last:

@@ -390,34 +390,6 @@ def test_config_round_trip_and_presets(tmp_path):
 # ---- kernels ------------------------------------------------------------------------------------
 
 
-def _attention_float64(q, k, v, mask):
-    scores = q.double() @ k.double().transpose(-1, -2) / math.sqrt(q.shape[-1])
-    scores = scores.masked_fill(~mask, float("-inf"))
-    return scores.softmax(-1) @ v.double()
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_matmul_attention_of_few_queries_matches_float64(dtype):
-    """The sampling attention (batched matmuls, fp32 scores) vs softmax(q k^T / sqrt(d)) v in float64,
-    with the tail mask (prefix visible, own tail causal)."""
-    from shifted_diffusion.prior import _matmul_attention, _tail_attention_mask
-
-    g = torch.Generator().manual_seed(30)
-    q, k, v = (torch.randn(3, 2, n, 16, generator=g) * 2 for n in (4, 9, 9))
-    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    mask = _tail_attention_mask(5, 4, 1, torch.device("cpu"))  # (4, 9)
-    got = _matmul_attention(q, k, v, mask)
-    expected = _attention_float64(q, k, v, mask)
-    assert got.dtype == dtype and got.shape == (3, 2, 4, 16)
-    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: rounded probabilities and output
-    torch.testing.assert_close(got.double(), expected, atol=tol, rtol=tol)
-    # the last query sees all 9 keys, the first only the 5 prefix keys + itself
-    changed = v.clone()
-    changed[:, :, 6:] += 1.0
-    delta = (_matmul_attention(q, k, changed, mask) - got).abs().amax(dim=(0, 1, 3))
-    assert delta[0] == 0 and delta[-1] > 0
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rms_norm_matches_the_closed_form(dtype):
     """x / sqrt(mean(x^2) + eps^2) * g in float64, rounded once to the input dtype."""
