@@ -272,7 +272,9 @@ class PrefixCache:
         """One KVBuffer per layer with room for `tail_len` new positions (created on first use)."""
         key = (tail_len, dtype)
         if key not in self.buffers:
-            self.buffers[key] = tuple(KVBuffer.around([(k, v)], tail_len, dtype) for k, v in zip(self.keys, self.values))
+            self.buffers[key] = tuple(
+                KVBuffer.around([(k, v)], tail_len, dtype) for k, v in zip(self.keys, self.values)
+            )
         return self.buffers[key]
 
     def tail_mask(self, tail_len: int, groups: int, device: torch.device) -> Tensor:
@@ -344,7 +346,7 @@ class KVBuffer:
 
     @classmethod
     def around(cls, parts: Sequence[Tuple[Tensor, Tensor]], tail_len: int, dtype: torch.dtype) -> "KVBuffer":
-        """Buffers holding the (keys, values) `parts` one after another along the batch, then `tail_len` free positions."""
+        """Buffers with the (keys, values) `parts` stacked along the batch, then `tail_len` free positions."""
         keys = parts[0][0]
         _, h, p, dh = keys.shape
         b = sum(k.shape[0] for k, _ in parts)

@@ -89,6 +89,21 @@ def test_save_load_round_trip_samples_identically(tmp_path):
     torch.testing.assert_close(a, b)
 
 
+def test_load_in_bfloat16_samples_float32_close_to_float32(tmp_path):
+    pipe = pipeline()
+    save_prior(tmp_path / "p", pipe.prior, pipe.shift, ScheduleConfig(), {"clip_models": ["x"], "t5_model": "none"},
+               pipe.null_clip_text, pipe.null_text_tokens)
+    low = load_prior(tmp_path / "p", dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in low.prior.parameters())
+    clip_text, tokens = captions(3)
+    a = pipe.sample(clip_text, tokens, num_steps=4, guidance_scale=2.0, generator=torch.Generator().manual_seed(0))
+    b = low.sample(clip_text, tokens, num_steps=4, guidance_scale=2.0, generator=torch.Generator().manual_seed(0))
+    assert b.dtype == torch.float32 and b.shape == a.shape
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+    assert (cos > 0.99).all(), cos
+    assert (a - b).abs().max() > 0  # really computed in bf16
+
+
 def test_ddim_is_finite_where_a_cluster_std_is_zero():
     mean, std = torch.zeros(2, 3), torch.tensor([[1.0, 0.0, 2.0]] * 2)
     out = sample_ddim(lambda x, t: 0.5 * x + 1.0, DiffusionSchedule.from_config(ScheduleConfig()).respace("8"), mean, std,
