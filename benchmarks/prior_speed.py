@@ -253,23 +253,41 @@ def _ours_graph_sampler(model, schedule, caps, null_text, null_clip, scale, devi
     return replay
 
 
+@contextlib.contextmanager
+def _no_tf32():
+    """fp32 matmuls in full fp32 (the timing phases allow TF32 on CUDA)."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def sampling_vs_reference(ours, ref, schedule, caps, null_text, null_clip, scale, device) -> float:
+    """Max |difference| of our guided sampler (cached prefixes, empty caption encoded once, tail-only
+    steps) from the original's (whole sequence at every step), fp32, same weights and seed."""
+    fp32 = (schedule, caps, null_text, null_clip, scale, device, torch.float32)
+    with _no_tf32():
+        torch.manual_seed(4321)
+        ours_out = _ours_sampler(ours, *fp32)()
+        torch.manual_seed(4321)
+        ref_out = _reference_sampler(ref, *fp32)()
+    return (ours_out - ref_out).abs().max().item()
+
+
 def exactness_checks(ours, config, device, gen, sample_args) -> Dict[str, float]:
     """Max |difference| of the fast paths against the plain ones (reported, not asserted), in the
     network's own dtype: the cached-prefix sampling denoiser (the sampling attention kernels) vs the full forward, and,
     on CUDA, the CUDA-graph sampler vs the same sampler run eagerly from the same seed."""
     checks: Dict[str, float] = {}
     inp = _pairs(config, 8, device, gen)
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        with torch.no_grad():
-            dt = next(ours.parameters()).dtype  # the plain forward takes inputs in the network's dtype
-            full = ours(inp["x_t"].to(dt), inp["timesteps"], inp["cluster_idx"], inp["text_tokens"].to(dt),
-                        inp["clip_text_emb"].to(dt)).float()
-            den = ours.denoiser(inp["text_tokens"], inp["clip_text_emb"], inp["cluster_idx"])
-            cached = den(inp["x_t"], inp["timesteps"])
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
+    with _no_tf32(), torch.no_grad():
+        dt = next(ours.parameters()).dtype  # the plain forward takes inputs in the network's dtype
+        full = ours(inp["x_t"].to(dt), inp["timesteps"], inp["cluster_idx"], inp["text_tokens"].to(dt),
+                    inp["clip_text_emb"].to(dt)).float()
+        den = ours.denoiser(inp["text_tokens"], inp["clip_text_emb"], inp["cluster_idx"])
+        cached = den(inp["x_t"], inp["timesteps"])
     checks["cached_vs_full_forward_max_abs"] = (cached - full).abs().max().item()
     checks["full_forward_max_abs_value"] = full.abs().max().item()
     if device.type == "cuda":
@@ -286,7 +304,8 @@ def _reference_sampler(ref, schedule, caps, null_text, null_clip, scale, device,
         with torch.inference_mode(), _autocast(device, dtype):
             n = caps["text_tokens"].shape[0]
             text = torch.cat([caps["text_tokens"], null_text.expand(n, -1, -1)])
-            clip = torch.cat([caps["clip_text_emb"], null_clip.expand(n, -1)])
+            uncond_clip = caps["clip_text_emb"] if null_clip is None else null_clip.expand(n, -1)
+            clip = torch.cat([caps["clip_text_emb"], uncond_clip])
             idx = torch.cat([caps["cluster_idx"], caps["cluster_idx"]])
 
             def den(x_t, t):
@@ -352,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", default="64,256", help="comma-separated prompt counts for sampling")
     p.add_argument("--steps", type=int, default=8, help="sampling steps (respaced schedule)")
     p.add_argument("--guidance-scale", type=float, default=3.0)
+    p.add_argument("--uncond-clip", default="shared", choices=["shared", "per-prompt"],
+                   help="CLIP sentence embedding of guidance's unconditional branch: the empty caption's for all "
+                        "prompts, or each prompt's own (PriorPipeline's default for priors with text tokens)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="autocast dtype (bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--device", default=None)
     p.add_argument("--warmup", type=int, default=2)
@@ -401,6 +423,21 @@ def _run(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
     ours.train()
     gen = torch.Generator().manual_seed(args.seed + 1)
     errors: Dict[str, str] = {}
+
+    schedule = _schedule_on(DiffusionSchedule.from_config(ScheduleConfig()).respace(args.steps), device)
+    null_text = torch.randn(config.text_len, config.text_dim, generator=gen).to(device)
+    # the unconditional caption: empty text tokens and an empty-caption CLIP embedding shared by all prompts,
+    # or (--uncond-clip per-prompt, PriorPipeline's default for T5 priors) each prompt's own CLIP embedding
+    null_clip = torch.randn(config.clip_dim, generator=gen).to(device) if args.uncond_clip == "shared" else None
+    checks: Dict[str, Any] = {}
+    if not args.skip_reference:  # before the training phases update the two networks separately
+        ref.eval()
+        ours.eval()
+        checks["sampling_vs_reference_fp32_max_abs"] = _guarded(errors, "checks_sampling_vs_reference", lambda: (
+            sampling_vs_reference(ours, ref, schedule, _captions(config, 4, device, gen), null_text, null_clip,
+                                  args.guidance_scale, device)))
+        ref.train()
+        ours.train()
 
     # same weights -> same outputs (fp32, a sanity check of the comparison)
     check = _pairs(config, 4, device, gen)
@@ -467,9 +504,6 @@ def _run(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
     ref.eval()
     ours_lowp = copy.deepcopy(ours).to(dtype) if dtype != torch.float32 else None
 
-    schedule = _schedule_on(DiffusionSchedule.from_config(ScheduleConfig()).respace(args.steps), device)
-    null_text = torch.randn(config.text_len, config.text_dim, generator=gen).to(device)
-    null_clip = torch.randn(config.clip_dim, generator=gen).to(device)
     sample_iters = max(1, args.iters // 2)
     key = f"sample_guided_{args.steps}steps"
     for n in prompt_counts:
@@ -494,7 +528,6 @@ def _run(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
                 errors, f"ours_{key}_{n}_cuda_graph",
                 lambda: bench_sampling(_ours_graph_sampler(graph_model, *sample_args), device, n, 1, sample_iters))
 
-    checks = {}
     for name, model in (("fp32_weights", ours), ("lowp_weights", ours_lowp)):
         if model is not None:
             check_args = (schedule, _captions(config, 4, device, gen), null_text, null_clip, args.guidance_scale,
@@ -527,6 +560,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
         "k": k,
         "steps": args.steps,
         "guidance_scale": args.guidance_scale,
+        "uncond_clip": args.uncond_clip,
         "compile": args.compile,
         "cpu_threads": torch.get_num_threads(),
         "warmup": args.warmup,

@@ -37,3 +37,16 @@ def test_prior_speed_tiny_smoke(tmp_path):
     assert all(report["ours"][name]["pairs_per_s"] > 0 for name in ("train_step", "train_prefix_shared_k2"))
     assert report["reference"]["sample_guided_2steps_5"]["prompts"] == 5
     assert all(r > 0 for r in report["ratios"].values())
+    # the fast guided sampler reproduces the original network's sampling (fp32, same seed)
+    assert report["checks"]["sampling_vs_reference_fp32_max_abs"] < 1e-4
+    assert report["checks"]["fp32_weights"]["cached_vs_full_forward_max_abs"] < 1e-5
+
+
+def test_prior_speed_per_prompt_unconditional_clip_matches_reference():
+    """PriorPipeline's default guidance (each prompt's own CLIP embedding in the unconditional branch)."""
+    report = _load_benchmark().main([
+        "--preset", "tiny", "--device", "cpu", "--batch", "2", "--prompts", "3", "--steps", "3", "--warmup", "0",
+        "--iters", "1", "--threads", "1", "--uncond-clip", "per-prompt",
+    ])
+    assert report["errors"] == {} and report["uncond_clip"] == "per-prompt"
+    assert report["checks"]["sampling_vs_reference_fp32_max_abs"] < 1e-4
