@@ -185,9 +185,11 @@ class SelfAttention(nn.Module):
         `rows` keeps only those query positions (N' of them; all N keys/values are still returned);
         without a past it must select the last position alone, which sees every key (no mask).
         """
-        b = h.shape[0]
+        b, n = h.shape[:2]
         q, k, v = self.qkv(h)
         if rows is not None:
+            if past_key_value is None and range(n)[rows] != range(n - 1, n):
+                raise ValueError(f"rows={rows}: without a past, only the last position can be computed alone")
             q = q[:, :, rows]
         if past_key_value is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=rows is None)
@@ -213,8 +215,10 @@ class GEGLUFeedForward(nn.Module):
         self.proj_out = nn.Linear(inner, width)
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.is_grad_enabled():  # training: one matmul, one weight gradient (torch.compile fuses the rest)
-            a, gate = self.proj_in(x).chunk(2, dim=-1)
+        proj_in = self.proj_in
+        plain = type(proj_in) is nn.Linear and not (proj_in._forward_hooks or proj_in._forward_pre_hooks)
+        if torch.is_grad_enabled() or not plain:  # training (one weight gradient; compile fuses the rest), or a
+            a, gate = proj_in(x).chunk(2, dim=-1)  # wrapped / hooked proj_in (e.g. LoRA), which must be called
             return self.proj_out(a * F.gelu(gate))
         # inference: the halves as two matmuls come out contiguous, so GELU and the product are vectorised
         inner = self.proj_out.in_features
@@ -250,7 +254,8 @@ class PriorBlock(nn.Module):
         return h, k, v
 
     def keys_values(self, h: Tensor) -> Tuple[Tensor, Tensor]:
-        """Keys and values of h alone: all a cached prefix needs from the last block."""
+        """Keys and values of h alone: all a cached prefix needs from the last block (its submodules run
+        as usual; hooks on the block itself do not fire)."""
         _, k, v = self.attn.qkv(self.attn_norm(h))
         return k, v
 
@@ -267,6 +272,8 @@ class PrefixCache:
     values: Tuple[Tensor, ...]
     # inference buffers [prefix | tail] per (tail length, dtype), filled with the prefix once (see KVBuffer)
     buffers: Dict[Any, Tuple["KVBuffer", ...]] = field(default_factory=dict, compare=False, repr=False)
+    # tail attention masks per (tail length, groups)
+    masks: Dict[Tuple[int, int], Tensor] = field(default_factory=dict, compare=False, repr=False)
 
     def kv_buffers(self, tail_len: int, dtype: torch.dtype) -> Tuple["KVBuffer", ...]:
         """One KVBuffer per layer with room for `tail_len` new positions (created on first use)."""
@@ -279,10 +286,10 @@ class PrefixCache:
 
     def tail_mask(self, tail_len: int, groups: int, device: torch.device) -> Tensor:
         """`_tail_attention_mask` for this prefix, built once per (tail length, groups)."""
-        key = ("mask", tail_len, groups)
-        if key not in self.buffers:
-            self.buffers[key] = _tail_attention_mask(self.length, tail_len, groups, device)
-        return self.buffers[key]
+        key = (tail_len, groups)
+        if key not in self.masks:
+            self.masks[key] = _tail_attention_mask(self.length, tail_len, groups, device)
+        return self.masks[key]
 
     @property
     def batch_size(self) -> int:
@@ -309,7 +316,8 @@ class PrefixCache:
     @classmethod
     def cat_for_sampling(cls, caches: Sequence["PrefixCache"], tail_len: int) -> "PrefixCache":
         """`cat`, copied straight into sampling buffers with room for `tail_len` positions: one copy of
-        the prefix instead of two (the cache's keys/values are views of the buffers)."""
+        the prefix instead of two (the cache's keys/values are views of the buffers). Used as is with one
+        sample per caption; K samples per caption (K * tail_len positions) get buffers of their own."""
         depth = caches[0].depth
         if any(c.depth != depth or c.length != caches[0].length for c in caches):
             raise ValueError("PrefixCache.cat_for_sampling: caches differ in depth or length")
@@ -458,14 +466,14 @@ class ShiftedPrior(nn.Module):
 
     # the residual stream stays in the input dtype (fp32 under autocast; bf16 for a bf16 model)
 
-    def _text_positions(self, text_tokens: Tensor) -> Tensor:
-        return self.t5_proj(text_tokens).to(text_tokens.dtype)  # (B, L, W)
+    def _text_positions(self, text_tokens: Tensor, dtype: torch.dtype) -> Tensor:
+        return self.t5_proj(text_tokens).to(dtype)  # (B, L, W)
 
     def _clip_position(self, clip_text_emb: Tensor) -> Tensor:
         return self.clip_sentence_proj(clip_text_emb)[:, None].to(clip_text_emb.dtype)  # (B, 1, W)
 
     def _prefix_tokens(self, text_tokens: Tensor, clip_text_emb: Tensor) -> Tensor:
-        text = self._text_positions(text_tokens).to(clip_text_emb.dtype)
+        text = self._text_positions(text_tokens, clip_text_emb.dtype)
         return torch.cat([text, self._clip_position(clip_text_emb)], dim=1)  # (B, L+1, W)
 
     def _tail_tokens(self, x_t: Tensor, timesteps: Tensor, cluster_idx: Optional[Tensor]) -> Tensor:
@@ -673,5 +681,5 @@ class ShiftedPrior(nn.Module):
             return self._encode(self._prefix_tokens(null_tokens, clip_text_emb)).expand(batch)
         if self.config.text_len == 0:
             return self._encode(self._clip_position(clip_text_emb))
-        text = self._encode(self._text_positions(null_tokens).to(clip_text_emb.dtype))  # batch 1, L positions
+        text = self._encode(self._text_positions(null_tokens, clip_text_emb.dtype))  # batch 1, L positions
         return self._encode(self._clip_position(clip_text_emb), past=text)  # batch B, L + 1 positions
