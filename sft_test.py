@@ -25,6 +25,7 @@ import torch
 from shifted_diffusion.threads import torch_threads
 from shifted_diffusion.decoder import (SCHEDULERS, default_device_dtype, load_decoder, load_embedding, make_grid,
                                       save_embedding)
+from train_toy_decoder import add_toy_default_arguments, default_toy_decoder
 
 TOY_PRIOR = "outputs/toy_prior/prior"
 # where else a toy prior may be (benchmarks/toy_prior_quality.py); one on the decoder's CLIP is preferred
@@ -67,13 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grid", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, help="decoder dtype: float32, float16, bfloat16 (default fp16 on CUDA)")
-    toy = parser.add_argument_group("toy-world defaults (used when --prior / --decoder are not given)")
-    toy.add_argument("--toy_root", default="outputs/toy_assets", help="where the toy world and its CLIP are cached")
-    toy.add_argument("--toy_decoder", default=None, help="toy decoder folder (default outputs/toy_decoder)")
-    toy.add_argument("--toy_fast", action="store_true", help="the tiny test world and decoder (tests)")
-    parser.add_argument("--num_threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's own; 1 for the toy defaults, where tiny "
-                             "convolutions are far faster on one thread)")
+    add_toy_default_arguments(parser, "--prior / --decoder")
     return parser
 
 
@@ -148,12 +143,7 @@ def toy_defaults(args) -> None:
         raise SystemExit(f"sft_test.py: no --prior given and the toy prior {TOY_PRIOR} does not exist: "
                          f"train it with `python train.py` (or pass --prior)")
     if args.decoder is None:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from train_toy_decoder import ensure_toy_decoder
-
-        print(f"sft_test.py: no --decoder given: using the toy decoder (built by `python train_toy_decoder.py`"
-              f"{' --fast' if args.toy_fast else ''}; trained now if missing)", flush=True)
-        args.decoder = str(ensure_toy_decoder(args.toy_decoder, toy_root=args.toy_root, fast=args.toy_fast))
+        args.decoder = default_toy_decoder(args, "sft_test.py")
     if toy_prior:
         args.prior = toy_prior_for(args.decoder)
         print(f"sft_test.py: no --prior given: using the toy prior {args.prior}", flush=True)

@@ -24,6 +24,7 @@ from shifted_diffusion.threads import torch_threads
 from shifted_diffusion.data import read_image_folder
 from shifted_diffusion.decoder import SCHEDULERS, default_device_dtype, load_decoder, load_embedding
 from shifted_diffusion.train_config import parse_clip_specs
+from train_toy_decoder import add_toy_default_arguments, default_toy_decoder
 
 OUTPUT_PREFIX = "re_"
 TOY_OUTPUT_DIR = "outputs/toy_test"
@@ -37,14 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="image files and/or folders (searched recursively); default: held-out toy-world images")
     parser.add_argument("--output_dir", default=None,
                         help=f"default: beside each input image ({TOY_OUTPUT_DIR} for the toy-world default images)")
-    toy = parser.add_argument_group("toy-world defaults (used when --decoder / --images are not given)")
+    toy = add_toy_default_arguments(parser, "--decoder / --images")
     toy.add_argument("--num_toy_images", type=int, default=4, help="held-out toy-world images to reconstruct")
-    toy.add_argument("--toy_root", default="outputs/toy_assets", help="where the toy world and its CLIP are cached")
-    toy.add_argument("--toy_decoder", default=None, help="toy decoder folder (default outputs/toy_decoder)")
-    toy.add_argument("--toy_fast", action="store_true", help="the tiny test world and decoder (tests)")
-    parser.add_argument("--num_threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's own; 1 for the toy defaults, where tiny "
-                             "convolutions are far faster on one thread)")
     parser.add_argument("--guidance_scale", type=float, default=5.0)
     parser.add_argument("--num_inference_steps", type=int, default=50)
     parser.add_argument("--scheduler", default=None, help=f"one of {sorted(SCHEDULERS)} (default: the decoder's own)")
@@ -89,16 +84,6 @@ def numbered(path: Path, k: int, count: int) -> Path:
     return path if count == 1 else path.with_name(f"{path.stem}_{k}{path.suffix}")
 
 
-def toy_decoder_folder(args) -> str:
-    """The toy decoder (trained now by train_toy_decoder.py if missing): the default --decoder."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from train_toy_decoder import ensure_toy_decoder
-
-    print(f"test.py: no --decoder given: using the toy decoder (built by `python train_toy_decoder.py`"
-          f"{' --fast' if args.toy_fast else ''}; trained now if missing)", flush=True)
-    return str(ensure_toy_decoder(args.toy_decoder, toy_root=args.toy_root, fast=args.toy_fast))
-
-
 def write_toy_inputs(args, folder: Path) -> list[str]:
     """Render --num_toy_images held-out toy-world images into folder (the default --images)."""
     from shifted_diffusion.toy import ensure_toy_assets
@@ -134,7 +119,7 @@ def run(args, toy_inputs: bool) -> list[Path]:
     from shifted_diffusion.encoders import MultiCLIP
 
     if args.decoder is None:
-        args.decoder = toy_decoder_folder(args)
+        args.decoder = default_toy_decoder(args, "test.py")
     if toy_inputs:
         args.output_dir = args.output_dir or TOY_OUTPUT_DIR
         args.images = write_toy_inputs(args, Path(args.output_dir) / "inputs")

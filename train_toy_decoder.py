@@ -209,6 +209,25 @@ def finished_decoder_record(output_dir) -> Optional[dict]:
     return None
 
 
+def add_toy_default_arguments(parser: argparse.ArgumentParser, used_when: str):
+    """test.py / sft_test.py: the toy-world options (returned group) and --num_threads."""
+    toy = parser.add_argument_group(f"toy-world defaults (used when {used_when} are not given)")
+    toy.add_argument("--toy_root", default="outputs/toy_assets", help="where the toy world and its CLIP are cached")
+    toy.add_argument("--toy_decoder", default=None, help=f"toy decoder folder (default {DEFAULT_OUTPUT_DIR})")
+    toy.add_argument("--toy_fast", action="store_true", help="the tiny test world and decoder (tests)")
+    parser.add_argument("--num_threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's own; 1 for the toy defaults, where tiny "
+                             "convolutions are far faster on one thread)")
+    return toy
+
+
+def default_toy_decoder(args, script: str) -> str:
+    """The toy decoder folder (trained now if missing), the default --decoder of test.py / sft_test.py."""
+    print(f"{script}: no --decoder given: using the toy decoder (built by `python train_toy_decoder.py`"
+          f"{' --fast' if args.toy_fast else ''}; trained now if missing)", flush=True)
+    return str(ensure_toy_decoder(args.toy_decoder, toy_root=args.toy_root, fast=args.toy_fast))
+
+
 def ensure_toy_decoder(output_dir=None, toy_root: str = "outputs/toy_assets", fast: bool = False) -> Path:
     """A finished toy decoder folder (any settings; its CLIP unchanged), else one trained now with the defaults."""
     output_dir = Path(output_dir or (DEFAULT_FAST_OUTPUT_DIR if fast else DEFAULT_OUTPUT_DIR))

@@ -175,6 +175,16 @@ def _optimizer(model: torch.nn.Module, device: torch.device) -> torch.optim.Opti
     return torch.optim.AdamW(model.parameters(), lr=1e-5, **kwargs)
 
 
+def _measure(fn: Callable[[], Any], device, warmup: int, iters: int, profile: bool):
+    """(seconds per call, {peak memory[, kernel profile]}) of `fn`."""
+    _reset_peak(device)
+    seconds = _time(fn, device, warmup, iters)
+    measured: Dict[str, Any] = {"peak_mem_mib": _peak_mib(device)}
+    if profile:
+        measured["profile"] = profile_kernels(fn, device)
+    return seconds, measured
+
+
 def bench_train(
     loss_fn: Callable[[], torch.Tensor], model: torch.nn.Module, device, dtype, pairs: int, warmup: int, iters: int,
     profile: bool = False,
@@ -191,12 +201,9 @@ def bench_train(
         scaler.update()
         opt.zero_grad(set_to_none=True)
 
-    _reset_peak(device)
-    seconds = _time(step, device, warmup, iters)
+    seconds, measured = _measure(step, device, warmup, iters, profile)
     result = {"pairs": pairs, "ms_per_step": round(seconds * 1e3, 3), "pairs_per_s": round(pairs / seconds, 2),
-              "peak_mem_mib": _peak_mib(device)}
-    if profile:
-        result["profile"] = profile_kernels(step, device)
+              **measured}
     del opt
     model.zero_grad(set_to_none=True)
     return result
@@ -205,13 +212,9 @@ def bench_train(
 def bench_sampling(
     sample_fn: Callable[[], torch.Tensor], device, n: int, warmup: int, iters: int, profile: bool = False
 ) -> Dict[str, Any]:
-    _reset_peak(device)
-    seconds = _time(sample_fn, device, warmup, iters)
-    result = {"prompts": n, "ms_per_batch": round(seconds * 1e3, 3), "prompts_per_s": round(n / seconds, 2),
-              "peak_mem_mib": _peak_mib(device)}
-    if profile:
-        result["profile"] = profile_kernels(sample_fn, device)
-    return result
+    seconds, measured = _measure(sample_fn, device, warmup, iters, profile)
+    return {"prompts": n, "ms_per_batch": round(seconds * 1e3, 3), "prompts_per_s": round(n / seconds, 2),
+            **measured}
 
 
 def _sampling_context(model, device, dtype):

@@ -304,19 +304,9 @@ class PrefixCache:
         return len(self.keys)
 
     @classmethod
-    def cat(cls, caches: Sequence["PrefixCache"]) -> "PrefixCache":
-        """Concatenate caches along the batch dimension."""
-        depth = caches[0].depth
-        if any(c.depth != depth for c in caches):
-            raise ValueError(f"PrefixCache.cat: depths differ: {[c.depth for c in caches]}")
-        keys = tuple(torch.cat([c.keys[i] for c in caches], dim=0) for i in range(depth))
-        values = tuple(torch.cat([c.values[i] for c in caches], dim=0) for i in range(depth))
-        return cls(keys, values)
-
-    @classmethod
     def cat_for_sampling(cls, caches: Sequence["PrefixCache"], tail_len: int) -> "PrefixCache":
-        """`cat`, copied straight into sampling buffers with room for `tail_len` positions: one copy of
-        the prefix instead of two (the cache's keys/values are views of the buffers). Used as is with one
+        """The caches concatenated along the batch, copied straight into sampling buffers with room for
+        `tail_len` positions: one copy of the prefix (the cache's keys/values are views of the buffers). Used as is with one
         sample per caption; K samples per caption (K * tail_len positions) get buffers of their own."""
         depth = caches[0].depth
         if any(c.depth != depth or c.length != caches[0].length for c in caches):

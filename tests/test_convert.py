@@ -1,10 +1,8 @@
 """Original ClipPrior (real x_transformers 0.28.4 Decoder trunk) -> ShiftedPrior conversion is exact."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
+from repo_modules import load_repo_module
 
 pytest.importorskip("x_transformers")
 
@@ -18,15 +16,7 @@ from shifted_diffusion.prior import PriorConfig, ShiftedPrior  # noqa: E402
 pytestmark = pytest.mark.reference
 
 
-def _load_reference_module():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "reference_prior.py"
-    spec = importlib.util.spec_from_file_location("_reference_prior_for_tests", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ref_mod = _load_reference_module()
+ref_mod = load_repo_module("benchmarks/reference_prior.py")
 
 CONFIGS = {
     "tiny_vocab": PriorConfig.preset("tiny"),

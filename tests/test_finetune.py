@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from repo_modules import load_repo_module
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -22,12 +23,7 @@ RESOLUTION = 32
 
 def load_script(name):
     """A top-level script as a module, by path (the repo's test.py shares its name with the stdlib `test`)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"_script_{Path(name).stem}", ROOT / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_repo_module(name)
 
 
 # ---------------------------------------------------------------------------------------------- builders

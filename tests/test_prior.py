@@ -85,16 +85,16 @@ def test_inference_kv_buffers_are_exact_across_repeated_steps(groups):
         assert len(prefix.buffers) == 1  # allocated once, reused by every step
 
 
-def test_cat_for_sampling_is_cat_with_the_sampling_buffers_prefilled():
+def test_cat_for_sampling_concatenates_into_the_sampling_buffers():
     model = _model(TINY, seed=20)
     a, b = _inputs(TINY, batch=2, seed=21), _inputs(TINY, batch=1, seed=22)
     with torch.no_grad():
         caches = [model.encode_prefix(x["text_tokens"], x["clip_text_emb"]) for x in (a, b)]
-        plain = PrefixCache.cat([caches[0], caches[1].expand(3)])
         fused = PrefixCache.cat_for_sampling([caches[0], caches[1].expand(3)], TINY.tail_len)
     assert fused.batch_size == 5 and fused.length == TINY.prefix_len
-    for k1, k2, v1, v2 in zip(plain.keys, fused.keys, plain.values, fused.values):
-        assert torch.equal(k1, k2) and torch.equal(v1, v2)
+    for got, first, second in zip(fused.keys + fused.values, caches[0].keys + caches[0].values,
+                                  caches[1].keys + caches[1].values):
+        assert torch.equal(got, torch.cat([first, second.expand(3, -1, -1, -1)]))
     buffers = fused.kv_buffers(TINY.tail_len, fused.keys[0].dtype)
     assert buffers[0].keys.data_ptr() == fused.keys[0].data_ptr()  # the cache is a view of the buffers: one copy
     with pytest.raises(ValueError, match="differ"):

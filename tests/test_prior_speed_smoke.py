@@ -1,20 +1,15 @@
 """benchmarks/prior_speed.py runs end to end at tiny size and reports every phase (no timing asserts)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from repo_modules import load_repo_module
 
 pytest.importorskip("x_transformers")
 
 
 def _load_benchmark():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "prior_speed.py"
-    spec = importlib.util.spec_from_file_location("_prior_speed_for_tests", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_repo_module("benchmarks/prior_speed.py")
 
 
 def test_prior_speed_tiny_smoke(tmp_path):

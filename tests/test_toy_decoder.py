@@ -1,7 +1,6 @@
 """The toy decoder (tiny VAE + UNet through finetune.py), the attribute reader, the toy defaults of test.py /
 sft_test.py and benchmarks/toy_text_to_image.py, all at fast size on the fast toy world."""
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -9,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from repo_modules import load_repo_module
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,15 +22,8 @@ from shifted_diffusion.toy.reader import ToyAttributeReader, largest_blob, reade
 from shifted_diffusion.toy.world import ATTRIBUTES, COLOUR_RGB, render_image, sample_record  # noqa: E402
 
 
-def _load(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-img2img = _load("_script_test", ROOT / "test.py")  # the repo's test.py (stdlib `test` shadows the name)
-benchmark = _load("_toy_text_to_image", ROOT / "benchmarks" / "toy_text_to_image.py")
+img2img = load_repo_module("test.py")  # the repo's test.py (stdlib `test` shadows the name)
+benchmark = load_repo_module("benchmarks/toy_text_to_image.py")
 
 
 # ---------------------------------------------------------------------------------------------- fixtures

@@ -3,13 +3,13 @@ hand computations (a neighbour bank with known attributes) and against known inp
 random embeddings in)."""
 
 import dataclasses
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from repo_modules import load_repo_module
 
 from shifted_diffusion.cache import EmbeddingDataset, load_image_embeddings, load_image_records
 from shifted_diffusion.toy import load_attributes
@@ -27,10 +27,7 @@ STEPS = ("4", "8", "16", "64")
 
 
 def load_benchmark():
-    spec = importlib.util.spec_from_file_location("_toy_prior_quality_for_tests", ROOT / "benchmarks" / "toy_prior_quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_repo_module("benchmarks/toy_prior_quality.py")
 
 
 @pytest.fixture(scope="module")
