@@ -40,6 +40,7 @@ if importlib.util.find_spec("shifted_diffusion") is None:  # run as a script fro
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shifted_diffusion.convert import convert_original_state_dict
+from shifted_diffusion.cuda_graph import GraphedCall
 from shifted_diffusion.guidance import classifier_free_guidance
 from shifted_diffusion.prior import PriorConfig, ShiftedPrior
 from shifted_diffusion.sampling import sample_ancestral
@@ -161,15 +162,6 @@ def _pairs(config: PriorConfig, n: int, device: torch.device, gen: torch.Generat
 # ---- phases ---------------------------------------------------------------------------------------
 
 
-def _schedule_on(schedule: DiffusionSchedule, device: torch.device) -> DiffusionSchedule:
-    """A copy whose tables live on `device`: no host->device copies inside sampling (CUDA-graph safe)."""
-    moved = copy.copy(schedule)
-    for name, value in vars(schedule).items():
-        if isinstance(value, torch.Tensor):
-            setattr(moved, name, value.to(device))
-    return moved
-
-
 def _optimizer(model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
     kwargs = {"fused": True} if device.type == "cuda" else {}
     return torch.optim.AdamW(model.parameters(), lr=1e-5, **kwargs)
@@ -222,37 +214,38 @@ def _sampling_context(model, device, dtype):
     return _autocast(device, dtype) if next(model.parameters()).dtype == torch.float32 else contextlib.nullcontext()
 
 
-def _ours_sampler(model, schedule, caps, null_text, null_clip, scale, device, dtype):
-    def run():
-        with torch.inference_mode(), _sampling_context(model, device, dtype):
-            den = model.denoiser(caps["text_tokens"], caps["clip_text_emb"], caps["cluster_idx"],
+SAMPLER_INPUTS = ("text_tokens", "clip_text_emb", "cluster_idx", "shift_mean", "shift_std")
+
+
+def _ours_guided(model, schedule, null_text, null_clip, scale, device, dtype):
+    """Guided sampling as a function of the prompts' tensors: cached cond + uncond prefixes, tail-only steps."""
+    def sample(text_tokens, clip_text_emb, cluster_idx, shift_mean, shift_std, generator=None):
+        with _sampling_context(model, device, dtype):
+            den = model.denoiser(text_tokens, clip_text_emb, cluster_idx,
                                  guidance_scale=scale, null_text_tokens=null_text, null_clip_text_emb=null_clip)
-            return sample_ancestral(den, schedule, caps["shift_mean"], caps["shift_std"])
+            return sample_ancestral(den, schedule, shift_mean, shift_std, generator=generator)
+    return sample
+
+
+def _ours_sampler(model, schedule, caps, null_text, null_clip, scale, device, dtype):
+    sample = _ours_guided(model, schedule, null_text, null_clip, scale, device, dtype)
+
+    def run():
+        with torch.inference_mode():
+            return sample(**{name: caps[name] for name in SAMPLER_INPUTS})
     return run
 
 
 def _ours_graph_sampler(model, schedule, caps, null_text, null_clip, scale, device, dtype):
-    """The whole guided sampling (prefix encoding included) captured as one CUDA graph."""
-    def body():
-        with torch.no_grad(), _sampling_context(model, device, dtype):
-            den = model.denoiser(caps["text_tokens"], caps["clip_text_emb"], caps["cluster_idx"],
-                                 guidance_scale=scale, null_text_tokens=null_text, null_clip_text_emb=null_clip)
-            return sample_ancestral(den, schedule, caps["shift_mean"], caps["shift_std"])
-
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            body()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = body()
+    """The whole guided sampling (prefix encoding included) as one CUDA graph (`GraphedCall`, as
+    `PriorPipeline.sample(cuda_graph=True)` does); each call copies the inputs in and the output out."""
+    inputs = {name: caps[name] for name in SAMPLER_INPUTS}
+    with torch.no_grad():
+        graphed = GraphedCall(_ours_guided(model, schedule, null_text, null_clip, scale, device, dtype), inputs)
 
     def replay():
-        graph.replay()
-        return out
-
+        with torch.no_grad():
+            return graphed(**inputs)
     return replay
 
 
@@ -427,7 +420,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
     gen = torch.Generator().manual_seed(args.seed + 1)
     errors: Dict[str, str] = {}
 
-    schedule = _schedule_on(DiffusionSchedule.from_config(ScheduleConfig()).respace(args.steps), device)
+    schedule = DiffusionSchedule.from_config(ScheduleConfig()).respace(args.steps).to(device)
     null_text = torch.randn(config.text_len, config.text_dim, generator=gen).to(device)
     # the unconditional caption: empty text tokens and an empty-caption CLIP embedding shared by all prompts,
     # or (--uncond-clip per-prompt, PriorPipeline's default for T5 priors) each prompt's own CLIP embedding

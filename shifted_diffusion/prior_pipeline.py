@@ -13,14 +13,17 @@ converter, with its ``mean.pth`` / ``std.pth`` vocabulary beside it.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .cuda_graph import GraphedCall
 from .prior import PriorConfig, ShiftedPrior
 from .sampling import sample_ancestral, sample_ddim
 from .schedule import DiffusionSchedule, ScheduleConfig
@@ -74,6 +77,8 @@ def save_prior(
 class PriorPipeline:
     """Prior + vocabulary + schedule (+ text encoders, loaded on first use of ``generate``)."""
 
+    max_cuda_graphs = 4  # captured sampling graphs kept (``sample(cuda_graph=True)``): the most recently used
+
     def __init__(
         self,
         prior: ShiftedPrior,
@@ -98,6 +103,7 @@ class PriorPipeline:
         self.null_clip_text = null_clip_text
         self.null_text_tokens = null_text_tokens
         self._respaced: dict = {}
+        self._graphs: "OrderedDict[tuple, GraphedCall]" = OrderedDict()
         # the unconditional branch of guidance replaces the CLIP sentence embedding too when the prior was
         # trained to drop it (empty_clip_prob > 0) or has no text tokens (else guidance would change nothing)
         self.uncond_drops_clip = prior.config.text_len == 0 if uncond_drops_clip is None else uncond_drops_clip
@@ -113,6 +119,8 @@ class PriorPipeline:
     def to(self, device=None, dtype=None) -> "PriorPipeline":
         self.prior.to(device=device, dtype=dtype)
         self.shift.to(device=device)
+        self._respaced.clear()
+        self.clear_cuda_graphs()
         return self
 
     # ---- text ------------------------------------------------------------------------------
@@ -149,9 +157,12 @@ class PriorPipeline:
     # ---- sampling ----------------------------------------------------------------------------
 
     def respaced(self, num_steps: Union[int, str]) -> DiffusionSchedule:
+        """The schedule respaced to ``num_steps`` (cached); on CUDA its tables live on the GPU (float64:
+        they stay on the CPU elsewhere, e.g. MPS has no float64), as a CUDA-graph capture needs."""
         key = str(num_steps)
         if key not in self._respaced:
-            self._respaced[key] = self.schedule if key == str(self.schedule.num_steps) else self.schedule.respace(key)
+            schedule = self.schedule if key == str(self.schedule.num_steps) else self.schedule.respace(key)
+            self._respaced[key] = schedule.to(self.device) if self.device.type == "cuda" else schedule
         return self._respaced[key]
 
     @torch.no_grad()
@@ -170,9 +181,18 @@ class PriorPipeline:
         clamp_std: Optional[float] = None,
         generator: Optional[torch.Generator] = None,
         progress: bool = False,
+        cuda_graph: bool = False,
     ) -> torch.Tensor:
         """Image embeddings (B * num_images_per_prompt, D), prompt-major order. The shift is the
-        caption's cluster, argmax_k cos(c, mu_k) (DESIGN.md §2), not the cluster nearest x0_hat."""
+        caption's cluster, argmax_k cos(c, mu_k) (DESIGN.md §2), not the cluster nearest x0_hat.
+
+        ``cuda_graph`` (prior on a CUDA device): the whole call (prefix encoding, every step, the noise)
+        is captured as one CUDA graph the first time this batch shape meets these settings, and replayed
+        on later calls (the ``max_cuda_graphs`` most recent kept; ``clear_cuda_graphs`` frees them). Same
+        result as the eager call for the same seed; ``generator`` must then be a CUDA generator or None
+        (the default CUDA generator); ``progress`` is not shown."""
+        if sampler not in ("ancestral", "ddim"):
+            raise ValueError(f"unknown sampler {sampler!r}; expected 'ancestral' or 'ddim'")
         clip_text_emb = clip_text_emb.to(self.device, torch.float32)
         text_tokens = text_tokens.to(self.device, torch.float32)
         cluster_idx = self.shift.assign(clip_text_emb)
@@ -180,20 +200,44 @@ class PriorPipeline:
         if guidance_scale != 1.0 and self.prior.config.text_len == 0 and not self.uncond_drops_clip:
             raise ValueError("guidance needs an unconditional branch: this prior has no text tokens, so set "
                              "uncond_drops_clip=True (its CLIP sentence embedding is then replaced by that of '')")
-        denoise = self.prior.denoiser(
-            text_tokens, clip_text_emb, cluster_idx if self.prior.config.has_cluster_token else None,
-            guidance_scale=guidance_scale, null_text_tokens=null_tokens,
-            null_clip_text_emb=null_clip if self.uncond_drops_clip else None,
-        )
         shift_mean, shift_std = self.shift.shift(cluster_idx.repeat_interleave(num_images_per_prompt))
-        shift_mean, shift_std = shift_mean.float(), shift_std.float()
+        inputs = dict(
+            text_tokens=text_tokens, clip_text_emb=clip_text_emb,
+            cluster_idx=cluster_idx if self.prior.config.has_cluster_token else None,
+            shift_mean=shift_mean.float(), shift_std=shift_std.float(),
+            null_text_tokens=null_tokens, null_clip_text_emb=null_clip if self.uncond_drops_clip else None,
+        )
+        settings = dict(schedule=self.respaced(num_steps), guidance_scale=guidance_scale, sampler=sampler,
+                        variance=variance, eta=eta, noise_temperature=noise_temperature, clamp_std=clamp_std)
+        if not cuda_graph:
+            return self._sample(**inputs, **settings, generator=generator, progress=progress)
+        # the prior and generator objects themselves: the graph reads their memory, so the key keeps them alive
+        key = (self.prior, generator, str(num_steps), guidance_scale, sampler, variance, eta, noise_temperature,
+               clamp_std, *((name, None if x is None else (tuple(x.shape), x.dtype)) for name, x in inputs.items()))
+        graphed = self._graphs.pop(key, None)
+        if graphed is None:
+            graphed = GraphedCall(functools.partial(self._sample, **settings), inputs, generator=generator)
+        self._graphs[key] = graphed  # most recent last
+        while len(self._graphs) > self.max_cuda_graphs:
+            self._graphs.pop(next(iter(self._graphs)))
+        return graphed(**inputs)
+
+    def _sample(self, text_tokens, clip_text_emb, cluster_idx, shift_mean, shift_std, null_text_tokens,
+                null_clip_text_emb, *, schedule, guidance_scale, sampler, variance, eta, noise_temperature,
+                clamp_std, generator, progress=False) -> torch.Tensor:
+        """The sampling itself, on device tensors only (what a CUDA graph captures)."""
+        denoise = self.prior.denoiser(
+            text_tokens, clip_text_emb, cluster_idx, guidance_scale=guidance_scale,
+            null_text_tokens=null_text_tokens, null_clip_text_emb=null_clip_text_emb,
+        )
         kwargs = dict(noise_temperature=noise_temperature, clamp_std=clamp_std, generator=generator, progress=progress)
-        schedule = self.respaced(num_steps)
         if sampler == "ddim":
             return sample_ddim(denoise, schedule, shift_mean, shift_std, eta=eta, **kwargs)
-        if sampler == "ancestral":
-            return sample_ancestral(denoise, schedule, shift_mean, shift_std, variance=variance, **kwargs)
-        raise ValueError(f"unknown sampler {sampler!r}; expected 'ancestral' or 'ddim'")
+        return sample_ancestral(denoise, schedule, shift_mean, shift_std, variance=variance, **kwargs)
+
+    def clear_cuda_graphs(self) -> None:
+        """Free the captured sampling graphs (and the GPU memory their buffers hold)."""
+        self._graphs.clear()
 
     def generate(self, prompts: Sequence[str], **kwargs) -> torch.Tensor:
         """Encode the prompts and sample their image embeddings (see ``sample``)."""

@@ -10,6 +10,7 @@ Tables are built in float64 on the CPU and cast to the input's device and dtype 
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass
 from typing import Sequence, Union
@@ -133,6 +134,18 @@ class DiffusionSchedule:
         alphas_cumprod = self.alphas_cumprod[kept]
         previous = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
         return DiffusionSchedule(1.0 - alphas_cumprod / previous, self.timesteps[kept])
+
+    def to(self, device) -> "DiffusionSchedule":
+        """A copy whose tables live on ``device`` (float64 kept): samplers then copy nothing from the host,
+        which a CUDA-graph capture requires. Returns ``self`` when every table is already there."""
+        device = torch.device(device)
+        tables = {name: value for name, value in vars(self).items() if isinstance(value, torch.Tensor)}
+        if all(value.device == device for value in tables.values()):
+            return self
+        moved = copy.copy(self)
+        for name, value in tables.items():
+            setattr(moved, name, value.to(device))
+        return moved
 
     def reverse_variance(self, kind: str = "fixed_large") -> torch.Tensor:
         """(S,) factor v_t of the reverse variance v_t Sigma: "fixed_large" b_t (bt~_1 at the first

@@ -290,14 +290,22 @@ def test_guidance_without_text_tokens_matches_plain_forwards():
 # ---- training options ---------------------------------------------------------------------------
 
 
-def test_gradient_checkpointing_same_values_and_gradients():
-    inp = _inputs(TINY, batch=2, seed=13)
-    results = []
+@pytest.mark.parametrize("timesteps_per_caption", [1, 3])
+def test_gradient_checkpointing_recomputes_blocks_same_values_and_gradients(timesteps_per_caption):
+    inp = _inputs(TINY, batch=2 * timesteps_per_caption, seed=13)
+    inp["text_tokens"], inp["clip_text_emb"] = inp["text_tokens"][:2], inp["clip_text_emb"][:2]  # K per caption
+    results, block_calls = [], []
     for flag in (False, True):
         model = _model(PriorConfig.preset("tiny", grad_checkpointing=flag), seed=14).train()
+        calls = [0]
+        for block in model.blocks:
+            block.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
         out = _forward(model, inp)
         out.square().sum().backward()
         results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+        block_calls.append(calls[0])
+    # checkpointing keeps no block's activations: every block's forward runs again during backward
+    assert block_calls[0] > 0 and block_calls[1] == 2 * block_calls[0]
     torch.testing.assert_close(results[0][0], results[1][0], atol=1e-6, rtol=0)
     for g0, g1 in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(g0, g1, atol=1e-6, rtol=1e-5)

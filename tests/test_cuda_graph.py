@@ -1,0 +1,135 @@
+"""CUDA-graph sampling: PriorPipeline.sample(cuda_graph=True) and GraphedCall.
+
+On CPU: the errors, and the pipeline's graph cache (capture once per signature, most recent kept,
+the captured function fed the call's own inputs) with the capture replaced by an eager stand-in. On a
+CUDA machine also the real capture: a graphed call equals the eager one for the same seed, reads new
+inputs on every replay, and draws from the caller's generator exactly as the eager call does."""
+
+import pytest
+import torch
+
+import shifted_diffusion.prior_pipeline as prior_pipeline
+from shifted_diffusion.cuda_graph import GraphedCall
+from shifted_diffusion.sampling import sample_ancestral
+from shifted_diffusion.schedule import DiffusionSchedule, ScheduleConfig
+
+from test_prior_pipeline import captions, pipeline
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def test_schedule_to_moves_every_table():
+    schedule = DiffusionSchedule.from_config(ScheduleConfig()).respace(8)
+    assert schedule.to("cpu") is schedule
+    moved = schedule.to("meta")
+    for name, value in vars(schedule).items():
+        if isinstance(value, torch.Tensor):
+            assert getattr(moved, name).device.type == "meta" and getattr(moved, name).dtype == value.dtype, name
+            assert value.device.type == "cpu", name  # the original is untouched
+    assert moved.num_steps == 8
+
+
+def test_graphed_call_rejects_cpu_inputs_and_generators():
+    with pytest.raises(ValueError, match="CUDA device; got inputs on \\['cpu'\\]"):
+        GraphedCall(lambda x, generator: x * 2, {"x": torch.ones(2)})
+    clip_text, tokens = captions(2)
+    with pytest.raises(ValueError, match="CUDA device"):
+        pipeline().sample(clip_text, tokens, num_steps=2, cuda_graph=True)
+
+
+class EagerStandIn:
+    """GraphedCall's contract (static copies of the inputs, fn(**static, generator=...)) run eagerly."""
+
+    captures = []
+
+    def __init__(self, fn, inputs, *, generator=None):
+        self.fn, self.generator = fn, generator
+        self.static = {name: None if x is None else x.clone() for name, x in inputs.items()}
+        EagerStandIn.captures.append(self)
+
+    def __call__(self, **inputs):
+        for name, x in inputs.items():
+            if x is not None:
+                self.static[name].copy_(x)
+        return self.fn(**self.static, generator=self.generator)
+
+
+def test_pipeline_graph_cache(monkeypatch):
+    monkeypatch.setattr(prior_pipeline, "GraphedCall", EagerStandIn)
+    EagerStandIn.captures = []
+    pipe = pipeline()
+    clip_text, tokens = captions(3, seed=5)
+    g = torch.Generator().manual_seed(7)
+    got = pipe.sample(clip_text, tokens, num_steps=4, guidance_scale=2.0, generator=g, cuda_graph=True)
+
+    # independent of the pipeline's plumbing: the caption's cluster, its shift, the guided denoiser, the sampler
+    idx = pipe.shift.assign(clip_text)
+    mean, std = pipe.shift.shift(idx)
+    den = pipe.prior.denoiser(tokens, clip_text, idx, guidance_scale=2.0, null_text_tokens=pipe.null_text_tokens)
+    with torch.no_grad():
+        want = sample_ancestral(den, pipe.schedule.respace(4), mean, std, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(got, want)
+
+    other_clip, other_tokens = captions(3, seed=6)  # same signature: replayed on the new inputs
+    again = pipe.sample(other_clip, other_tokens, num_steps=4, guidance_scale=2.0, generator=g, cuda_graph=True)
+    eager = pipe.sample(other_clip, other_tokens, num_steps=4, guidance_scale=2.0,
+                        generator=torch.Generator().manual_seed(7))
+    assert len(EagerStandIn.captures) == 1
+    g.manual_seed(7)
+    torch.testing.assert_close(pipe.sample(other_clip, other_tokens, num_steps=4, guidance_scale=2.0, generator=g,
+                                           cuda_graph=True), eager)
+    assert not torch.allclose(again, got)
+
+    # a new batch size, step count or guidance scale is a new graph; the oldest beyond max_cuda_graphs goes
+    for n, steps, scale in ((2, 4, 2.0), (3, 2, 2.0), (3, 4, 1.0), (3, 4, 3.0)):
+        clip_text, tokens = captions(n, seed=8)
+        out = pipe.sample(clip_text, tokens, num_steps=steps, guidance_scale=scale, generator=g, cuda_graph=True)
+        assert out.shape == (n, pipe.clip_dim)
+    assert len(EagerStandIn.captures) == 5 and len(pipe._graphs) == pipe.max_cuda_graphs
+    assert EagerStandIn.captures[0] not in pipe._graphs.values()
+    pipe.clear_cuda_graphs()
+    assert not pipe._graphs
+
+
+# ---- on a CUDA device ---------------------------------------------------------------------------
+
+
+@cuda
+@pytest.mark.parametrize("custom_generator", [False, True])
+def test_graphed_sampling_equals_eager(custom_generator):
+    pipe = pipeline().to("cuda")
+    clip_text, tokens = captions(4, seed=3)
+    generator = torch.Generator("cuda") if custom_generator else None
+
+    def seed(s):
+        return generator.manual_seed(s) if custom_generator else torch.cuda.manual_seed(s)
+
+    kwargs = dict(num_images_per_prompt=2, num_steps=6, guidance_scale=3.0, generator=generator)
+    seed(11)
+    eager = pipe.sample(clip_text, tokens, **kwargs)
+    after_eager = torch.randn(4, device="cuda", generator=generator)
+    seed(11)
+    graphed = pipe.sample(clip_text, tokens, cuda_graph=True, **kwargs)  # capture (warm-up draws are private)
+    after_graphed = torch.randn(4, device="cuda", generator=generator)
+    torch.testing.assert_close(graphed, eager, atol=0, rtol=0)
+    torch.testing.assert_close(after_graphed, after_eager, atol=0, rtol=0)  # the caller's stream of draws
+
+    other_clip, other_tokens = captions(4, seed=4)
+    seed(12)
+    eager = pipe.sample(other_clip, other_tokens, **kwargs)
+    seed(12)
+    replayed = pipe.sample(other_clip, other_tokens, cuda_graph=True, **kwargs)
+    assert len(pipe._graphs) == 1
+    torch.testing.assert_close(replayed, eager, atol=0, rtol=0)
+
+
+@cuda
+def test_graphed_call_checks_the_signature():
+    graphed = GraphedCall(lambda x, generator: x * 2 + torch.randn(x.shape, device=x.device, generator=generator),
+                          {"x": torch.ones(3, device="cuda")})
+    torch.cuda.manual_seed(0)
+    out = graphed(x=torch.zeros(3, device="cuda"))
+    torch.cuda.manual_seed(0)
+    torch.testing.assert_close(out, torch.randn(3, device="cuda"))
+    with pytest.raises(ValueError, match="do not match the captured"):
+        graphed(x=torch.zeros(4, device="cuda"))

@@ -1,0 +1,46 @@
+"""benchmarks/prior_memory.py: the saved-tensor counter against hand-counted cases, and the report at
+tiny size (gradient checkpointing keeps far fewer activations; the parts add up)."""
+
+import json
+
+import pytest
+import torch
+from repo_modules import load_repo_module
+from torch.utils.checkpoint import checkpoint
+
+memory = load_repo_module("benchmarks/prior_memory.py")
+
+
+def test_saved_tensor_bytes_counts_distinct_storages_without_parameters():
+    w = torch.nn.Parameter(torch.randn(4))
+    x = torch.randn(3, 4, requires_grad=True)  # 48 bytes
+    with memory.SavedTensorBytes(exclude=[w]) as saved:
+        (x * w).sum()  # mul saves x and w: w is excluded
+    assert saved.total == 48
+    with memory.SavedTensorBytes() as saved:
+        (x * x).sum()  # x saved twice: one storage
+        (x[:, :2] * x[:, 2:]).sum()  # two views of x: still x's storage
+    assert saved.total == 48
+    with memory.SavedTensorBytes() as saved:
+        y = x.double() * 2  # the float64 copy (96 bytes) is not saved by `* 2`; exp saves its output
+        y.exp()
+    assert saved.total == 96
+    with memory.SavedTensorBytes() as saved:  # checkpointing keeps the input alone
+        checkpoint(lambda a: (a * a).exp().sin(), x, use_reentrant=False)
+    assert saved.total == 48
+
+
+def test_prior_memory_tiny_report(tmp_path):
+    out = tmp_path / "memory.json"
+    report = memory.main(["--preset", "tiny", "--batch", "16", "--dtype", "fp32", "--device", "cpu",
+                          "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    plain, ckpt = report["plain"], report["grad_checkpointing"]
+    assert plain["parameters"] == ckpt["parameters"] > 0
+    assert plain["weights_and_adamw_mib"] == pytest.approx(12 * plain["parameters"] / 2**20, abs=0.06)
+    for entry in (plain, ckpt):
+        assert entry["activations_at_batch_mib"] == pytest.approx(
+            entry["activations_batch_independent_mib"] + 16 * entry["activations_per_caption_mib"], abs=0.1)
+        low, high = entry["estimated_peak_range_mib"]
+        assert high - low == pytest.approx(entry["gradients_mib"], abs=0.11)
+    assert 0 < ckpt["activations_per_caption_mib"] < 0.5 * plain["activations_per_caption_mib"]
