@@ -448,9 +448,9 @@ def main(argv=None) -> Path:
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
     from diffusers import StableDiffusionPipeline
     from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
 
+    from shifted_diffusion.ema import FusedEMA
     from shifted_diffusion.encoders import MultiCLIP
 
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
@@ -549,7 +549,7 @@ def main(argv=None) -> Path:
     trained_params = list(unet.parameters()) + list(projection.parameters())
     ema = None
     if args.use_ema:
-        ema = EMAModel(trained_params, decay=args.ema_decay)
+        ema = FusedEMA(trained_params, decay=args.ema_decay)
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
     empty_on_device = empty_embedding.to(accelerator.device)

@@ -8,6 +8,8 @@ Times, in one run and on one device:
   * train_prefix_shared_k{K}: ours only, the same B captions x K timesteps each (B*K pairs), the caption
     prefix computed once per caption (`timesteps_per_caption` K in training); the reference has no such
     path, so its ratio is taken against the reference's plain train_step (pairs/s);
+  * ema_step: the training loop's EMA update of all weights, ours (`FusedEMA`, one multi-tensor lerp) vs
+    diffusers' `EMAModel` (tensor by tensor), on our network's weights;
   * sample_guided_{S}steps_{N}: classifier-free guided ancestral sampling of N prompts in S steps.
     Ours: cond + uncond prefixes built once, then S tail-only steps (optionally as one CUDA graph);
     reference: the whole sequence through the trunk at every step, batch doubled;
@@ -35,12 +37,14 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
+from diffusers.training_utils import EMAModel
 
 if importlib.util.find_spec("shifted_diffusion") is None:  # run as a script from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shifted_diffusion.convert import convert_original_state_dict
 from shifted_diffusion.cuda_graph import GraphedCall
+from shifted_diffusion.ema import FusedEMA
 from shifted_diffusion.guidance import classifier_free_guidance
 from shifted_diffusion.prior import PriorConfig, ShiftedPrior
 from shifted_diffusion.sampling import sample_ancestral
@@ -199,6 +203,15 @@ def bench_train(
     del opt
     model.zero_grad(set_to_none=True)
     return result
+
+
+def bench_ema(ema_cls, model: torch.nn.Module, device, warmup: int, iters: int) -> Dict[str, Any]:
+    """One EMA update of all of `model`'s weights (the EMA's own shadow copy is built here and freed after)."""
+    params = list(model.parameters())
+    ema = ema_cls(params, decay=0.9999)
+    seconds, measured = _measure(lambda: ema.step(params), device, warmup, iters, False)
+    del ema
+    return {"ms_per_step": round(seconds * 1e3, 3), "steps_per_s": round(1 / seconds, 2), **measured}
 
 
 def bench_sampling(
@@ -496,6 +509,12 @@ def _run(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
         results["reference"]["train_step"] = _train_with_fallback(
             errors, "reference_train_step", ref_loss, ref_eager_loss, ref, device, dtype, batch, args)
     del ours_step, ref_step, shared_step, train, shared
+    # the training loop's EMA update: ours (one multi-tensor lerp) vs diffusers' EMAModel (tensor by tensor)
+    results["ours"]["ema_step"] = _guarded(errors, "ours_ema_step",
+                                           lambda: bench_ema(FusedEMA, ours, device, args.warmup, args.iters))
+    if not args.skip_reference:
+        results["reference"]["ema_step"] = _guarded(errors, "reference_ema_step",
+                                                    lambda: bench_ema(EMAModel, ours, device, args.warmup, args.iters))
     ours.eval()
     ref.eval()
     ours_lowp = copy.deepcopy(ours).to(dtype) if dtype != torch.float32 else None
@@ -534,6 +553,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
     ratios: Dict[str, Optional[float]] = {
         "train_step": _ratio(results["ours"]["train_step"], ref_train, "pairs_per_s"),
         f"train_prefix_shared_k{k}": _ratio(results["ours"][f"train_prefix_shared_k{k}"], ref_train, "pairs_per_s"),
+        "ema_step": _ratio(results["ours"]["ema_step"], results["reference"].get("ema_step"), "steps_per_s"),
     }
     for n in prompt_counts:
         ref_s = results["reference"].get(f"{key}_{n}")

@@ -200,7 +200,7 @@ class PriorPipeline:
         if guidance_scale != 1.0 and self.prior.config.text_len == 0 and not self.uncond_drops_clip:
             raise ValueError("guidance needs an unconditional branch: this prior has no text tokens, so set "
                              "uncond_drops_clip=True (its CLIP sentence embedding is then replaced by that of '')")
-        shift_mean, shift_std = self.shift.shift(cluster_idx.repeat_interleave(num_images_per_prompt))
+        shift_mean, shift_std = self.shift.shift(cluster_idx.repeat_interleave(num_images_per_prompt), check=False)
         inputs = dict(
             text_tokens=text_tokens, clip_text_emb=clip_text_emb,
             cluster_idx=cluster_idx if self.prior.config.has_cluster_token else None,

@@ -109,9 +109,12 @@ class ClusterVocab(nn.Module):
             cluster_idx[start : start + batch_size] = (chunk @ means_unit.t()).argmax(dim=1)
         return cluster_idx
 
-    def shift(self, cluster_idx: torch.Tensor, dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """shift_mean = mu_k, shift_std = std_scale * s_k for each k in cluster_idx: (B,) -> ((B, D), (B, D))."""
-        _check_cluster_idx(cluster_idx, self.num_clusters)
+    def shift(self, cluster_idx: torch.Tensor, dtype: Optional[torch.dtype] = None, *,
+              check: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+        """shift_mean = mu_k, shift_std = std_scale * s_k for each k in cluster_idx: (B,) -> ((B, D), (B, D)).
+        ``check=False`` skips the range check of the indices (a host synchronisation on a GPU), for indices
+        valid by construction, e.g. from ``assign``."""
+        _check_cluster_idx(cluster_idx, self.num_clusters if check else None)
         means, stds = self._means(), self._stds()
         idx = cluster_idx.to(device=means.device, dtype=torch.long)
         shift_mean = means[idx].to(device=cluster_idx.device, dtype=dtype)  # (B, D)
@@ -121,7 +124,7 @@ class ClusterVocab(nn.Module):
     def forward(self, text_emb: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(cluster_idx, shift_mean, shift_std) for caption embeddings (B, D), in text_emb's dtype."""
         cluster_idx = self.assign(text_emb)
-        shift_mean, shift_std = self.shift(cluster_idx, dtype=text_emb.dtype)
+        shift_mean, shift_std = self.shift(cluster_idx, dtype=text_emb.dtype, check=False)
         return cluster_idx, shift_mean, shift_std
 
     # ------------------------------------------------------------------ building
@@ -370,8 +373,9 @@ class StandardNormalShift(nn.Module):
         _check_text_emb(text_emb, self.dim)
         return torch.zeros(text_emb.shape[0], dtype=torch.long, device=text_emb.device)
 
-    def shift(self, cluster_idx: torch.Tensor, dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(zeros (B, D), ones (B, D)) on cluster_idx's device, in dtype (default float32)."""
+    def shift(self, cluster_idx: torch.Tensor, dtype: Optional[torch.dtype] = None, *,
+              check: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(zeros (B, D), ones (B, D)) on cluster_idx's device, in dtype (default float32); any index is valid."""
         _check_cluster_idx(cluster_idx, None)
         dtype = dtype or torch.get_default_dtype()
         shape = (cluster_idx.shape[0], self.dim)
@@ -383,7 +387,7 @@ class StandardNormalShift(nn.Module):
     def forward(self, text_emb: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(cluster_idx, shift_mean, shift_std) for caption embeddings (B, D), in text_emb's dtype."""
         cluster_idx = self.assign(text_emb)
-        shift_mean, shift_std = self.shift(cluster_idx, dtype=text_emb.dtype)
+        shift_mean, shift_std = self.shift(cluster_idx, dtype=text_emb.dtype, check=False)
         return cluster_idx, shift_mean, shift_std
 
 

@@ -23,9 +23,9 @@ def test_prior_speed_tiny_smoke(tmp_path):
     assert report["errors"] == {}
     assert report["device_type"] == "cpu" and report["preset"] == "tiny"
     assert report["max_abs_diff_fp32_ours_vs_reference"] < 1e-5  # same weights, same network
-    expected_ours = {"train_step", "train_prefix_shared_k2", "sample_guided_2steps_3", "sample_guided_2steps_5"}
+    expected_ours = {"train_step", "train_prefix_shared_k2", "ema_step", "sample_guided_2steps_3", "sample_guided_2steps_5"}
     assert set(report["ours"]) == expected_ours
-    assert set(report["reference"]) == {"train_step", "sample_guided_2steps_3", "sample_guided_2steps_5"}
+    assert set(report["reference"]) == {"train_step", "ema_step", "sample_guided_2steps_3", "sample_guided_2steps_5"}
     assert set(report["ratios"]) == expected_ours
     assert report["ours"]["train_step"]["pairs"] == 4  # 4 captions x 1 timestep
     assert report["ours"]["train_prefix_shared_k2"]["pairs"] == 8  # the same 4 captions x 2 timesteps

@@ -125,3 +125,36 @@ def test_compiled_training_matches_eager_and_saves_plain_names(caption_image_fol
     assert set(weights["compiled"]) == set(weights["eager"]) and not any("_orig_mod" in k for k in weights["compiled"])
     for key, value in weights["eager"].items():
         torch.testing.assert_close(weights["compiled"][key], value, atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_logged_loss_is_the_mean_over_each_accumulation_window(caption_image_folder, tiny_open_clip_dir, tmp_path,
+                                                               monkeypatch):
+    """The original logged a constant 0. Here each logged train/loss is the mean of the micro-batch losses of
+    that optimizer step's accumulation window (summed on the device, read only when logged)."""
+    from accelerate import Accelerator
+
+    from shifted_diffusion.loss import ShiftedDiffusionLoss
+
+    micro_losses, logged = [], []
+    original_call, original_log = ShiftedDiffusionLoss.__call__, Accelerator.log
+
+    def spy_call(self, *a, **k):
+        losses = original_call(self, *a, **k)
+        micro_losses.append(losses.detach().mean().item())
+        return losses
+
+    def spy_log(self, values, step=None, **k):
+        if "train/loss" in values:
+            logged.append((step, values["train/loss"]))
+        return original_log(self, values, step=step, **k)
+
+    monkeypatch.setattr(ShiftedDiffusionLoss, "__call__", spy_call)
+    monkeypatch.setattr(Accelerator, "log", spy_log)
+    train.main(args(caption_image_folder, tiny_open_clip_dir, tmp_path / "log", "--max_train_steps", "5",
+                    "--gradient_accumulation_steps", "2", "--logging_steps", "2", "--validation_steps", "0",
+                    "--checkpointing_steps", "0", "--no-use_ema", "--report_to", "none"))
+    assert len(micro_losses) == 10 and len({round(v, 6) for v in micro_losses}) > 1
+    assert [step for step, _ in logged] == [2, 4, 5]  # every logging_steps, and the last step
+    for step, value in logged:
+        window = micro_losses[2 * step - 2: 2 * step]
+        assert value == pytest.approx(sum(window) / 2, rel=1e-5)

@@ -1,0 +1,49 @@
+"""Exponential moving average of the trained weights, updated in one pass.
+
+``FusedEMA`` is diffusers' ``EMAModel`` (its decay schedule, ``state_dict`` / ``load_state_dict``,
+``store`` / ``copy_to`` / ``restore``, accelerate checkpointing) with another ``step``. EMAModel updates
+weight by weight as ``s -= (1 - d) * (s - p)``: two temporaries per tensor, 32 bytes moved per fp32
+parameter and three kernel launches per tensor (its ``foreach`` variant materialises ``s - p`` for all
+weights at once, a whole extra model). Here one multi-tensor lerp, ``s += (1 - d) * (p - s)``, reads each
+shadow and weight once and writes the shadow once: 12 bytes per parameter.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from diffusers.training_utils import EMAModel
+
+
+class FusedEMA(EMAModel):
+    @torch.no_grad()
+    def step(self, parameters: Iterable[torch.nn.Parameter]) -> None:
+        parameters = list(parameters)
+        if len(parameters) != len(self.shadow_params):
+            raise ValueError(f"EMA tracks {len(self.shadow_params)} tensors, step got {len(parameters)}")
+        self.optimization_step += 1
+        decay = self.get_decay(self.optimization_step)
+        self.cur_decay_value = decay
+        pairs = list(zip(self.shadow_params, parameters))
+        trained = [(s, p) for s, p in pairs if p.requires_grad]
+        frozen = [(s, p) for s, p in pairs if not p.requires_grad]
+        if trained:
+            torch._foreach_lerp_([s for s, _ in trained], [p for _, p in trained], 1.0 - decay)
+        if frozen:  # as EMAModel: untrained tensors are copied
+            torch._foreach_copy_([s for s, _ in frozen], [p for _, p in frozen])
+
+
+class EmaWeights:
+    """Swap EMA weights into a module for a block of code (validation, saving)."""
+
+    def __init__(self, ema: EMAModel, module: torch.nn.Module):
+        self.ema, self.module = ema, module
+
+    def __enter__(self) -> torch.nn.Module:
+        self.ema.store(self.module.parameters())
+        self.ema.copy_to(self.module.parameters())
+        return self.module
+
+    def __exit__(self, *exc) -> None:
+        self.ema.restore(self.module.parameters())
