@@ -37,14 +37,12 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
-from diffusers.training_utils import EMAModel
 
 if importlib.util.find_spec("shifted_diffusion") is None:  # run as a script from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shifted_diffusion.convert import convert_original_state_dict
 from shifted_diffusion.cuda_graph import GraphedCall
-from shifted_diffusion.ema import FusedEMA
 from shifted_diffusion.guidance import classifier_free_guidance
 from shifted_diffusion.prior import PriorConfig, ShiftedPrior
 from shifted_diffusion.sampling import sample_ancestral
@@ -205,8 +203,15 @@ def bench_train(
     return result
 
 
-def bench_ema(ema_cls, model: torch.nn.Module, device, warmup: int, iters: int) -> Dict[str, Any]:
-    """One EMA update of all of `model`'s weights (the EMA's own shadow copy is built here and freed after)."""
+def bench_ema(which: str, model: torch.nn.Module, device, warmup: int, iters: int) -> Dict[str, Any]:
+    """One EMA update of all of `model`'s weights, "ours" (FusedEMA) or "reference" (diffusers' EMAModel);
+    the EMA's shadow copy is built here and freed after. (diffusers is imported here: the benchmark's other
+    phases run without it.)"""
+    from diffusers.training_utils import EMAModel
+
+    from shifted_diffusion.ema import FusedEMA
+
+    ema_cls = FusedEMA if which == "ours" else EMAModel
     params = list(model.parameters())
     ema = ema_cls(params, decay=0.9999)
     seconds, measured = _measure(lambda: ema.step(params), device, warmup, iters, False)
@@ -511,10 +516,10 @@ def _run(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
     del ours_step, ref_step, shared_step, train, shared
     # the training loop's EMA update: ours (one multi-tensor lerp) vs diffusers' EMAModel (tensor by tensor)
     results["ours"]["ema_step"] = _guarded(errors, "ours_ema_step",
-                                           lambda: bench_ema(FusedEMA, ours, device, args.warmup, args.iters))
+                                           lambda: bench_ema("ours", ours, device, args.warmup, args.iters))
     if not args.skip_reference:
         results["reference"]["ema_step"] = _guarded(errors, "reference_ema_step",
-                                                    lambda: bench_ema(EMAModel, ours, device, args.warmup, args.iters))
+                                                    lambda: bench_ema("reference", ours, device, args.warmup, args.iters))
     ours.eval()
     ref.eval()
     ours_lowp = copy.deepcopy(ours).to(dtype) if dtype != torch.float32 else None
