@@ -207,6 +207,12 @@ def test_errors():
         vocab.assign(torch.randn(8))
     with pytest.raises(IndexError, match=r"\[0, 5\); got min 0, max 5"):
         vocab.shift(torch.tensor([0, 5]))
+    # check=False (indices from assign, no host read of their range): the same lookup, shape checks kept
+    idx = torch.tensor([4, 0, 2])
+    for got, want in zip(vocab.shift(idx, check=False), (vocab.means[idx], vocab.std_scale * vocab.stds[idx])):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"cluster_idx must be a 1-D tensor"):
+        vocab.shift(torch.zeros(2, 1, dtype=torch.long), check=False)
     with pytest.raises(ValueError, match=r"cluster_idx must be a 1-D tensor"):
         vocab.shift(torch.zeros(2, 1, dtype=torch.long))
     with pytest.raises(ValueError, match=r"stds must have the shape of means \(5, 8\); got \(5, 7\)"):
