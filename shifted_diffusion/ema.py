@@ -1,7 +1,9 @@
 """Exponential moving average of the trained weights, updated in one pass.
 
 ``FusedEMA`` is diffusers' ``EMAModel`` (its decay schedule, ``state_dict`` / ``load_state_dict``,
-``store`` / ``copy_to`` / ``restore``, accelerate checkpointing) with another ``step``. EMAModel updates
+``store`` / ``copy_to`` / ``restore``, accelerate checkpointing) with another ``step`` (EMAModel's own
+when the shadows are in another dtype or on another device than the weights; no DeepSpeed ZeRO-3
+gathering, ``foreach`` ignored). EMAModel updates
 weight by weight as ``s -= (1 - d) * (s - p)``: two temporaries per tensor, 32 bytes moved per fp32
 parameter and three kernel launches per tensor (its ``foreach`` variant materialises ``s - p`` for all
 weights at once, a whole extra model). Here one multi-tensor lerp, ``s += (1 - d) * (p - s)``, reads each
@@ -19,9 +21,13 @@ from diffusers.training_utils import EMAModel
 class FusedEMA(EMAModel):
     @torch.no_grad()
     def step(self, parameters: Iterable[torch.nn.Parameter]) -> None:
+        if isinstance(parameters, torch.nn.Module):
+            parameters = parameters.parameters()
         parameters = list(parameters)
         if len(parameters) != len(self.shadow_params):
             raise ValueError(f"EMA tracks {len(self.shadow_params)} tensors, step got {len(parameters)}")
+        if any(s.dtype != p.dtype or s.device != p.device for s, p in zip(self.shadow_params, parameters)):
+            return super().step(parameters)  # shadows kept in another dtype / on another device: EMAModel's way
         self.optimization_step += 1
         decay = self.get_decay(self.optimization_step)
         self.cur_decay_value = decay

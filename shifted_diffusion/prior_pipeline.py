@@ -119,7 +119,6 @@ class PriorPipeline:
     def to(self, device=None, dtype=None) -> "PriorPipeline":
         self.prior.to(device=device, dtype=dtype)
         self.shift.to(device=device)
-        self._respaced.clear()
         self.clear_cuda_graphs()
         return self
 
@@ -159,11 +158,11 @@ class PriorPipeline:
     def respaced(self, num_steps: Union[int, str]) -> DiffusionSchedule:
         """The schedule respaced to ``num_steps`` (cached); on CUDA its tables live on the GPU (float64:
         they stay on the CPU elsewhere, e.g. MPS has no float64), as a CUDA-graph capture needs."""
-        key = str(num_steps)
-        if key not in self._respaced:
-            schedule = self.schedule if key == str(self.schedule.num_steps) else self.schedule.respace(key)
-            self._respaced[key] = schedule.to(self.device) if self.device.type == "cuda" else schedule
-        return self._respaced[key]
+        steps, device = str(num_steps), self.device
+        if (steps, device) not in self._respaced:
+            schedule = self.schedule if steps == str(self.schedule.num_steps) else self.schedule.respace(steps)
+            self._respaced[steps, device] = schedule.to(device) if device.type == "cuda" else schedule
+        return self._respaced[steps, device]
 
     @torch.no_grad()
     def sample(
@@ -189,8 +188,9 @@ class PriorPipeline:
         ``cuda_graph`` (prior on a CUDA device): the whole call (prefix encoding, every step, the noise)
         is captured as one CUDA graph the first time this batch shape meets these settings, and replayed
         on later calls (the ``max_cuda_graphs`` most recent kept; ``clear_cuda_graphs`` frees them). Same
-        result as the eager call for the same seed; ``generator`` must then be a CUDA generator or None
-        (the default CUDA generator); ``progress`` is not shown."""
+        result as the eager call for the same seed; ``generator`` must then be a CUDA generator (any one,
+        a fresh one per call too) or None (the default CUDA generator); ``progress`` is not shown. Weights
+        moved or re-created (``prior.half()``) get a new graph; updated in place, the graph sees them."""
         if sampler not in ("ancestral", "ddim"):
             raise ValueError(f"unknown sampler {sampler!r}; expected 'ancestral' or 'ddim'")
         clip_text_emb = clip_text_emb.to(self.device, torch.float32)
@@ -211,16 +211,19 @@ class PriorPipeline:
                         variance=variance, eta=eta, noise_temperature=noise_temperature, clamp_std=clamp_std)
         if not cuda_graph:
             return self._sample(**inputs, **settings, generator=generator, progress=progress)
-        # the prior and generator objects themselves: the graph reads their memory, so the key keeps them alive
-        key = (self.prior, generator, str(num_steps), guidance_scale, sampler, variance, eta, noise_temperature,
-               clamp_std, *((name, None if x is None else (tuple(x.shape), x.dtype)) for name, x in inputs.items()))
+        # a graph reads the weights at their addresses and bakes in autocast: both are part of its key
+        weights = tuple((t.data_ptr(), t.dtype) for t in (*self.prior.parameters(), *self.prior.buffers()))
+        autocast = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda")
+        key = (self.prior, self.device, weights, autocast, str(num_steps), guidance_scale, sampler, variance, eta,
+               noise_temperature, clamp_std,
+               *((name, None if x is None else (tuple(x.shape), x.dtype)) for name, x in inputs.items()))
         graphed = self._graphs.pop(key, None)
         if graphed is None:
-            graphed = GraphedCall(functools.partial(self._sample, **settings), inputs, generator=generator)
+            graphed = GraphedCall(functools.partial(self._sample, **settings), inputs)
         self._graphs[key] = graphed  # most recent last
         while len(self._graphs) > self.max_cuda_graphs:
             self._graphs.pop(next(iter(self._graphs)))
-        return graphed(**inputs)
+        return graphed(generator=generator, **inputs)
 
     def _sample(self, text_tokens, clip_text_emb, cluster_idx, shift_mean, shift_std, null_text_tokens,
                 null_clip_text_emb, *, schedule, guidance_scale, sampler, variance, eta, noise_temperature,

@@ -139,6 +139,8 @@ class DiffusionSchedule:
         """A copy whose tables live on ``device`` (float64 kept): samplers then copy nothing from the host,
         which a CUDA-graph capture requires. Returns ``self`` when every table is already there."""
         device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # "cuda" is the current CUDA device
+            device = torch.device("cuda", torch.cuda.current_device())
         tables = {name: value for name, value in vars(self).items() if isinstance(value, torch.Tensor)}
         if all(value.device == device for value in tables.values()):
             return self

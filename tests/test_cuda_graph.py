@@ -29,7 +29,7 @@ def test_schedule_to_moves_every_table():
     assert moved.num_steps == 8
 
 
-def test_graphed_call_rejects_cpu_inputs_and_generators():
+def test_graphed_call_rejects_cpu_inputs():
     with pytest.raises(ValueError, match="CUDA device; got inputs on \\['cpu'\\]"):
         GraphedCall(lambda x, generator: x * 2, {"x": torch.ones(2)})
     clip_text, tokens = captions(2)
@@ -38,20 +38,21 @@ def test_graphed_call_rejects_cpu_inputs_and_generators():
 
 
 class EagerStandIn:
-    """GraphedCall's contract (static copies of the inputs, fn(**static, generator=...)) run eagerly."""
+    """GraphedCall's contract (static copies of the inputs, fn(**static, generator=...), the caller's
+    generator at call time) run eagerly."""
 
     captures = []
 
-    def __init__(self, fn, inputs, *, generator=None):
-        self.fn, self.generator = fn, generator
+    def __init__(self, fn, inputs):
+        self.fn = fn
         self.static = {name: None if x is None else x.clone() for name, x in inputs.items()}
         EagerStandIn.captures.append(self)
 
-    def __call__(self, **inputs):
+    def __call__(self, generator=None, **inputs):
         for name, x in inputs.items():
             if x is not None:
                 self.static[name].copy_(x)
-        return self.fn(**self.static, generator=self.generator)
+        return self.fn(**self.static, generator=generator)
 
 
 def test_pipeline_graph_cache(monkeypatch):
@@ -59,8 +60,8 @@ def test_pipeline_graph_cache(monkeypatch):
     EagerStandIn.captures = []
     pipe = pipeline()
     clip_text, tokens = captions(3, seed=5)
-    g = torch.Generator().manual_seed(7)
-    got = pipe.sample(clip_text, tokens, num_steps=4, guidance_scale=2.0, generator=g, cuda_graph=True)
+    got = pipe.sample(clip_text, tokens, num_steps=4, guidance_scale=2.0, generator=torch.Generator().manual_seed(7),
+                      cuda_graph=True)
 
     # independent of the pipeline's plumbing: the caption's cluster, its shift, the guided denoiser, the sampler
     idx = pipe.shift.assign(clip_text)
@@ -70,23 +71,26 @@ def test_pipeline_graph_cache(monkeypatch):
         want = sample_ancestral(den, pipe.schedule.respace(4), mean, std, generator=torch.Generator().manual_seed(7))
     torch.testing.assert_close(got, want)
 
-    other_clip, other_tokens = captions(3, seed=6)  # same signature: replayed on the new inputs
-    again = pipe.sample(other_clip, other_tokens, num_steps=4, guidance_scale=2.0, generator=g, cuda_graph=True)
+    # same signature, new prompts, a fresh generator object: replayed on the new inputs, not captured again
+    other_clip, other_tokens = captions(3, seed=6)
+    again = pipe.sample(other_clip, other_tokens, num_steps=4, guidance_scale=2.0,
+                        generator=torch.Generator().manual_seed(7), cuda_graph=True)
     eager = pipe.sample(other_clip, other_tokens, num_steps=4, guidance_scale=2.0,
                         generator=torch.Generator().manual_seed(7))
     assert len(EagerStandIn.captures) == 1
-    g.manual_seed(7)
-    torch.testing.assert_close(pipe.sample(other_clip, other_tokens, num_steps=4, guidance_scale=2.0, generator=g,
-                                           cuda_graph=True), eager)
+    torch.testing.assert_close(again, eager)
     assert not torch.allclose(again, got)
 
     # a new batch size, step count or guidance scale is a new graph; the oldest beyond max_cuda_graphs goes
     for n, steps, scale in ((2, 4, 2.0), (3, 2, 2.0), (3, 4, 1.0), (3, 4, 3.0)):
         clip_text, tokens = captions(n, seed=8)
-        out = pipe.sample(clip_text, tokens, num_steps=steps, guidance_scale=scale, generator=g, cuda_graph=True)
+        out = pipe.sample(clip_text, tokens, num_steps=steps, guidance_scale=scale, cuda_graph=True)
         assert out.shape == (n, pipe.clip_dim)
     assert len(EagerStandIn.captures) == 5 and len(pipe._graphs) == pipe.max_cuda_graphs
     assert EagerStandIn.captures[0] not in pipe._graphs.values()
+    pipe.prior.double()  # weights re-created: a new graph, not a replay reading freed memory
+    pipe.sample(clip_text, tokens, num_steps=4, guidance_scale=3.0, cuda_graph=True)
+    assert len(EagerStandIn.captures) == 6
     pipe.clear_cuda_graphs()
     assert not pipe._graphs
 
@@ -115,16 +119,16 @@ def test_graphed_sampling_equals_eager(custom_generator):
     torch.testing.assert_close(after_graphed, after_eager, atol=0, rtol=0)  # the caller's stream of draws
 
     other_clip, other_tokens = captions(4, seed=4)
-    seed(12)
+    kwargs["generator"] = torch.Generator("cuda").manual_seed(12)  # a fresh generator object: same graph
     eager = pipe.sample(other_clip, other_tokens, **kwargs)
-    seed(12)
+    kwargs["generator"] = torch.Generator("cuda").manual_seed(12)
     replayed = pipe.sample(other_clip, other_tokens, cuda_graph=True, **kwargs)
     assert len(pipe._graphs) == 1
     torch.testing.assert_close(replayed, eager, atol=0, rtol=0)
 
 
 @cuda
-def test_graphed_call_checks_the_signature():
+def test_graphed_call_checks_the_signature_and_the_generator():
     graphed = GraphedCall(lambda x, generator: x * 2 + torch.randn(x.shape, device=x.device, generator=generator),
                           {"x": torch.ones(3, device="cuda")})
     torch.cuda.manual_seed(0)
@@ -133,3 +137,5 @@ def test_graphed_call_checks_the_signature():
     torch.testing.assert_close(out, torch.randn(3, device="cuda"))
     with pytest.raises(ValueError, match="do not match the captured"):
         graphed(x=torch.zeros(4, device="cuda"))
+    with pytest.raises(ValueError, match="must be a CUDA generator"):
+        graphed(generator=torch.Generator(), x=torch.zeros(3, device="cuda"))

@@ -55,3 +55,18 @@ def test_fused_ema_checks_the_parameter_count_and_swaps_weights():
     with EmaWeights(ema, model) as swapped:
         torch.testing.assert_close(swapped[0].weight, ema.shadow_params[0], atol=0, rtol=0)
     torch.testing.assert_close(model[0].weight, trained, atol=0, rtol=0)
+
+
+def test_fused_ema_falls_back_for_shadows_in_another_dtype():
+    model = _model()
+    ours, reference = FusedEMA(model.parameters(), decay=0.9), EMAModel(model.parameters(), decay=0.9)
+    ours.to(dtype=torch.float64)
+    reference.to(dtype=torch.float64)
+    for _ in range(3):
+        with torch.no_grad():
+            model[0].weight.mul_(1.5)
+        ours.step(model)  # a Module is accepted, as EMAModel does
+        reference.step(model.parameters())
+    for s, r in zip(ours.shadow_params, reference.shadow_params):
+        assert s.dtype == torch.float64
+        torch.testing.assert_close(s, r, atol=0, rtol=0)
