@@ -1,13 +1,13 @@
 """Exponential moving average of the trained weights, updated in one pass.
 
 ``FusedEMA`` is diffusers' ``EMAModel`` (its decay schedule, ``state_dict`` / ``load_state_dict``,
-``store`` / ``copy_to`` / ``restore``, accelerate checkpointing) with another ``step`` (EMAModel's own
-when the shadows are in another dtype or on another device than the weights; no DeepSpeed ZeRO-3
-gathering, ``foreach`` ignored). EMAModel updates
+``store`` / ``copy_to`` / ``restore``, accelerate checkpointing) with another ``step``. EMAModel updates
 weight by weight as ``s -= (1 - d) * (s - p)``: two temporaries per tensor, 32 bytes moved per fp32
 parameter and three kernel launches per tensor (its ``foreach`` variant materialises ``s - p`` for all
 weights at once, a whole extra model). Here one multi-tensor lerp, ``s += (1 - d) * (p - s)``, reads each
-shadow and weight once and writes the shadow once: 12 bytes per parameter.
+shadow and weight once and writes the shadow once: 12 bytes per parameter. Shadows kept in another dtype
+or on another device than the weights take EMAModel's own step; DeepSpeed ZeRO-3 gathering and the
+``foreach`` option are not supported.
 """
 
 from __future__ import annotations
