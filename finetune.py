@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from shifted_diffusion.checkpoints import find_checkpoint, prune_checkpoints, step_generator
+from shifted_diffusion.checkpoints import find_checkpoint, load_checkpoint, read_state, save_checkpoint, step_generator
+from shifted_diffusion.checks import check_choice, check_range
 from shifted_diffusion.data import list_image_files
 from shifted_diffusion.decoder import load_embedding, make_grid, write_decoder_files
 from shifted_diffusion.train_config import parse_clip_specs
@@ -44,7 +45,6 @@ logger = logging.getLogger("finetune")
 
 DEFAULT_CLIP_MODELS = ["ViT-B-16:openai", "ViT-B-32:openai", "RN101:openai"]
 EMBEDDINGS_NAME = "train_image_embeddings.safetensors"
-TRAINING_STATE_NAME = "training_state.json"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,12 +131,45 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.train_data_dir:
         parser.error("--train_data_dir is required (a folder of training images)")
-    if not 0.0 <= args.conditioning_dropout_prob <= 1.0:
-        parser.error(f"--conditioning_dropout_prob must be in [0, 1], got {args.conditioning_dropout_prob}")
-    if args.resolution % 8 != 0:
-        parser.error(f"--resolution must be a multiple of 8, got {args.resolution}")
+    try:
+        check_args(args)
+    except ValueError as error:
+        parser.error(str(error))
     args.clip_specs = parse_clip_specs(args.clip_models)
     return args
+
+
+# the lowest accepted value of each integer flag
+INTEGER_FLAGS = {
+    "clip_batch_size": 1, "num_tokens": 1, "resolution": 8, "dataloader_num_workers": 0, "seed": 0,
+    "train_batch_size": 1, "num_train_epochs": 1, "gradient_accumulation_steps": 1, "lr_warmup_steps": 0,
+    "checkpointing_steps": 0, "validation_steps": 0, "num_validation_images": 0, "validation_num_inference_steps": 1,
+}
+OPTIONAL_INTEGER_FLAGS = {"max_train_steps": 1, "checkpoints_total_limit": 1}
+POSITIVE_FLAGS = ("learning_rate", "projection_lr_scale", "adam_epsilon", "max_grad_norm")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Range checks of every numeric flag, before any work; ValueError naming the flag."""
+    for name, low in INTEGER_FLAGS.items():
+        check_range(f"--{name}", getattr(args, name), low, integer=True)
+    for name, low in OPTIONAL_INTEGER_FLAGS.items():
+        check_range(f"--{name}", getattr(args, name), low, integer=True, optional=True)
+    for name in POSITIVE_FLAGS:
+        check_range(f"--{name}", getattr(args, name), 0.0, low_open=True)
+    for name in ("conditioning_dropout_prob", "ema_decay"):
+        check_range(f"--{name}", getattr(args, name), 0.0, 1.0)
+    for name in ("adam_beta1", "adam_beta2"):
+        check_range(f"--{name}", getattr(args, name), 0.0, 1.0, high_open=True)
+    check_range("--adam_weight_decay", args.adam_weight_decay, 0.0)
+    check_range("--validation_guidance_scale", args.validation_guidance_scale, 0.0)
+    from diffusers.optimization import SchedulerType
+
+    check_choice("--lr_scheduler", args.lr_scheduler, {t.value for t in SchedulerType})
+    if args.resolution % 8 != 0:
+        raise ValueError(f"--resolution: expected a multiple of 8, got {args.resolution}")
+    if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
+        read_state(args.resume_from_checkpoint)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,18 +356,6 @@ def check_dim(name: str, source: str, dim: int, projection_dim: int, projection_
             f"{name} has dim {dim} ({source}) but the projection expects clip_dim={projection_dim} "
             f"({projection_source}); use the same --clip_models for both"
         )
-
-
-# ----------------------------------------------------------------------------------------------
-# checkpoints
-
-
-def checkpoint_step(path: Path) -> int:
-    """Global step stored in a checkpoint folder (training_state.json, else the checkpoint-N name)."""
-    state = path / TRAINING_STATE_NAME
-    if state.is_file():
-        return int(json.loads(state.read_text())["global_step"])
-    return int(path.name.split("-")[-1])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -538,7 +559,8 @@ def main(argv=None) -> Path:
     )
     # prepare() shards the loader over the processes: an epoch is len / num_processes batches per process
     steps_per_epoch_guess = math.ceil(math.ceil(len(dataloader) / accelerator.num_processes) / args.gradient_accumulation_steps)
-    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch_guess
+    max_train_steps = args.max_train_steps if args.max_train_steps is not None else \
+        args.num_train_epochs * steps_per_epoch_guess
     lr_scheduler = get_scheduler(
         args.lr_scheduler, optimizer=optimizer,
         num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
@@ -551,7 +573,6 @@ def main(argv=None) -> Path:
     if args.use_ema:
         ema = FusedEMA(trained_params, decay=args.ema_decay)
         ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
     empty_on_device = empty_embedding.to(accelerator.device)
 
     steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
@@ -561,13 +582,17 @@ def main(argv=None) -> Path:
         accelerator.init_trackers("shifted-diffusion-decoder", config=config)
 
     global_step = 0
+    trained = {"unet": accelerator.unwrap_model(unet), "projection": accelerator.unwrap_model(projection)}
+    run_config = {k: (v if isinstance(v, (int, float, str, bool, type(None), list)) else str(v))
+                  for k, v in vars(args).items()}
     resume = find_checkpoint(args.output_dir, args.resume_from_checkpoint)
     if resume is not None:
         accelerator.print(f"resuming from {resume}")
-        accelerator.load_state(str(resume))
+        state = load_checkpoint(accelerator, resume, modules=trained, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                                ema=ema, config=run_config)
         if ema is not None:
-            ema.to(accelerator.device)
-        global_step = checkpoint_step(resume)
+            ema.to(accelerator.device)  # shadows are restored on the CPU
+        global_step = int(state["global_step"])
     first_epoch = global_step // steps_per_epoch
     skip_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
 
@@ -621,8 +646,15 @@ def main(argv=None) -> Path:
             progress.set_postfix(loss=f"{train_loss:.4f}", lr=f"{logs['lr']:.2e}")
             accelerator.log(logs, step=global_step)
             train_loss = 0.0
+            if not math.isfinite(last_loss):
+                raise FloatingPointError(
+                    f"step {global_step}: the training loss is {last_loss}; stopping (the last checkpoint is kept, "
+                    f"nothing more is saved). Lower --learning_rate ({args.learning_rate}) or check the images")
             if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-                save_checkpoint(args, accelerator, global_step)
+                path = save_checkpoint(accelerator, args.output_dir, global_step, modules=trained, optimizer=optimizer,
+                                       lr_scheduler=lr_scheduler, ema=ema, config=run_config,
+                                       total_limit=args.checkpoints_total_limit)
+                logger.info(f"saved {path}")
             if args.validation_steps and val_paths and global_step % args.validation_steps == 0 \
                     and accelerator.is_main_process:
                 if ema is not None:
@@ -659,18 +691,6 @@ def main(argv=None) -> Path:
         logger.info(f"decoder written to {output_dir} (load with shifted_diffusion.decoder.load_decoder)")
     accelerator.end_training()
     return output_dir
-
-
-def save_checkpoint(args, accelerator, global_step: int) -> None:
-    """accelerate save_state (UNet, projection, optimizer, lr scheduler, EMA, RNG) + the step number."""
-    if accelerator.is_main_process:
-        prune_checkpoints(args.output_dir, args.checkpoints_total_limit)
-    accelerator.wait_for_everyone()
-    path = Path(args.output_dir) / f"checkpoint-{global_step}"
-    accelerator.save_state(str(path))
-    if accelerator.is_main_process:
-        (path / TRAINING_STATE_NAME).write_text(json.dumps({"global_step": global_step}) + "\n")
-        logger.info(f"saved {path}")
 
 
 if __name__ == "__main__":

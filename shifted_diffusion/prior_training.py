@@ -8,6 +8,7 @@ the data order from (seed, epoch), so a resumed run takes exactly the steps of a
 from __future__ import annotations
 
 import json
+import math
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoints import PREFIX as CHECKPOINT_PREFIX, find_checkpoint, prune_checkpoints, step_generator
+from .checkpoints import find_checkpoint, load_checkpoint, save_checkpoint, step_generator
 from .cache import EmbeddingDataset, load_image_embeddings, load_manifest, precompute
 from .loss import LossConfig, ShiftedDiffusionLoss
 from .metrics import blockwise_cosine
@@ -132,8 +133,27 @@ def validate(pipeline: PriorPipeline, dataset: EmbeddingDataset, cfg: TrainConfi
 # ---- the run -----------------------------------------------------------------------------------
 
 
+def preflight(cfg: TrainConfig) -> None:
+    """The inputs a run reads later, checked before any work (embedding, k-means) is spent."""
+    from .checkpoints import read_state
+
+    if cfg.train_data_dir is not None and not Path(cfg.train_data_dir).is_dir():
+        raise FileNotFoundError(f"train_data_dir {cfg.train_data_dir}: no such folder")
+    if cfg.vocab_path and not cfg.baseline:
+        try:
+            ClusterVocab.load(cfg.vocab_path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"vocab_path {cfg.vocab_path}: no such file") from None
+        except Exception as error:  # safetensors / key errors of a file that is not a vocabulary
+            raise ValueError(f"vocab_path {cfg.vocab_path}: not a vocabulary file written by ClusterVocab.save "
+                             f"({type(error).__name__}: {error})") from error
+    if cfg.resume_from_checkpoint and cfg.resume_from_checkpoint != "latest":
+        read_state(cfg.resume_from_checkpoint)
+
+
 def train_prior(cfg: TrainConfig) -> Path:
     """Train a prior as configured; returns the ``<output_dir>/prior`` folder."""
+    preflight(cfg)
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
@@ -203,7 +223,7 @@ def train_prior(cfg: TrainConfig) -> Path:
     )
     micro_batches_per_epoch = len(epoch_batches(len(train_set), cfg.train_batch_size, cfg.seed, 0, rank, world))
     steps_per_epoch = max(micro_batches_per_epoch // cfg.gradient_accumulation_steps, 1)
-    max_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
+    max_steps = cfg.max_train_steps if cfg.max_train_steps is not None else cfg.num_train_epochs * steps_per_epoch
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * world,
                                  num_training_steps=max_steps * world)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
@@ -212,29 +232,25 @@ def train_prior(cfg: TrainConfig) -> Path:
     if cfg.use_ema:
         ema = FusedEMA(unwrapped.parameters(), decay=cfg.ema_decay)
         ema.to(device)
-        accelerator.register_for_checkpointing(ema)
 
     global_step = 0
     checkpoint = find_checkpoint(output_dir, cfg.resume_from_checkpoint)
+    trained = {"prior": unwrapped}
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
+        state = load_checkpoint(accelerator, checkpoint, modules=trained, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                                ema=ema, config=cfg.to_dict())
         if ema is not None:
-            ema.to(device)  # accelerate restores registered objects on the CPU
-        global_step = int(checkpoint.name[len(CHECKPOINT_PREFIX):]) if checkpoint.name.startswith(CHECKPOINT_PREFIX) \
-            else json.loads((checkpoint / "train_state.json").read_text())["global_step"]
+            ema.to(device)  # shadows are restored on the CPU
+        global_step = int(state["global_step"])
         log(f"[resume] {checkpoint} at step {global_step}")
     if accelerator.is_main_process and trackers:
         accelerator.init_trackers("shifted_diffusion_prior", config={k: str(v) for k, v in cfg.to_dict().items()})
 
-    def save_checkpoint(step: int) -> None:
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            prune_checkpoints(output_dir, cfg.checkpoints_total_limit)
-        path = output_dir / f"{CHECKPOINT_PREFIX}{step}"
-        accelerator.save_state(str(path))
-        if accelerator.is_main_process:
-            (path / "train_state.json").write_text(json.dumps({"global_step": step, "config": cfg.to_dict()}, indent=2))
-            log(f"[checkpoint] {path}")
+    def write_checkpoint(step: int) -> None:
+        path = save_checkpoint(accelerator, output_dir, step, modules=trained, optimizer=optimizer,
+                               lr_scheduler=lr_scheduler, ema=ema, config=cfg.to_dict(),
+                               total_limit=cfg.checkpoints_total_limit)
+        log(f"[checkpoint] {path}")
 
     def run_validation(step: int) -> dict:
         unwrapped.eval()
@@ -292,6 +308,11 @@ def train_prior(cfg: TrainConfig) -> Path:
             if global_step % cfg.logging_steps == 0 or global_step == max_steps:
                 # the loss of this step's accumulation window, averaged over processes: read every logging_steps
                 train_loss = float(accelerator.gather(window_mean[None]).mean())
+                if not math.isfinite(train_loss):
+                    raise FloatingPointError(
+                        f"step {global_step}: the training loss is {train_loss}; stopping (the last checkpoint is kept, "
+                        f"nothing more is saved). Lower learning_rate ({cfg.learning_rate}), use mixed_precision "
+                        f"'no' or 'bf16' (now {cfg.mixed_precision!r}), or check the embedding cache for bad values")
                 progress.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
                 elapsed = time.time() - start
                 accelerator.log({"train/loss": train_loss, "train/lr": lr_scheduler.get_last_lr()[0],
@@ -299,7 +320,7 @@ def train_prior(cfg: TrainConfig) -> Path:
                                 step=global_step)
                 start = time.time()
             if cfg.checkpointing_steps and global_step % cfg.checkpointing_steps == 0:
-                save_checkpoint(global_step)
+                write_checkpoint(global_step)
             if cfg.validation_steps and global_step % cfg.validation_steps == 0:
                 metrics = run_validation(global_step)
             if global_step >= max_steps:
@@ -316,6 +337,10 @@ def train_prior(cfg: TrainConfig) -> Path:
         if ema is not None:
             with EmaWeights(ema, unwrapped):
                 state_dict = {k: v.detach().clone() for k, v in unwrapped.state_dict().items()}
+        bad = [k for k, v in (state_dict or unwrapped.state_dict()).items() if not torch.isfinite(v).all()]
+        if bad:
+            raise FloatingPointError(f"after {global_step} steps the {'EMA ' if ema is not None else ''}weights hold "
+                                     f"non-finite values ({len(bad)} tensors, e.g. {bad[0]}); the prior is not saved")
         save_prior(
             prior_dir, unwrapped, shift.cpu(), schedule_config, encoder_settings(cfg), null_clip_text, null_text_tokens,
             extra={"train": cfg.to_dict(), "global_step": global_step, "validation": metrics,

@@ -17,6 +17,8 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
+from .checks import check_choice, check_range
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -91,6 +93,54 @@ class TrainConfig:
     report_to: str = "tensorboard"  # used when installed; "none" disables trackers
     logging_steps: int = 10
     evaluate_toy: bool = True  # after training on the toy world, print its quality table
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Every numeric setting in its range and every name known: ValueError naming the flag otherwise."""
+        from diffusers.optimization import SchedulerType
+
+        from .encoders import _DTYPES
+        from .prior import _PRESETS
+
+        ints = {  # field: (low, optional)
+            "encoder_batch_size": (1, False), "text_max_length": (1, False), "vocab_size": (1, False),
+            "kmeans_iters": (1, False), "model_width": (1, True), "model_layers": (1, True),
+            "model_num_heads": (1, True), "num_timesteps": (2, False), "timesteps_per_caption": (1, False),
+            "lr_warmup_steps": (0, False), "train_batch_size": (1, False), "num_train_epochs": (1, False),
+            "max_train_steps": (1, True), "gradient_accumulation_steps": (1, False),
+            "dataloader_num_workers": (0, False), "checkpointing_steps": (0, False),
+            "checkpoints_total_limit": (1, True), "validation_steps": (0, False), "num_validation_samples": (0, False),
+            "sample_steps": (1, False), "logging_steps": (1, False), "seed": (0, False),
+        }
+        for name, (low, optional) in ints.items():
+            check_range(f"--{name}", getattr(self, name), low, integer=True, optional=optional)
+        for name in ("val_fraction",):
+            check_range(f"--{name}", getattr(self, name), 0.0, 1.0, high_open=True)
+        for name in ("empty_t5_prob", "empty_clip_prob", "ema_decay"):
+            check_range(f"--{name}", getattr(self, name), 0.0, 1.0)
+        for name in ("adam_beta1", "adam_beta2"):
+            check_range(f"--{name}", getattr(self, name), 0.0, 1.0, high_open=True)
+        for name in ("std_scale", "learning_rate", "adam_epsilon", "max_grad_norm", "p2_k"):
+            check_range(f"--{name}", getattr(self, name), 0.0, low_open=True)
+        for name in ("adam_weight_decay", "p2_gamma", "guidance_scale"):
+            check_range(f"--{name}", getattr(self, name), 0.0)
+        check_range("--beta_min", self.beta_min, 0.0, low_open=True)
+        check_range("--beta_max", self.beta_max, self.beta_min, 1.0, high_open=True)
+        if self.beta_schedule == "linear":  # linear betas are scaled by 1000 / num_timesteps
+            check_range("--beta_max x 1000 / --num_timesteps", self.beta_max * 1000 / self.num_timesteps, 0.0, 1.0,
+                        high_open=True)
+        check_choice("--beta_schedule", self.beta_schedule, {"linear", "cosine"})
+        check_choice("--mixed_precision", self.mixed_precision, {"no", "fp16", "bf16"})
+        check_choice("--model_preset", self.model_preset, set(_PRESETS))
+        check_choice("--lr_scheduler", self.lr_scheduler, {t.value for t in SchedulerType})
+        check_choice("--encoder_dtype", self.encoder_dtype, {None, *_DTYPES})
+        if self.model_width is not None and self.model_num_heads is not None and self.model_width % self.model_num_heads:
+            raise ValueError(f"--model_width {self.model_width} is not divisible by --model_num_heads "
+                             f"{self.model_num_heads}")
+        if not self.clip_models:
+            raise ValueError("--clip_models: expected at least one MODEL:PRETRAINED pair, got none")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

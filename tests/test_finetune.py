@@ -116,8 +116,15 @@ def base_args(world, output_dir, *extra):
     ]
 
 
+def _trainer_state(checkpoint):
+    """optimizer / lr_scheduler / ema state of a checkpoint, read without any pickle."""
+    from shifted_diffusion.checkpoints import join_state, read_state
+
+    return join_state(read_state(checkpoint)["state"], load_file(str(Path(checkpoint) / "state.safetensors")))
+
+
 def _ema_state(checkpoint):
-    return torch.load(Path(checkpoint) / "custom_checkpoint_0.pkl", map_location="cpu", weights_only=True)
+    return _trainer_state(checkpoint)["ema"]
 
 
 def _assert_same_safetensors(a, b):
@@ -149,9 +156,9 @@ def test_finetune_checkpoint_resume_and_output_folder(world, tmp_path, capsys):
         assert grid.size == (2 * RESOLUTION, 2 * RESOLUTION)  # 2 held-out images x [original | reconstruction]
 
     ckpt2, ckpt3 = run_a / "checkpoint-2", run_a / "checkpoint-3"
-    unet2, unet3 = load_file(str(ckpt2 / "model.safetensors")), load_file(str(ckpt3 / "model.safetensors"))
+    unet2, unet3 = load_file(str(ckpt2 / "unet.safetensors")), load_file(str(ckpt3 / "unet.safetensors"))
     assert any(not torch.equal(unet2[k], unet3[k]) for k in unet2), "step 3 did not change the UNet"
-    proj3 = load_file(str(ckpt3 / "model_1.safetensors"))
+    proj3 = load_file(str(ckpt3 / "projection.safetensors"))
     ema3 = _ema_state(ckpt3)
     assert ema3["optimization_step"] == 3
     raw = list(unet3.values()) + list(proj3.values())
@@ -165,14 +172,14 @@ def test_finetune_checkpoint_resume_and_output_folder(world, tmp_path, capsys):
     finetune.main(base_args(world, run_b, "--use_ema", "--max_train_steps", "3", "--checkpointing_steps", "1",
                             "--resume_from_checkpoint", "latest", "--validation_steps", "0"))
     assert json.loads((run_b / "train_summary.json").read_text())["steps_this_run"] == 1
-    _assert_same_safetensors(ckpt3 / "model.safetensors", run_b / "checkpoint-3" / "model.safetensors")
-    _assert_same_safetensors(ckpt3 / "model_1.safetensors", run_b / "checkpoint-3" / "model_1.safetensors")
+    _assert_same_safetensors(ckpt3 / "unet.safetensors", run_b / "checkpoint-3" / "unet.safetensors")
+    _assert_same_safetensors(ckpt3 / "projection.safetensors", run_b / "checkpoint-3" / "projection.safetensors")
     ema_b = _ema_state(run_b / "checkpoint-3")
     assert ema_b["optimization_step"] == 3
     for s_a, s_b in zip(ema3["shadow_params"], ema_b["shadow_params"]):
         assert torch.equal(s_a, s_b)
-    opt_a = torch.load(ckpt3 / "optimizer.bin", map_location="cpu", weights_only=True)["state"]
-    opt_b = torch.load(run_b / "checkpoint-3" / "optimizer.bin", map_location="cpu", weights_only=True)["state"]
+    opt_a = _trainer_state(ckpt3)["optimizer"]["state"]
+    opt_b = _trainer_state(run_b / "checkpoint-3")["optimizer"]["state"]
     assert all(torch.equal(opt_a[i]["exp_avg_sq"], opt_b[i]["exp_avg_sq"]) for i in opt_a)
 
     # the output folder: standard pipeline (no text encoder) + projection, carrying the EMA weights
@@ -336,3 +343,56 @@ def test_v_prediction_base_trains_and_keeps_its_prediction_type(world, tmp_path)
     assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
     assert json.loads((out / "image_projection" / "config.json").read_text())["layer_norm"] is False
     assert np.isfinite(json.loads((out / "train_summary.json").read_text())["last_train_loss"])
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--max_train_steps", "0", "--max_train_steps: expected an integer >= 1"),
+    ("--checkpointing_steps", "-1", "--checkpointing_steps: expected an integer >= 0"),
+    ("--train_batch_size", "0", "--train_batch_size: expected an integer >= 1"),
+    ("--gradient_accumulation_steps", "0", "--gradient_accumulation_steps: expected an integer >= 1"),
+    ("--learning_rate", "0", "--learning_rate: expected a finite number > 0.0"),
+    ("--ema_decay", "2", r"--ema_decay: expected a finite number in \[0.0, 1.0\]"),
+    ("--validation_guidance_scale", "nan", "--validation_guidance_scale: expected a finite number >= 0.0"),
+    ("--lr_scheduler", "cosin", "--lr_scheduler: expected one of"),
+    ("--resolution", "36", "--resolution: expected a multiple of 8"),
+])
+def test_flags_are_checked_before_any_work(world, tmp_path, capsys, flag, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        finetune.main(base_args(world, tmp_path / "out", flag, value))
+    assert exit_info.value.code == 2
+    assert __import__("re").search(message, capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_pickle_checkpoint_is_refused_before_any_work(world, tmp_path, capsys):
+    import os
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'pwned'}",)
+
+    folder = tmp_path / "old" / "checkpoint-2"
+    folder.mkdir(parents=True)
+    for name in ("custom_checkpoint_0.pkl", "random_states_0.pkl", "optimizer.bin", "model.safetensors"):
+        (folder / name).write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(SystemExit):
+        finetune.main(base_args(world, tmp_path / "out", "--resume_from_checkpoint", str(folder)))
+    assert "unpickling can run code" in capsys.readouterr().err
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "out").exists()
+
+
+def test_non_finite_loss_stops_the_run_naming_the_step(world, tmp_path, monkeypatch):
+    calls, original = [], finetune.diffusion_loss
+
+    def poisoned(*a, **k):
+        calls.append(1)
+        loss = original(*a, **k)
+        return loss * float("nan") if len(calls) >= 2 else loss
+
+    monkeypatch.setattr(finetune, "diffusion_loss", poisoned)
+    out = tmp_path / "nan"
+    with pytest.raises(FloatingPointError, match="step 2: the training loss is nan"):
+        finetune.main(base_args(world, out, "--max_train_steps", "3", "--checkpointing_steps", "1",
+                                "--validation_steps", "0"))
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-1"] and not (out / "model_index.json").exists()

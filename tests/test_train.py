@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
+from shifted_diffusion.checkpoints import CheckpointError, find_checkpoint, list_checkpoints
 from shifted_diffusion.prior_pipeline import load_prior
 from shifted_diffusion.train_config import TrainConfig, parse_config
 from shifted_diffusion.vocab import ClusterVocab
@@ -158,3 +159,159 @@ def test_logged_loss_is_the_mean_over_each_accumulation_window(caption_image_fol
     for step, value in logged:
         window = micro_losses[2 * step - 2: 2 * step]
         assert value == pytest.approx(sum(window) / 2, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- reliability
+
+# Run train.py in a child process that SIGKILLs itself at one moment of the save of checkpoint-KILL_STEP.
+KILLER = r'''
+import os, runpy, signal, sys
+import shifted_diffusion.checkpoints as c
+
+point, step = os.environ["KILL_AT"], int(os.environ["KILL_STEP"])
+def kill():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if point == "writing":  # the first weights file of the save is on disk, the rest is not
+    save_module = c._save_module
+    def hooked(path, module):
+        save_module(path, module)
+        if path.parent.name == f".checkpoint-{step}.partial":
+            kill()
+    c._save_module = hooked
+elif point == "pruning":  # the new checkpoint is in place, the old one not yet pruned
+    prune = c.prune_checkpoints
+    def hooked(output_dir, total_limit):
+        if (c.checkpoint_folder(output_dir, step)).is_dir():
+            kill()
+        prune(output_dir, total_limit)
+    c.prune_checkpoints = hooked
+sys.argv = ["train.py", *sys.argv[1:]]
+runpy.run_path(os.path.join(os.getcwd(), "train.py"), run_name="__main__")
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point,resumed_from", [("writing", "checkpoint-2"), ("pruning", "checkpoint-4")])
+def test_kill_9_during_a_save_loses_nothing(caption_image_folder, tiny_open_clip_dir, tmp_path, point, resumed_from):
+    """A real training process killed with SIGKILL while it writes checkpoint-4 (limit 1 checkpoint): the
+    previous checkpoint survives, 'latest' resumes from the newest complete one, and the resumed run ends with
+    the weights of an uninterrupted one."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(train.__file__).resolve().parent
+    common = ["--checkpointing_steps", "2", "--checkpoints_total_limit", "1", "--validation_steps", "0",
+              "--max_train_steps", "6", "--report_to", "none", "--cache_dir", str(tmp_path / "cache")]
+    straight = train.main(args(caption_image_folder, tiny_open_clip_dir, tmp_path / "a", *common))
+    run = tmp_path / "b"
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    env = {**os.environ, "KILL_AT": point, "KILL_STEP": "4", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    child = subprocess.run([sys.executable, str(script), *args(caption_image_folder, tiny_open_clip_dir, run, *common)],
+                           cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert child.returncode == -9, child.stderr[-3000:]
+    assert not (run / "prior").exists()
+    latest = find_checkpoint(run, "latest")
+    assert latest.name == resumed_from
+    resumed = train.main(args(caption_image_folder, tiny_open_clip_dir, run, *common, "--resume_from_checkpoint", "latest"))
+    a, b = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    assert [p.name for p in list_checkpoints(run)] == ["checkpoint-6"]  # the limit holds again, leftovers removed
+    assert not list(run.glob(".checkpoint-*"))
+
+
+def test_resume_never_unpickles_and_names_mismatches(caption_image_folder, tiny_open_clip_dir, tmp_path):
+    """Payloads planted in every pickle-capable file name accelerate's load_state reads: a resume ignores them
+    (ours) or refuses the folder by name (theirs); nothing runs. Other width or a non-checkpoint folder: one
+    sentence, before any embedding work."""
+    import os
+    import pickle
+    import shutil
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'pwned'}",)
+
+    common = ["--checkpointing_steps", "2", "--validation_steps", "0", "--report_to", "none",
+              "--cache_dir", str(tmp_path / "cache")]
+    run = tmp_path / "run"
+    train.main(args(caption_image_folder, tiny_open_clip_dir, run, "--max_train_steps", "2", *common))
+    pickles = ["custom_checkpoint_0.pkl", "random_states_0.pkl", "optimizer.bin", "scheduler.bin", "scaler.pt",
+               "sampler.bin", "pytorch_model.bin", "model.safetensors"]
+    for name in pickles:
+        (run / "checkpoint-2" / name).write_bytes(pickle.dumps(Payload()))
+    train.main(args(caption_image_folder, tiny_open_clip_dir, run, "--max_train_steps", "3", *common,
+                    "--resume_from_checkpoint", "latest"))
+    theirs = tmp_path / "theirs" / "checkpoint-2"
+    theirs.mkdir(parents=True)
+    for name in pickles:
+        (theirs / name).write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(CheckpointError, match="pickle files .*unpickling can run code"):
+        train.main(args(caption_image_folder, tiny_open_clip_dir, tmp_path / "x", "--max_train_steps", "3", *common,
+                        "--resume_from_checkpoint", str(theirs)))
+    assert not (tmp_path / "pwned").exists()
+
+    wide = tmp_path / "wide"
+    shutil.copytree(run / "checkpoint-2", wide / "checkpoint-2")
+    with pytest.raises(CheckpointError, match=r"128, 128\) in the checkpoint but \(48, 128\).*model_width=None \(checkpoint\) vs 48 \(now\)"):
+        train.main(args(caption_image_folder, tiny_open_clip_dir, wide, "--max_train_steps", "3", *common,
+                        "--model_width", "48", "--resume_from_checkpoint", "latest"))
+    with pytest.raises(CheckpointError, match="is not a complete checkpoint"):
+        train.main(args(caption_image_folder, tiny_open_clip_dir, tmp_path / "y", "--max_train_steps", "3",
+                        "--resume_from_checkpoint", str(caption_image_folder)))
+    assert not (tmp_path / "y").exists()  # refused before any work
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--max_train_steps", "0", "--max_train_steps: expected an integer >= 1"),
+    ("--checkpointing_steps", "-1", "--checkpointing_steps: expected an integer >= 0"),
+    ("--train_batch_size", "0", "--train_batch_size: expected an integer >= 1"),
+    ("--gradient_accumulation_steps", "0", "--gradient_accumulation_steps: expected an integer >= 1"),
+    ("--logging_steps", "0", "--logging_steps: expected an integer >= 1"),
+    ("--learning_rate", "0", "--learning_rate: expected a finite number > 0.0"),
+    ("--vocab_size", "0", "--vocab_size: expected an integer >= 1"),
+    ("--sample_steps", "0", "--sample_steps: expected an integer >= 1"),
+    ("--ema_decay", "2", r"--ema_decay: expected a finite number in \[0.0, 1.0\]"),
+    ("--guidance_scale", "nan", "--guidance_scale: expected a finite number >= 0.0"),
+    ("--std_scale", "inf", "--std_scale: expected a finite number > 0.0"),
+    ("--lr_scheduler", "cosin", "--lr_scheduler: expected one of"),
+    ("--mixed_precision", "fp8", "--mixed_precision: expected one of"),
+    ("--model_num_heads", "0", "--model_num_heads: expected an integer >= 1"),
+    ("--val_fraction", "1", r"--val_fraction: expected a finite number in \[0.0, 1.0\)"),
+])
+def test_settings_are_checked_before_any_work(caption_image_folder, tiny_open_clip_dir, tmp_path, flag, value, message):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=message):
+        train.main(args(caption_image_folder, tiny_open_clip_dir, out, flag, value))
+    assert not out.exists()
+
+
+def test_garbage_vocab_path_is_refused_before_any_work(caption_image_folder, tiny_open_clip_dir, tmp_path):
+    garbage = tmp_path / "vocab.safetensors"
+    garbage.write_bytes(b"not a vocabulary")
+    with pytest.raises(ValueError, match=f"vocab_path {garbage}: not a vocabulary file"):
+        train.main(args(caption_image_folder, tiny_open_clip_dir, tmp_path / "out", "--vocab_path", str(garbage)))
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_finite_loss_stops_the_run_naming_the_step(caption_image_folder, tiny_open_clip_dir, tmp_path,
+                                                       monkeypatch):
+    from shifted_diffusion.loss import ShiftedDiffusionLoss
+
+    calls, original = [], ShiftedDiffusionLoss.__call__
+
+    def poisoned(self, *a, **k):
+        calls.append(1)
+        losses = original(self, *a, **k)
+        return losses * float("nan") if len(calls) >= 3 else losses
+
+    monkeypatch.setattr(ShiftedDiffusionLoss, "__call__", poisoned)
+    out = tmp_path / "nan"
+    with pytest.raises(FloatingPointError, match="step 4: the training loss is nan"):
+        train.main(args(caption_image_folder, tiny_open_clip_dir, out, "--max_train_steps", "6", "--logging_steps", "2",
+                        "--checkpointing_steps", "2", "--validation_steps", "0", "--report_to", "none"))
+    assert not (out / "prior").exists() and [p.name for p in list_checkpoints(out)] == ["checkpoint-2"]
