@@ -57,37 +57,65 @@ def betas_from_config(config: ScheduleConfig) -> torch.Tensor:
     raise ValueError(f"unknown beta_schedule {config.beta_schedule!r}; expected 'linear' or 'cosine'")
 
 
+def _ddim_timesteps(num_timesteps: int, count: int) -> list[int]:
+    """The smallest integer stride giving exactly ``count`` timesteps from 0; refused when none does."""
+    for stride in range(1, num_timesteps):
+        if len(range(0, num_timesteps, stride)) == count:
+            return list(range(0, num_timesteps, stride))
+    raise ValueError(f"ddim{count}: no integer stride takes exactly {count} of {num_timesteps} timesteps")
+
+
+def _section_timesteps(num_timesteps: int, counts: list[int]) -> list[int]:
+    """The range split into len(counts) near-equal sections; section i gives counts[i] timesteps at a
+    fractional stride accumulated step by step and rounded (Python's round: halves to even)."""
+    base, extra = divmod(num_timesteps, len(counts))
+    kept, start = [], 0
+    for i, count in enumerate(counts):
+        size = base + (1 if i < extra else 0)
+        if not 0 <= count <= size:
+            raise ValueError(f"cannot take {count} steps from a section of {size} timesteps")
+        stride = (size - 1) / (count - 1) if count > 1 else 1.0
+        position = 0.0
+        for _ in range(count):
+            kept.append(start + round(position))
+            position += stride
+        start += size
+    return kept
+
+
 def spaced_timesteps(num_timesteps: int, spacing: Spacing) -> list[int]:
-    """Timesteps kept when respacing (improved-diffusion's space_timesteps).
+    """Timesteps kept when respacing, sorted: the original release's rules (improved-diffusion's
+    ``space_timesteps``, plus GLIDE's "fast27").
 
     ``8`` or ``"8"``: 8 evenly strided steps including 0 and T-1; ``"10,20"``: sections of the range
-    with that many steps each; ``"ddim50"``: stride T // 50 from 0 (DDIM / diffusers "leading");
-    a sequence of ints: exactly those timesteps.
+    with that many steps each; ``"ddim50"``: the integer stride from 0 that gives exactly 50 steps (an
+    error when no stride does); ``"fast27"``: "10,10,3,2,2" with T-1 replaced by T-3; a sequence of
+    ints: exactly those timesteps.
     """
     if isinstance(spacing, (list, tuple)):
         kept = sorted(set(int(t) for t in spacing))
         if not kept or kept[0] < 0 or kept[-1] >= num_timesteps:
             raise ValueError(f"timesteps {spacing} must lie in [0, {num_timesteps})")
         return kept
-    if isinstance(spacing, int):
-        spacing = str(spacing)
-    spacing = spacing.strip()
-    if spacing.startswith("ddim"):
-        count = int(spacing[len("ddim"):])
-        if not 1 <= count <= num_timesteps:
-            raise ValueError(f"cannot take {count} DDIM steps out of {num_timesteps}")
-        return list(range(0, num_timesteps, num_timesteps // count))[:count]
-    counts = [int(c) for c in spacing.split(",")]
-    base, extra = divmod(num_timesteps, len(counts))
-    kept, start = [], 0
-    for i, count in enumerate(counts):
-        size = base + (1 if i < extra else 0)
-        if not 1 <= count <= size:
-            raise ValueError(f"cannot take {count} steps from a section of {size} timesteps")
-        stride = (size - 1) / (count - 1) if count > 1 else 1.0
-        kept += [start + round(j * stride) for j in range(count)]
-        start += size
-    return sorted(set(kept))
+    spacing = str(spacing).strip()
+    if spacing == "fast27":
+        kept = set(_section_timesteps(num_timesteps, [10, 10, 3, 2, 2]))
+        kept.discard(num_timesteps - 1)  # fewer artefacts from the noisiest step
+        kept.add(num_timesteps - 3)
+        return sorted(kept)
+    try:
+        if spacing.startswith("ddim"):
+            return _ddim_timesteps(num_timesteps, int(spacing[len("ddim"):]))
+        counts = [int(c) for c in spacing.split(",")]
+    except ValueError as error:
+        if "ddim" in str(error) or "section" in str(error):
+            raise
+        raise ValueError(f"timestep spacing {spacing!r}: expected a count ('8'), counts per section ('10,20'), "
+                         "'ddimN', 'fast27' or a list of timesteps") from None
+    kept = sorted(set(_section_timesteps(num_timesteps, counts)))
+    if not kept:
+        raise ValueError(f"timestep spacing {spacing!r} keeps no timestep")
+    return kept
 
 
 def _expand(table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

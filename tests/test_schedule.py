@@ -185,3 +185,60 @@ def _noiseless(ref, x0, step, x_t):
     c1 = abar_prev.sqrt() * beta / (1 - abar_t)
     c2 = (1 - beta).sqrt() * (1 - abar_prev) / (1 - abar_t)
     return c1 * x0 + c2 * x_t
+
+
+def _improved_diffusion_space_timesteps(num_timesteps, section_counts):
+    """improved-diffusion's space_timesteps (and GLIDE's "fast27"), written out from its published formulas."""
+    if isinstance(section_counts, str):
+        if section_counts.startswith("ddim"):
+            desired = int(section_counts[4:])
+            for i in range(1, num_timesteps):
+                if len(range(0, num_timesteps, i)) == desired:
+                    return set(range(0, num_timesteps, i))
+            raise ValueError("no stride")
+        if section_counts == "fast27":
+            steps = _improved_diffusion_space_timesteps(num_timesteps, "10,10,3,2,2")
+            steps.remove(num_timesteps - 1)
+            steps.add(num_timesteps - 3)
+            return steps
+        section_counts = [int(x) for x in section_counts.split(",")]
+    size_per, extra = num_timesteps // len(section_counts), num_timesteps % len(section_counts)
+    start_idx, all_steps = 0, []
+    for i, section_count in enumerate(section_counts):
+        size = size_per + (1 if i < extra else 0)
+        if size < section_count:
+            raise ValueError("section too small")
+        frac_stride = 1 if section_count <= 1 else (size - 1) / (section_count - 1)
+        cur_idx = 0.0
+        for _ in range(section_count):
+            all_steps.append(start_idx + round(cur_idx))
+            cur_idx += frac_stride
+        start_idx += size
+    return set(all_steps)
+
+
+def test_respacing_is_the_original_releases_for_every_count_and_string():
+    """Counts 1..1000, 251 multi-section strings, every ddimN and fast27: the same timesteps as
+    improved-diffusion (rounding j * stride instead of accumulating kept 500 instead of 499 for "21")."""
+    T = 1000
+    assert spaced_timesteps(T, "21")[10] == 499
+    for count in range(1, T + 1):
+        assert spaced_timesteps(T, str(count)) == sorted(_improved_diffusion_space_timesteps(T, str(count))), count
+    rng = np.random.default_rng(0)
+    for _ in range(251):
+        sections = int(rng.integers(2, 6))
+        spacing = ",".join(str(int(c)) for c in rng.integers(1, T // sections + 1, size=sections))
+        assert spaced_timesteps(T, spacing) == sorted(_improved_diffusion_space_timesteps(T, spacing)), spacing
+    assert spaced_timesteps(T, "ddim3") == [0, 334, 668]
+    for count in range(1, T + 1):
+        try:
+            expected = sorted(_improved_diffusion_space_timesteps(T, f"ddim{count}"))
+        except ValueError:
+            with pytest.raises(ValueError, match=f"ddim{count}: no integer stride"):
+                spaced_timesteps(T, f"ddim{count}")
+            continue
+        assert spaced_timesteps(T, f"ddim{count}") == expected
+    fast = spaced_timesteps(T, "fast27")
+    assert fast == sorted(_improved_diffusion_space_timesteps(T, "fast27")) and len(fast) == 27 and fast[-1] == T - 3
+    with pytest.raises(ValueError, match="expected a count"):
+        spaced_timesteps(T, "fast")
