@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from shifted_diffusion.checkpoints import find_checkpoint, prune_checkpoints, step_generator
-from shifted_diffusion.data import list_image_files
+from shifted_diffusion.data import list_image_files, open_rgb
 from shifted_diffusion.decoder import load_embedding, make_grid, write_decoder_files
 from shifted_diffusion.train_config import parse_clip_specs
 from shifted_diffusion.projection import PROJECTION_SUBFOLDER, ImageEmbeddingProjection
@@ -162,8 +162,7 @@ class EpochShuffleSampler(torch.utils.data.Sampler):
 
 def load_training_image(path: Path, resolution: int, center_crop: bool) -> torch.Tensor:
     """Resize (shorter side, bilinear) and crop to resolution -> (3, H, W) in [-1, 1]."""
-    with Image.open(path) as image:
-        image = image.convert("RGB")
+    image = open_rgb(path)  # 16-bit images scaled to 8 bits
     width, height = image.size
     scale = resolution / min(width, height)
     new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
@@ -265,8 +264,7 @@ def compute_image_embeddings(clip, paths: list[Path], batch_size: int, desc: str
         images, ok = [], []
         for path in chunk:
             try:
-                with Image.open(path) as image:
-                    images.append(image.convert("RGB"))
+                images.append(open_rgb(path))
                 ok.append(True)
             except Exception as error:
                 logger.warning(f"skipping unreadable image {path}: {type(error).__name__}: {error}")

@@ -257,7 +257,11 @@ class MultiCLIP:
         }
 
     def preprocess(self, image) -> list[torch.Tensor]:
-        """One PIL image -> one (3, H, W) tensor per distinct transform (resize, centre crop, normalise)."""
+        """One PIL image -> one (3, H, W) tensor per distinct transform (resize, centre crop, normalise);
+        16-bit and float images are first scaled to 8-bit RGB (``data.to_rgb``)."""
+        from .data import to_rgb
+
+        image = to_rgb(image)
         return [transform(image) for transform in self.transforms]
 
     def preprocess_batch(self, images: Sequence) -> list[torch.Tensor]:
