@@ -36,7 +36,7 @@ from PIL import Image
 
 from shifted_diffusion.checkpoints import find_checkpoint, load_checkpoint, read_state, save_checkpoint, step_generator
 from shifted_diffusion.checks import check_choice, check_range
-from shifted_diffusion.data import list_image_files
+from shifted_diffusion.data import list_image_files, open_rgb
 from shifted_diffusion.decoder import load_embedding, make_grid, write_decoder_files
 from shifted_diffusion.train_config import parse_clip_specs
 from shifted_diffusion.projection import PROJECTION_SUBFOLDER, ImageEmbeddingProjection
@@ -195,8 +195,7 @@ class EpochShuffleSampler(torch.utils.data.Sampler):
 
 def load_training_image(path: Path, resolution: int, center_crop: bool) -> torch.Tensor:
     """Resize (shorter side, bilinear) and crop to resolution -> (3, H, W) in [-1, 1]."""
-    with Image.open(path) as image:
-        image = image.convert("RGB")
+    image = open_rgb(path)  # 16-bit images scaled to 8 bits
     width, height = image.size
     scale = resolution / min(width, height)
     new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
@@ -262,29 +261,14 @@ def _embedding_metadata(clip, paths: list[Path]) -> dict:
 
 def cached_image_embeddings(cache_dir: str, clip, paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(embeddings (N, D), readable (N,) bool) from a shifted_diffusion.cache folder built with the same CLIP
-    models from these images (images it skipped as unreadable stay unreadable); None when it does not match."""
+    models and weights from these very image files, unchanged since (cache.match_image_embeddings; images it
+    skipped as unreadable stay unreadable); None, with a warning saying why, when it does not match."""
     from shifted_diffusion import cache
 
-    manifest = cache.load_manifest(cache_dir)
-    try:
-        cache.check_encoders(manifest["encoders"]["clip"], clip.spec, cache_dir)
-    except ValueError as error:
-        logger.warning(f"not reusing the embedding cache: {error}")
-        return None
-    source = Path(manifest["source"])
-    row_of = {str((source / r["file_name"]).resolve()): i for i, r in enumerate(cache.load_image_records(cache_dir))}
-    skipped = {str((source / r["file_name"]).resolve()) for r in manifest.get("skipped", [])}
-    missing = [p for p in paths if str(p.resolve()) not in row_of and str(p.resolve()) not in skipped]
-    if missing:
-        logger.warning(f"not reusing the embedding cache {cache_dir}: {len(missing)} training images are not in it "
-                       f"(e.g. {missing[0]}; the cache was built from {source})")
-        return None
-    embeds = cache.load_image_embeddings(cache_dir).float()
-    readable = torch.tensor([str(p.resolve()) in row_of for p in paths], dtype=torch.bool)
-    out = torch.zeros(len(paths), embeds.shape[1])
-    out[readable] = embeds[torch.tensor([row_of[str(p.resolve())] for p in paths if str(p.resolve()) in row_of],
-                                        dtype=torch.long)]
-    return out, readable
+    matched, why = cache.match_image_embeddings(cache_dir, clip, paths)
+    if matched is None:
+        logger.warning(f"not reusing the embedding cache {cache_dir}: {why}")
+    return matched
 
 
 def compute_image_embeddings(clip, paths: list[Path], batch_size: int, desc: str,
@@ -298,8 +282,7 @@ def compute_image_embeddings(clip, paths: list[Path], batch_size: int, desc: str
         images, ok = [], []
         for path in chunk:
             try:
-                with Image.open(path) as image:
-                    images.append(image.convert("RGB"))
+                images.append(open_rgb(path))
                 ok.append(True)
             except Exception as error:
                 logger.warning(f"skipping unreadable image {path}: {type(error).__name__}: {error}")

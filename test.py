@@ -18,10 +18,9 @@ import sys
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from shifted_diffusion.threads import torch_threads
-from shifted_diffusion.data import read_image_folder
+from shifted_diffusion.data import open_rgb, read_image_folder
 from shifted_diffusion.decoder import SCHEDULERS, default_device_dtype, load_decoder, load_embedding
 from shifted_diffusion.train_config import parse_clip_specs
 from train_toy_decoder import add_toy_default_arguments, default_toy_decoder
@@ -142,8 +141,7 @@ def run(args, toy_inputs: bool) -> list[Path]:
         batch, images = [], []
         for job in jobs[start:start + args.batch_size]:
             try:
-                with Image.open(job[0]) as image:
-                    images.append(image.convert("RGB"))
+                images.append(open_rgb(job[0]))
                 batch.append(job)
             except Exception as error:
                 print(f"test.py: skipping unreadable image {job[0]}: {type(error).__name__}: {error}", file=sys.stderr)
@@ -162,8 +160,8 @@ def run(args, toy_inputs: bool) -> list[Path]:
     if toy_inputs and written:
         from shifted_diffusion.decoder import make_grid
 
-        rows = [[Image.open(source).convert("RGB")] + [Image.open(numbered(target, k, args.num_images)).convert("RGB")
-                                                       for k in range(args.num_images)] for source, target in pairs]
+        rows = [[open_rgb(source)] + [open_rgb(numbered(target, k, args.num_images)) for k in range(args.num_images)]
+                for source, target in pairs]
         grid_path = Path(args.output_dir) / "grid.png"
         make_grid(rows).save(grid_path)
         print(f"test.py: grid [input | reconstructions] written to {grid_path}")

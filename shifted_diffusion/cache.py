@@ -1,16 +1,29 @@
 """Embedding cache (DESIGN.md §4): embed an image folder once, train the prior from shards on disk.
 
-Layout of ``cache_dir``::
+Layout of ``cache_dir`` (format version 2)::
 
-    manifest.json                 encoders (specs), dims, counts, block_sizes, text_len, skipped images, shards
+    manifest.json                 format, version, encoders (specs), encoder_weights (fingerprints), source
+                                  (resolved image folder), dims, counts, block_sizes, text_len, skipped images,
+                                  shards [{name, num_images, num_captions, tensor_bytes}]
     null_embeddings.safetensors   null_clip_text (D,), null_text_tokens (L, E): encodings of the empty caption ""
     shard_00000.safetensors       clip_image (n, D), clip_text (m, D)   [clip_dtype, default float16]
                                   text_tokens (m, L, E) float16, caption_image (m,) int64 = shard-local image row
-    shard_00000.json              file list of the shard's input images, embedded images (file_name, captions,
-                                  metadata), skipped images (file_name, error); written last = shard done
+    shard_00000.json              version, encoders, encoder_weights, source, clip_dtype; inputs (per input image:
+                                  file_name, size, mtime_ns), embedded images (file_name, captions, metadata),
+                                  skipped images (file_name, error), tensor_bytes; written last = shard done
 
 Images are numbered densely (``image_index``) in file-name order over all shards, skipped images excluded.
-``precompute`` is resumable: a shard whose .json exists and lists the same input files is not recomputed.
+
+``precompute`` never serves stale data. It refuses (ValueError naming the cache, what differs and the fix) a
+cache built from another source folder, with other encoders (``spec``) or other encoder weights
+(``weights_fingerprint``: size + mtime of local weight files, SHA-256 with ``weights_content_hash=True``),
+or by another format version. It reuses a finished shard only when its record matches: same input files
+with the same size and mtime, same captions and metadata, same clip_dtype, a readable record and tensor
+file of the recorded size and shapes; any other shard is recomputed, with a warning naming it and why
+(a missing record, as after a kill, is recomputed silently). Writes are atomic (tmp file, fsync, rename)
+and the record is written last, so a killed run resumes bit-exactly. Embeddings are checked for NaN / inf
+when a shard is written and when a cache is opened (``EmbeddingDataset``, ``load_image_embeddings``);
+corrupt or truncated files raise ``CacheFileError`` naming the file and how to rebuild it.
 """
 
 from __future__ import annotations
@@ -19,19 +32,30 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch.utils.data import Dataset
 
-from .data import ImageRecord, read_image_folder
+from .data import ImageRecord, open_rgb, read_image_folder
+from .encoders import fingerprint_difference
 
 CACHE_FORMAT = "shifted-diffusion-embedding-cache"
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 NULL_NAME = "null_embeddings.safetensors"
+SHARD_KEYS = ("clip_image", "clip_text", "text_tokens", "caption_image")
 
 PathLike = Union[str, os.PathLike]
+
+
+class CacheFileError(ValueError):
+    """A cache file is missing, truncated or corrupt (the message names it and how to rebuild it)."""
+
+
+def _rebuild_hint(path: Path) -> str:
+    return (f"rerun precompute (train.py does it) with the same image folder and encoders: it recomputes "
+            f"this file; or delete {str(path.parent)!r} to rebuild the whole cache")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -49,9 +73,14 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _plain(obj):
+    """JSON round trip (tuples -> lists, keys -> str): how a value compares once read back from a record."""
+    return json.loads(json.dumps(obj))
+
+
 def check_encoders(cached: dict, given: dict, cache_dir: PathLike) -> None:
     """Refuse a cache built with other encoders; the message names the first differing setting."""
-    old, new = _flatten(json.loads(json.dumps(cached))), _flatten(json.loads(json.dumps(given)))
+    old, new = _flatten(_plain(cached)), _flatten(_plain(given))
     for key in sorted(set(old) | set(new), key=lambda k: (not k.endswith(".type"), k)):  # type first
         if old.get(key) != new.get(key):
             raise ValueError(
@@ -60,19 +89,81 @@ def check_encoders(cached: dict, given: dict, cache_dir: PathLike) -> None:
                 "to embed with these encoders")
 
 
+def encoder_weights(encoder, content_hash: bool = False) -> dict:
+    """An encoder's ``weights_fingerprint()`` ({} for encoders without one)."""
+    method = getattr(encoder, "weights_fingerprint", None)
+    return _plain(method(content_hash=content_hash)) if method is not None else {}
+
+
+def check_encoder_weights(cached: dict, given: dict, cache_dir: PathLike) -> None:
+    """Refuse a cache built with other encoder weights (e.g. a CLIP retrained in the same folder)."""
+    difference = fingerprint_difference(cached, given, "encoder_weights")
+    if difference:
+        raise ValueError(f"embedding cache {str(cache_dir)!r} was built with other encoder weights "
+                         f"({difference}); use another cache_dir (or delete this one) to embed with these weights")
+
+
+def check_source(cached: str, given: str, cache_dir: PathLike) -> None:
+    """Refuse a cache built from another image folder."""
+    if cached != given:
+        raise ValueError(f"embedding cache {str(cache_dir)!r} was built from the image folder {cached!r}, not "
+                         f"from {given!r}; use another cache_dir (or delete this one) for this folder")
+
+
+def _check_version(manifest: dict, path: Path) -> None:
+    if manifest.get("format") != CACHE_FORMAT:
+        raise ValueError(f"{path} is not a {CACHE_FORMAT} manifest")
+    version = manifest.get("version")
+    if version != CACHE_VERSION:
+        age = "an older" if isinstance(version, int) and version < CACHE_VERSION else "another"
+        raise ValueError(f"embedding cache {str(path.parent)!r} was built by {age} version of shifted_diffusion "
+                         f"(cache format version {version}, this one reads version {CACHE_VERSION}); "
+                         "delete it or use another cache_dir")
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # platforms without directory handles
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _write_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
-def _save_tensors(path: Path, tensors: dict) -> None:
+def _save_tensors(path: Path, tensors: dict) -> int:
+    """Atomic safetensors write (tmp, fsync, rename) -> size in bytes."""
     from safetensors.torch import save_file
 
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return path.stat().st_size
+
+
+def file_fingerprint(path: PathLike) -> dict:
+    """{"size", "mtime_ns"} of an image file, or {"size": None, "mtime_ns": None} when it does not exist."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return {"size": None, "mtime_ns": None}
+    return {"size": int(stat.st_size), "mtime_ns": int(stat.st_mtime_ns)}
 
 
 class _PixelDataset(Dataset):
@@ -85,13 +176,9 @@ class _PixelDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, i):
-        from PIL import Image
-
         try:
-            with Image.open(self.records[i].path) as image:
-                image.load()
-                image = image.convert("RGB")
-                pixels = [transform(image) for transform in self.transforms]
+            image = open_rgb(self.records[i].path)  # 16-bit / float images scaled to 8 bits
+            pixels = [transform(image) for transform in self.transforms]
             return i, pixels, None
         except Exception as e:  # any unreadable / corrupt file is reported, never dropped silently
             return i, None, f"{type(e).__name__}: {e}"
@@ -101,20 +188,39 @@ def _collate_list(items):
     return items
 
 
-def _shard_done(cache_dir: Path, name: str, files: list[str]) -> Optional[dict]:
-    info_path, tensor_path = cache_dir / f"{name}.json", cache_dir / f"{name}.safetensors"
-    if not (info_path.is_file() and tensor_path.is_file()):
-        return None
-    try:
-        with open(info_path, encoding="utf-8") as f:
-            info = json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return None
-    return info if info.get("files") == files else None
+def _nonfinite_rows(tensor: torch.Tensor) -> list[int]:
+    """Rows (first dim) of ``tensor`` holding a NaN or an infinity."""
+    if tensor.numel() == 0:
+        return []
+    bad = ~torch.isfinite(tensor.float().reshape(tensor.shape[0], -1)).all(dim=1)
+    return bad.nonzero().flatten().tolist()
 
 
-def _embed_shard(records, clip, text_encoder, *, batch_size, num_workers, clip_dtype, pbar) -> tuple[dict, dict]:
-    """Embed one shard's images and captions -> (tensors, info)."""
+def _listed(items: list, limit: int = 10) -> str:
+    more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(str(x) for x in items[:limit]) + more
+
+
+def _check_finite_shard(name: str, tensors: dict, image_names: list[str], captions: list[tuple[str, str]]) -> None:
+    """Refuse to write non-finite embeddings: name the shard, the image files and the captions."""
+    problems = []
+    rows = _nonfinite_rows(tensors["clip_image"])
+    if rows:
+        problems.append(f"clip_image of {len(rows)} image(s): {_listed([image_names[r] for r in rows])}")
+    for key in ("clip_text", "text_tokens"):
+        rows = _nonfinite_rows(tensors[key])
+        if rows:
+            described = [f"caption {r} ({captions[r][0]}: {captions[r][1]!r})" for r in rows]
+            problems.append(f"{key} of {len(rows)} caption(s): {_listed(described)}")
+    if problems:
+        raise ValueError(f"precompute: {name}: the encoders produced NaN / inf embeddings ({'; '.join(problems)}), "
+                         f"after conversion to the storage dtype {tensors['clip_image'].dtype} (float16 overflows "
+                         "above 65504); nothing was written for this shard. Check the encoders (weights, "
+                         "encoder_dtype) or use clip_dtype=torch.float32")
+
+
+def _embed_shard(records, clip, text_encoder, *, name, batch_size, num_workers, clip_dtype, pbar) -> tuple[dict, dict]:
+    """Embed one shard's images and captions -> (tensors, info); refuses non-finite embeddings."""
     loader = torch.utils.data.DataLoader(_PixelDataset(records, clip.transforms), batch_size=batch_size,
                                          num_workers=num_workers, collate_fn=_collate_list)
     image_chunks, kept, skipped = [], [], []
@@ -129,10 +235,11 @@ def _embed_shard(records, clip, text_encoder, *, batch_size, num_workers, clip_d
             kept.extend(i for i, _ in ok)
         if pbar is not None:
             pbar.update(len(batch))
-    captions, caption_image = [], []
+    captions, caption_image, caption_owner = [], [], []
     for row, i in enumerate(kept):
         captions.extend(records[i].captions)
         caption_image.extend([row] * len(records[i].captions))
+        caption_owner.extend([records[i].file_name] * len(records[i].captions))
     clip_text = clip.encode_text(captions).to("cpu", clip_dtype) if captions else \
         torch.zeros(0, clip.dim, dtype=clip_dtype)
     token_chunks = [text_encoder.encode(captions[s:s + batch_size]).to("cpu", torch.float16)
@@ -145,8 +252,8 @@ def _embed_shard(records, clip, text_encoder, *, batch_size, num_workers, clip_d
         "text_tokens": text_tokens,  # (m, L, E)
         "caption_image": torch.tensor(caption_image, dtype=torch.long),  # (m,)
     }
+    _check_finite_shard(name, tensors, [records[i].file_name for i in kept], list(zip(caption_owner, captions)))
     info = {
-        "files": [r.file_name for r in records],
         "images": [{"file_name": records[i].file_name, "captions": list(records[i].captions),
                     "metadata": records[i].metadata} for i in kept],
         "skipped": skipped,
@@ -154,6 +261,121 @@ def _embed_shard(records, clip, text_encoder, *, batch_size, num_workers, clip_d
         "num_captions": len(captions),
     }
     return tensors, info
+
+
+# ---------------------------------------------------------------------------------------------- shard reuse
+
+
+def _read_shard_info(path: Path) -> dict:
+    """A shard record (CacheFileError naming the file when it is unreadable, truncated or not a record)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            info = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CacheFileError(f"{path}: unreadable or corrupt shard record ({type(e).__name__}: {e}); "
+                             f"{_rebuild_hint(path)}") from e
+    if not isinstance(info, dict) or not {"images", "skipped", "num_images", "num_captions"} <= set(info):
+        raise CacheFileError(f"{path}: not a shard record (keys {sorted(info) if isinstance(info, dict) else info!r}); "
+                             f"{_rebuild_hint(path)}")
+    return info
+
+
+def _open_tensors(path: Path):
+    """safe_open of a cache tensor file, errors turned into CacheFileError naming the file."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise CacheFileError(f"{path}: missing; {_rebuild_hint(path)}")
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as e:  # SafetensorError (truncated / garbage header), OSError
+        raise CacheFileError(f"{path}: corrupt or truncated safetensors file ({type(e).__name__}: {e}); "
+                             f"{_rebuild_hint(path)}") from e
+
+
+def _check_shard_header(path: Path, num_images: int, num_captions: int, tensor_bytes: Optional[int],
+                        clip_dim: int, text_shape: tuple) -> None:
+    """Tensor file of the recorded size with the recorded keys and shapes (reads the header only)."""
+    if tensor_bytes is not None and path.is_file() and path.stat().st_size != tensor_bytes:
+        raise CacheFileError(f"{path}: {path.stat().st_size} bytes, the record says {tensor_bytes} (truncated or "
+                             f"replaced); {_rebuild_hint(path)}")
+    expected = {"clip_image": (num_images, clip_dim), "clip_text": (num_captions, clip_dim),
+                "text_tokens": (num_captions, *text_shape), "caption_image": (num_captions,)}
+    with _open_tensors(path) as f:
+        shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    for key, shape in expected.items():
+        if shapes.get(key) != shape:
+            raise CacheFileError(f"{path}: tensor {key} has shape {shapes.get(key)}, expected {shape}; "
+                                 f"{_rebuild_hint(path)}")
+
+
+def _stale_reason(info: dict, chunk: Sequence[ImageRecord], fingerprints: list[dict], context: dict) -> Optional[str]:
+    """Why a readable shard record does not match the current images / captions / encoders (None: it matches)."""
+    for key in ("source", "clip_dtype"):
+        if info.get(key) != context[key]:
+            return f"built with {key}={info.get(key)!r}, now {context[key]!r}"
+    if _plain(info.get("encoders")) != _plain(context["encoders"]):
+        return "built with other encoders"
+    difference = fingerprint_difference(info.get("encoder_weights"), context["encoder_weights"], "encoder_weights")
+    if difference:
+        return f"built with other encoder weights ({difference})"
+    inputs = info.get("inputs", [])
+    names = [r.file_name for r in chunk]
+    if [x.get("file_name") for x in inputs] != names:
+        old = [x.get("file_name") for x in inputs]
+        first = next((i for i, (a, b) in enumerate(zip(old, names)) if a != b), min(len(old), len(names)))
+        return (f"its image files changed (shard_size or the folder's file list: at position {first} it has "
+                f"{old[first] if first < len(old) else None!r}, now {names[first] if first < len(names) else None!r})")
+    for record, old, new in zip(chunk, inputs, fingerprints):
+        if (old.get("size"), old.get("mtime_ns")) != (new["size"], new["mtime_ns"]):
+            return (f"image {record.file_name} changed since it was embedded (size {old.get('size')} -> "
+                    f"{new['size']}, mtime_ns {old.get('mtime_ns')} -> {new['mtime_ns']})")
+    by_name = {r.file_name: r for r in chunk}
+    for image in info["images"]:
+        record = by_name.get(image["file_name"])
+        if record is None:
+            return f"its record lists {image['file_name']}, which is not among its input files"
+        if image["captions"] != list(record.captions):
+            return f"the captions of {record.file_name} changed ({image['captions']!r} -> {list(record.captions)!r})"
+        if _plain(image["metadata"]) != _plain(record.metadata):
+            return f"the metadata of {record.file_name} changed ({image['metadata']!r} -> {record.metadata!r})"
+    return None
+
+
+def _reusable_shard(cache_dir: Path, name: str, chunk: Sequence[ImageRecord], fingerprints: list[dict],
+                    context: dict, dims: dict) -> tuple[Optional[dict], Optional[str]]:
+    """(record, None) of a finished shard that matches; (None, why) otherwise (why None: not built yet)."""
+    info_path, tensor_path = cache_dir / f"{name}.json", cache_dir / f"{name}.safetensors"
+    if not info_path.is_file():
+        return None, None
+    try:
+        info = _read_shard_info(info_path)
+        reason = _stale_reason(info, chunk, fingerprints, context)
+        if reason is None:
+            _check_shard_header(tensor_path, info["num_images"], info["num_captions"], info.get("tensor_bytes"),
+                                dims["clip_dim"], dims["text_shape"])
+    except CacheFileError as e:
+        return None, str(e)
+    return (info, None) if reason is None else (None, reason)
+
+
+def _read_previous_manifest(path: Path) -> Optional[dict]:
+    """The manifest of an earlier run: None when absent, or corrupt (warned: it is rebuilt, shards are
+    checked one by one against their own records); ValueError for another format or version."""
+    if not path.is_file():
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            previous = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        warnings.warn(f"precompute: {path} is corrupt ({type(e).__name__}: {e}); rebuilding it (each shard is "
+                      "reused only if its own record matches the images and encoders)", stacklevel=3)
+        return None
+    if not isinstance(previous, dict):
+        warnings.warn(f"precompute: {path} is not a manifest object; rebuilding it", stacklevel=3)
+        return None
+    _check_version(previous, path)
+    return previous
 
 
 def precompute(
@@ -169,17 +391,21 @@ def precompute(
     caption_column: str = "text",
     clip_dtype: torch.dtype = torch.float16,
     num_workers: int = 0,
+    weights_content_hash: bool = False,
 ) -> dict:
     """Embed ``folder`` (CLIP image, CLIP text per caption, word-level tokens) into shards -> manifest.
 
     ``clip``: a ``MultiCLIP``-like encoder (``spec``, ``dim``, ``block_sizes``, ``transforms``,
-    ``encode_pixels``, ``encode_text``); ``text_encoder``: ``.encode(list[str]) -> (B, L, E)``, ``.spec``,
-    ``.dim``, ``.max_length``. ``clip_dtype`` is the storage dtype of the CLIP embeddings (float16 keeps
-    ~3 significant digits, plenty for x0 and the vocabulary); text tokens are always stored in float16.
-    A shard holds ``shard_size`` input images (all their captions) and is held in RAM while it is built:
-    with T5 80 x 1024 tokens that is ~164 KB per caption. ``num_workers`` > 0 decodes and preprocesses
-    images in DataLoader worker processes. Unreadable images are skipped, listed in the manifest and warned
-    about. Re-running with the same encoders resumes; with different encoders it raises ValueError.
+    ``encode_pixels``, ``encode_text``, ``weights_fingerprint``); ``text_encoder``: ``.encode(list[str]) ->
+    (B, L, E)``, ``.spec``, ``.dim``, ``.max_length``, ``.weights_fingerprint``. ``clip_dtype`` is the storage
+    dtype of the CLIP embeddings (float16 keeps ~3 significant digits, plenty for x0 and the vocabulary);
+    text tokens are always stored in float16. A shard holds ``shard_size`` input images (all their
+    captions) and is held in RAM while it is built: with T5 80 x 1024 tokens that is ~164 KB per caption.
+    ``num_workers`` > 0 decodes and preprocesses images in DataLoader worker processes. Unreadable images
+    are skipped, listed in the manifest and warned about. Re-running resumes: matching shards are reused,
+    stale or corrupt ones recomputed (warned); another source folder, other encoders or other encoder
+    weights raise ValueError. ``weights_content_hash`` adds the SHA-256 of local weight files to their
+    fingerprint (reads them in full; a copied folder with the same bytes then still matches).
     """
     from tqdm.auto import tqdm
 
@@ -188,20 +414,23 @@ def precompute(
     records = read_image_folder(folder, image_column=image_column, caption_column=caption_column)
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    encoders = {"clip": clip.spec, "text": text_encoder.spec}
+    encoders = _plain({"clip": clip.spec, "text": text_encoder.spec})
+    weights = {"clip": encoder_weights(clip, weights_content_hash),
+               "text": encoder_weights(text_encoder, weights_content_hash)}
+    source = str(Path(folder).resolve())
     manifest_path = cache_dir / MANIFEST_NAME
-    if manifest_path.is_file():
-        with open(manifest_path, encoding="utf-8") as f:
-            previous = json.load(f)
-        if previous.get("format") != CACHE_FORMAT:
-            raise ValueError(f"{manifest_path} is not a {CACHE_FORMAT} manifest")
+    previous = _read_previous_manifest(manifest_path)
+    if previous is not None:
+        check_source(previous.get("source"), source, cache_dir)
         check_encoders(previous["encoders"], encoders, cache_dir)
+        check_encoder_weights(previous.get("encoder_weights"), weights, cache_dir)
+    clip_dtype_name = str(clip_dtype).replace("torch.", "")
     manifest = {
         "format": CACHE_FORMAT, "version": CACHE_VERSION, "complete": False, "encoders": encoders,
-        "source": str(Path(folder).resolve()), "image_column": image_column, "caption_column": caption_column,
+        "encoder_weights": weights, "source": source, "image_column": image_column, "caption_column": caption_column,
         "clip_dim": int(clip.dim), "block_sizes": list(clip.block_sizes),
         "text_len": int(text_encoder.max_length), "text_dim": int(text_encoder.dim),
-        "clip_dtype": str(clip_dtype).replace("torch.", ""), "text_dtype": "float16", "shard_size": shard_size,
+        "clip_dtype": clip_dtype_name, "text_dtype": "float16", "shard_size": shard_size,
         # compute precision, informational only (not compared on resume: bf16 vs fp16 differ by rounding)
         "encoder_dtypes": {"clip": str(getattr(clip, "dtype", "")).replace("torch.", ""),
                            "text": str(getattr(text_encoder, "dtype", "")).replace("torch.", "")},
@@ -210,27 +439,44 @@ def precompute(
 
     null_clip_text = clip.encode_text([""])[0].to("cpu", torch.float32)  # (D,)
     null_text_tokens = text_encoder.encode([""])[0].to("cpu", torch.float32)  # (L, E)
+    if not (torch.isfinite(null_clip_text).all() and torch.isfinite(null_text_tokens).all()):
+        raise ValueError("precompute: the encoders produced NaN / inf for the empty caption \"\" (null_clip_text "
+                         f"finite: {bool(torch.isfinite(null_clip_text).all())}, null_text_tokens finite: "
+                         f"{bool(torch.isfinite(null_text_tokens).all())}); check the encoders (weights, encoder_dtype)")
     _save_tensors(cache_dir / NULL_NAME, {"null_clip_text": null_clip_text, "null_text_tokens": null_text_tokens})
 
+    context = {"version": CACHE_VERSION, "encoders": encoders, "encoder_weights": weights, "source": source,
+               "clip_dtype": clip_dtype_name}
+    dims = {"clip_dim": int(clip.dim), "text_shape": (int(text_encoder.max_length), int(text_encoder.dim))}
     shards, skipped, reused, computed = [], [], 0, 0
     num_captioned = 0
     pbar = tqdm(total=len(records), desc="embedding images", unit="img", disable=not progress)
     for shard_id, start in enumerate(range(0, len(records), shard_size)):
         chunk = records[start:start + shard_size]
         name = f"shard_{shard_id:05d}"
-        info = _shard_done(cache_dir, name, [r.file_name for r in chunk])
+        fingerprints = [file_fingerprint(r.path) for r in chunk]  # before reading: a later edit makes it stale
+        info, reason = _reusable_shard(cache_dir, name, chunk, fingerprints, context, dims)
         if info is not None:
+            if _plain(info.get("encoder_weights")) != weights:  # same bytes (SHA-256), other stamps: refresh them
+                info["encoder_weights"] = weights
+                _write_json(cache_dir / f"{name}.json", info)
             reused += 1
             pbar.update(len(chunk))
         else:
-            tensors, info = _embed_shard(chunk, clip, text_encoder, batch_size=batch_size, num_workers=num_workers,
-                                         clip_dtype=clip_dtype, pbar=pbar)
-            _save_tensors(cache_dir / f"{name}.safetensors", tensors)
+            if reason is not None:
+                warnings.warn(f"precompute: recomputing {cache_dir / name} ({name}.json / .safetensors): {reason}",
+                              stacklevel=2)
+            tensors, info = _embed_shard(chunk, clip, text_encoder, name=str(cache_dir / name), batch_size=batch_size,
+                                         num_workers=num_workers, clip_dtype=clip_dtype, pbar=pbar)
+            tensor_bytes = _save_tensors(cache_dir / f"{name}.safetensors", tensors)
+            info = {**context, "inputs": [{"file_name": r.file_name, **fp} for r, fp in zip(chunk, fingerprints)],
+                    **info, "tensor_bytes": tensor_bytes}
             _write_json(cache_dir / f"{name}.json", info)  # last: marks the shard finished
             computed += 1
         skipped.extend(info["skipped"])
         num_captioned += sum(1 for image in info["images"] if image["captions"])
-        shards.append({"name": name, "num_images": info["num_images"], "num_captions": info["num_captions"]})
+        shards.append({"name": name, "num_images": info["num_images"], "num_captions": info["num_captions"],
+                       "tensor_bytes": info["tensor_bytes"]})
     pbar.close()
 
     num_images = sum(s["num_images"] for s in shards)
@@ -258,14 +504,20 @@ def precompute(
 
 
 def load_manifest(cache_dir: PathLike) -> dict:
-    """The manifest of a finished cache (clear error when missing or interrupted)."""
+    """The manifest of a finished cache (clear error when missing, corrupt, of another version or interrupted)."""
     path = Path(cache_dir) / MANIFEST_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: build the cache with precompute() first")
-    with open(path, encoding="utf-8") as f:
-        manifest = json.load(f)
-    if manifest.get("format") != CACHE_FORMAT:
-        raise ValueError(f"{path} is not a {CACHE_FORMAT} manifest")
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CacheFileError(f"{path}: unreadable or corrupt manifest ({type(e).__name__}: {e}); rerun precompute "
+                             "(train.py does it) with the same image folder and encoders to rebuild it (finished "
+                             "shards are checked and reused)") from e
+    if not isinstance(manifest, dict):
+        raise CacheFileError(f"{path}: not a manifest (a JSON {type(manifest).__name__}); rerun precompute to rebuild it")
+    _check_version(manifest, path)
     if not manifest.get("complete"):
         raise ValueError(f"embedding cache {str(cache_dir)!r} is incomplete (precompute was interrupted); "
                          "rerun precompute to finish it")
@@ -274,33 +526,160 @@ def load_manifest(cache_dir: PathLike) -> dict:
 
 def load_null_embeddings(cache_dir: PathLike) -> tuple[torch.Tensor, torch.Tensor]:
     """(null_clip_text (D,), null_text_tokens (L, E)) float32: the encodings of the empty caption ""."""
-    from safetensors.torch import load_file
-
     manifest = load_manifest(cache_dir)
-    tensors = load_file(str(Path(cache_dir) / manifest["null_file"]))
+    path = Path(cache_dir) / manifest["null_file"]
+    with _open_tensors(path) as f:
+        try:
+            tensors = {key: f.get_tensor(key) for key in ("null_clip_text", "null_text_tokens")}
+        except Exception as e:
+            raise CacheFileError(f"{path}: unreadable ({type(e).__name__}: {e}); {_rebuild_hint(path)}") from e
+    for key, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():
+            raise CacheFileError(f"{path}: {key} holds NaN / inf; {_rebuild_hint(path)}")
     return tensors["null_clip_text"], tensors["null_text_tokens"]
 
 
-def load_image_embeddings(cache_dir: PathLike) -> torch.Tensor:
-    """All embedded images' CLIP embeddings (N, D) float32, captioned or not, in image_index order."""
-    from safetensors import safe_open
+def _shard_paths(cache_dir: Path, shard: dict) -> tuple[Path, Path]:
+    return cache_dir / f"{shard['name']}.safetensors", cache_dir / f"{shard['name']}.json"
 
+
+# shards already checked in this process: (path, keys) -> (size, mtime_ns, inode) (train and val sets open the
+# same cache: checked once)
+_VERIFIED_SHARDS: dict[str, tuple] = {}
+
+
+def _scan_rows(get_rows: Callable[[int, int], torch.Tensor], num_rows: int, row_elements: int) -> list[int]:
+    """Non-finite rows of a tensor read in chunks of rows (~16M elements each)."""
+    step = max(1, (1 << 24) // max(1, row_elements))
+    bad = []
+    for start in range(0, num_rows, step):
+        bad.extend(start + r for r in _nonfinite_rows(get_rows(start, min(num_rows, start + step))))
+    return bad
+
+
+def _describe_rows(cache_dir: Path, shard: dict, key: str, rows: list[int]) -> str:
+    """The image files / captions of non-finite shard rows (from the shard record, when readable)."""
+    try:
+        images = _read_shard_info(_shard_paths(cache_dir, shard)[1])["images"]
+    except CacheFileError:
+        return f"rows {_listed(rows)}"
+    if key == "clip_image":
+        return f"rows {_listed(rows)} (images {_listed([images[r]['file_name'] for r in rows if r < len(images)])})"
+    captions = [(image["file_name"], c) for image in images for c in image["captions"]]
+    return f"rows {_listed(rows)} (captions {_listed([captions[r] for r in rows if r < len(captions)])})"
+
+
+def _verify_shard(cache_dir: Path, shard: dict, manifest: dict, tensors: Optional[dict] = None,
+                  keys: Sequence[str] = SHARD_KEYS) -> None:
+    """Check a shard's tensor file: recorded size and shapes (header), then one pass for NaN / inf.
+
+    ``tensors``: the shard already loaded (in-memory datasets), else it is read in chunks of rows.
+    Raises CacheFileError naming the file, the tensor and the rows (and their image files / captions).
+    """
+    path = _shard_paths(cache_dir, shard)[0]
+    _check_shard_header(path, shard["num_images"], shard["num_captions"], shard.get("tensor_bytes"),
+                        int(manifest["clip_dim"]), (int(manifest["text_len"]), int(manifest["text_dim"])))
+    stat = path.stat()
+    memo_key = (str(path.resolve()), tuple(keys))
+    if _VERIFIED_SHARDS.get(memo_key) == (stat.st_size, stat.st_mtime_ns, stat.st_ino):
+        return
+    with _open_tensors(path) as f:
+        for key in keys:
+            if key == "caption_image":
+                continue  # integer rows, checked against the image count below
+            if tensors is not None:
+                bad = _nonfinite_rows(tensors[key])
+            else:
+                piece = f.get_slice(key)
+                shape = piece.get_shape()
+                row_elements = 1
+                for size in shape[1:]:
+                    row_elements *= size
+                bad = _scan_rows(lambda a, b: piece[a:b], shape[0], row_elements)
+            if bad:
+                raise CacheFileError(f"{path}: tensor {key} holds NaN / inf in {len(bad)} row(s): "
+                                     f"{_describe_rows(cache_dir, shard, key, bad)}; a prior trained on it would be "
+                                     f"NaN. {_rebuild_hint(path)}")
+        if "caption_image" in keys:
+            caption_image = tensors["caption_image"] if tensors is not None else f.get_tensor("caption_image")
+            if caption_image.numel() and (caption_image.min() < 0 or caption_image.max() >= shard["num_images"]):
+                raise CacheFileError(f"{path}: caption_image rows point outside [0, {shard['num_images']}); "
+                                     f"{_rebuild_hint(path)}")
+    _VERIFIED_SHARDS[memo_key] = (stat.st_size, stat.st_mtime_ns, stat.st_ino)
+
+
+def load_image_embeddings(cache_dir: PathLike) -> torch.Tensor:
+    """All embedded images' CLIP embeddings (N, D) float32, captioned or not, in image_index order
+    (CacheFileError naming the shard file and rows when one is corrupt or holds NaN / inf)."""
     manifest = load_manifest(cache_dir)
+    cache_dir = Path(cache_dir)
     chunks = []
     for shard in manifest["shards"]:
-        with safe_open(str(Path(cache_dir) / f"{shard['name']}.safetensors"), framework="pt") as f:
-            chunks.append(f.get_tensor("clip_image").float())
+        path = _shard_paths(cache_dir, shard)[0]
+        _check_shard_header(path, shard["num_images"], shard["num_captions"], shard.get("tensor_bytes"),
+                            int(manifest["clip_dim"]), (int(manifest["text_len"]), int(manifest["text_dim"])))
+        with _open_tensors(path) as f:
+            clip_image = f.get_tensor("clip_image")
+        bad = _nonfinite_rows(clip_image)
+        if bad:
+            raise CacheFileError(f"{path}: tensor clip_image holds NaN / inf in {len(bad)} row(s): "
+                                 f"{_describe_rows(cache_dir, shard, 'clip_image', bad)}. {_rebuild_hint(path)}")
+        chunks.append(clip_image.float())
     return torch.cat(chunks) if chunks else torch.zeros(0, manifest["clip_dim"])
+
+
+def _load_shard_infos(cache_dir: PathLike, manifest: dict) -> list[dict]:
+    """The shard records of a finished cache, in shard order (CacheFileError naming a corrupt one)."""
+    infos = []
+    for shard in manifest["shards"]:
+        path = _shard_paths(Path(cache_dir), shard)[1]
+        info = _read_shard_info(path)
+        if info["num_images"] != shard["num_images"] or len(info["images"]) != shard["num_images"]:
+            raise CacheFileError(f"{path}: lists {len(info['images'])} images, the manifest {shard['num_images']}; "
+                                 f"{_rebuild_hint(path)}")
+        infos.append(info)
+    return infos
 
 
 def load_image_records(cache_dir: PathLike) -> list[dict]:
     """Per embedded image (image_index order): {"file_name", "captions", "metadata"}."""
     manifest = load_manifest(cache_dir)
-    records = []
-    for shard in manifest["shards"]:
-        with open(Path(cache_dir) / f"{shard['name']}.json", encoding="utf-8") as f:
-            records.extend(json.load(f)["images"])
-    return records
+    return [image for info in _load_shard_infos(cache_dir, manifest) for image in info["images"]]
+
+
+def match_image_embeddings(cache_dir: PathLike, clip, paths: Sequence[PathLike]) -> tuple[Optional[tuple], str]:
+    """Reuse a cache's CLIP image embeddings for ``paths`` (e.g. the decoder's training images).
+
+    -> ((embeddings (N, D) float32, readable (N,) bool), "") when the cache was built with ``clip`` (same
+    ``spec`` and ``weights_fingerprint``) and holds every path with the size and mtime it has now (images the
+    cache skipped as unreadable stay unreadable); else (None, why it does not match).
+    """
+    manifest = load_manifest(cache_dir)
+    try:
+        check_encoders(manifest["encoders"]["clip"], clip.spec, cache_dir)
+        check_encoder_weights(manifest["encoder_weights"]["clip"], encoder_weights(clip), cache_dir)
+    except ValueError as error:
+        return None, str(error)
+    source = Path(manifest["source"])
+    infos = _load_shard_infos(cache_dir, manifest)
+    stamps = {str((source / x["file_name"]).resolve()): x for info in infos for x in info["inputs"]}
+    row_of = {str((source / image["file_name"]).resolve()): i
+              for i, image in enumerate(image for info in infos for image in info["images"])}
+    resolved = [str(Path(p).resolve()) for p in paths]
+    missing = [p for p in resolved if p not in stamps]
+    if missing:
+        return None, (f"{len(missing)} of the {len(paths)} images are not in it (e.g. {missing[0]}; the cache was "
+                      f"built from {source})")
+    for path in resolved:
+        old, new = stamps[path], file_fingerprint(path)
+        if (old["size"], old["mtime_ns"]) != (new["size"], new["mtime_ns"]):
+            return None, (f"{path} changed since the cache was built (size {old['size']} -> {new['size']}, "
+                          f"mtime_ns {old['mtime_ns']} -> {new['mtime_ns']})")
+    embeds = load_image_embeddings(cache_dir)
+    readable = torch.tensor([p in row_of for p in resolved], dtype=torch.bool)
+    out = torch.zeros(len(resolved), embeds.shape[1])
+    out[readable] = embeds[torch.tensor([row_of[p] for p in resolved if p in row_of], dtype=torch.long)]
+    return (out, readable), ""
 
 
 def split_image_indices(
@@ -322,7 +701,8 @@ class EmbeddingDataset(Dataset):
 
     ``split``: None / "all" (every pair), "train" / "val" (held-out images from ``split_image_indices``
     with ``val_fraction``, ``seed``), or a sequence of image indices. Shards are memory-mapped and read
-    per item; ``in_memory=True`` loads them whole (fast for small caches).
+    per item; ``in_memory=True`` loads them whole (fast for small caches). Opening checks every shard once
+    (recorded size and shapes, one pass for NaN / inf): CacheFileError names the file and rows.
     """
 
     def __init__(
@@ -334,8 +714,6 @@ class EmbeddingDataset(Dataset):
         seed: int = 0,
         in_memory: bool = False,
     ):
-        from safetensors import safe_open
-
         self.cache_dir = Path(cache_dir)
         self.manifest = load_manifest(cache_dir)
         self.clip_dim = int(self.manifest["clip_dim"])
@@ -345,11 +723,21 @@ class EmbeddingDataset(Dataset):
         self.num_images = int(self.manifest["num_images"])
         self._paths = [str(self.cache_dir / f"{s['name']}.safetensors") for s in self.manifest["shards"]]
 
+        self._tensors: Optional[list] = None
+        if in_memory:
+            self._tensors = [self._load_shard(shard) for shard in self.manifest["shards"]]
+        else:
+            for shard in self.manifest["shards"]:
+                _verify_shard(self.cache_dir, shard, self.manifest)  # header + one NaN / inf pass, once per process
+
         shard_ids, caption_rows, image_rows, image_index = [], [], [], []
         offset = 0
         for shard_id, (shard, path) in enumerate(zip(self.manifest["shards"], self._paths)):
-            with safe_open(path, framework="pt") as f:
-                caption_image = f.get_tensor("caption_image")  # (m,) shard-local image row
+            if self._tensors is not None:
+                caption_image = self._tensors[shard_id]["caption_image"]
+            else:
+                with _open_tensors(Path(path)) as f:
+                    caption_image = f.get_tensor("caption_image")  # (m,) shard-local image row
             m = caption_image.shape[0]
             shard_ids.append(torch.full((m,), shard_id, dtype=torch.long))
             caption_rows.append(torch.arange(m))
@@ -364,10 +752,16 @@ class EmbeddingDataset(Dataset):
         keep = torch.isin(self.pair_image_index, self.image_indices)
         self.pairs = keep.nonzero().flatten()  # (P,) positions into the pair_* tables
         self._handles: dict = {}
-        self._tensors: Optional[list] = None
-        if in_memory:
-            from safetensors.torch import load_file
-            self._tensors = [load_file(p) for p in self._paths]
+
+    def _load_shard(self, shard: dict) -> dict:
+        """A whole shard in memory, checked (shapes, NaN / inf) on the loaded tensors."""
+        path = _shard_paths(self.cache_dir, shard)[0]
+        _check_shard_header(path, shard["num_images"], shard["num_captions"], shard.get("tensor_bytes"),
+                            self.clip_dim, (self.text_len, self.text_dim))
+        with _open_tensors(path) as f:
+            tensors = {key: f.get_tensor(key) for key in SHARD_KEYS}
+        _verify_shard(self.cache_dir, shard, self.manifest, tensors=tensors)
+        return tensors
 
     def _split_images(self, split, val_fraction, seed) -> torch.Tensor:
         if split is None or (isinstance(split, str) and split == "all"):
@@ -393,8 +787,7 @@ class EmbeddingDataset(Dataset):
             return self._tensors[shard_id][key][row]
         handle = self._handles.get(shard_id)
         if handle is None:
-            from safetensors import safe_open
-            handle = self._handles[shard_id] = safe_open(self._paths[shard_id], framework="pt")
+            handle = self._handles[shard_id] = _open_tensors(Path(self._paths[shard_id]))
         return handle.get_slice(key)[row:row + 1][0]
 
     def __len__(self) -> int:

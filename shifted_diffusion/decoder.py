@@ -196,11 +196,13 @@ def make_grid(rows: list[list]):
     """Paste rows of PIL images into one image (cells take the first image's size; short rows are padded)."""
     from PIL import Image
 
+    from .data import to_rgb
+
     width, height = rows[0][0].size
     grid = Image.new("RGB", (width * max(len(row) for row in rows), height * len(rows)))
     for i, row in enumerate(rows):
         for j, image in enumerate(row):
-            grid.paste(image.convert("RGB").resize((width, height)), (j * width, i * height))
+            grid.paste(to_rgb(image).resize((width, height)), (j * width, i * height))
     return grid
 
 

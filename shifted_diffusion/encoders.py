@@ -11,12 +11,16 @@
   own hub layout (``open_clip_config.json`` + ``open_clip_model.safetensors``), loadable with plain
   ``open_clip.create_model_and_transforms("local-dir:<folder>")``.
 
-Every encoder carries a ``spec`` dict (what identifies its outputs); the embedding cache stores it and
-refuses to mix outputs of different encoders.
+Every encoder carries a ``spec`` dict (what identifies its outputs) and a ``weights_fingerprint()``
+(which weights: for local files and folders the size and mtime of every file, optionally their SHA-256;
+for hub names the resolved identity, e.g. open_clip's download URL / hub id or the transformers commit);
+the embedding cache stores both and refuses to mix outputs of different encoders or retrained weights.
+``fingerprint_difference`` compares two fingerprints (naming each differing file).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict
@@ -208,6 +212,100 @@ def _spec_path(value: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# weights fingerprints
+
+
+def _file_stamp(path: Path, content_hash: bool) -> dict:
+    """{"size", "mtime_ns"} of a file (symlinks followed), plus "sha256" of its bytes when ``content_hash``."""
+    stat = path.stat()
+    stamp = {"size": int(stat.st_size), "mtime_ns": int(stat.st_mtime_ns)}
+    if content_hash:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+        stamp["sha256"] = digest.hexdigest()
+    return stamp
+
+
+def weights_fingerprint(reference: Optional[str], *, content_hash: bool = False) -> dict:
+    """Fingerprint of the weights a model reference names.
+
+    A local file -> {"path", "files": {name: stamp}}; a local folder ("local-dir:" prefix allowed) -> the same
+    over every non-hidden file below it (weights, configs, tokenizer files); anything else (a hub name or tag)
+    -> {"name": reference}. A stamp is {"size", "mtime_ns"} and, with ``content_hash``, "sha256".
+    """
+    if not reference:
+        return {"name": ""}
+    text = str(reference)
+    path = Path(text[len(LOCAL_DIR_PREFIX):] if text.startswith(LOCAL_DIR_PREFIX) else text)
+    if path.is_file():
+        return {"path": str(path.resolve()), "files": {path.name: _file_stamp(path, content_hash)}}
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        return {"path": str(path.resolve()),
+                "files": {p.relative_to(path).as_posix(): _file_stamp(p, content_hash) for p in files}}
+    return {"name": text}
+
+
+def _open_clip_fingerprint(model: str, pretrained: str, content_hash: bool) -> dict:
+    """Fingerprint of one open_clip (model, pretrained): local files, or open_clip's identity of a named tag."""
+    out = {"model": weights_fingerprint(model, content_hash=content_hash)}
+    if pretrained and not os.path.exists(pretrained):
+        import open_clip
+
+        cfg = open_clip.get_pretrained_cfg(model, pretrained) or {}
+        out["pretrained"] = {"name": pretrained, "hf_hub": cfg.get("hf_hub", ""), "url": cfg.get("url", "")}
+    else:
+        out["pretrained"] = weights_fingerprint(pretrained, content_hash=content_hash)
+    return out
+
+
+def _stamp_difference(old: dict, new: dict, where: str) -> Optional[str]:
+    """Two file stamps differ? SHA-256 decides when both have one, else size and mtime."""
+    if "sha256" in old and "sha256" in new:
+        same = old["sha256"] == new["sha256"]
+        keys = ("sha256",)
+    else:
+        keys = ("size", "mtime_ns")
+        same = all(old.get(k) == new.get(k) for k in keys)
+    if same:
+        return None
+    then = ", ".join(f"{k}={old.get(k)}" for k in keys)
+    now = ", ".join(f"{k}={new.get(k)}" for k in keys)
+    return f"{where}: {then} when the cache was built, {now} now"
+
+
+def fingerprint_differences(old: Any, new: Any, where: str = "weights") -> list[str]:
+    """Every difference between two weights fingerprints, one sentence each naming the file / key."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        if "size" in old and "size" in new:
+            found = _stamp_difference(old, new, where)
+            return [found] if found else []
+        out = []
+        for key in sorted(set(old) | set(new)):
+            if key not in old or key not in new:
+                state = "is new" if key not in old else "is gone"
+                out.append(f"{where}.{key} {state} (was {old.get(key)!r}, now {new.get(key)!r})")
+            else:
+                out.extend(fingerprint_differences(old[key], new[key], f"{where}.{key}"))
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [d for i, (a, b) in enumerate(zip(old, new)) for d in fingerprint_differences(a, b, f"{where}.{i}")]
+    return [] if old == new else [f"{where}: {old!r} when the cache was built, {new!r} now"]
+
+
+def fingerprint_difference(old: Any, new: Any, where: str = "weights", limit: int = 3) -> Optional[str]:
+    """The differences between two weights fingerprints as one sentence (the first ``limit``), or None."""
+    found = fingerprint_differences(old, new, where)
+    if not found:
+        return None
+    more = f"; ... {len(found) - limit} more" if len(found) > limit else ""
+    return "; ".join(found[:limit]) + more
+
+
+# ----------------------------------------------------------------------------------------------
 # concatenated CLIP
 
 
@@ -256,8 +354,17 @@ class MultiCLIP:
             "block_sizes": list(self.block_sizes),
         }
 
+    def weights_fingerprint(self, content_hash: bool = False) -> dict:
+        """Which weights (``encoders.weights_fingerprint`` of each model's folder / checkpoint / tag)."""
+        return {"type": "open_clip",
+                "models": [_open_clip_fingerprint(m, p, content_hash) for m, p in self.specs]}
+
     def preprocess(self, image) -> list[torch.Tensor]:
-        """One PIL image -> one (3, H, W) tensor per distinct transform (resize, centre crop, normalise)."""
+        """One PIL image -> one (3, H, W) tensor per distinct transform (resize, centre crop, normalise);
+        16-bit and float images are first scaled to 8-bit RGB (``data.to_rgb``)."""
+        from .data import to_rgb
+
+        image = to_rgb(image)
         return [transform(image) for transform in self.transforms]
 
     def preprocess_batch(self, images: Sequence) -> list[torch.Tensor]:
@@ -327,6 +434,9 @@ class NoTextEncoder:
     def spec(self) -> dict:
         return {"type": "none"}
 
+    def weights_fingerprint(self, content_hash: bool = False) -> dict:
+        return {"type": "none"}
+
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         texts = [texts] if isinstance(texts, str) else list(texts)
         return torch.zeros(len(texts), 0, 0)
@@ -376,6 +486,13 @@ class T5TextEncoder:
     def spec(self) -> dict:
         return {"type": "t5", "name_or_path": _spec_path(self.name_or_path), "max_length": self.max_length,
                 "masked": self.masked, "dim": self.dim}
+
+    def weights_fingerprint(self, content_hash: bool = False) -> dict:
+        """Local folder: its files' stamps; a hub name: the resolved commit of the loaded snapshot."""
+        out = {"type": "t5", "weights": weights_fingerprint(self.name_or_path, content_hash=content_hash)}
+        if "name" in out["weights"]:
+            out["commit"] = getattr(self.model.config, "_commit_hash", None) or ""
+        return out
 
     def tokenize(self, texts: Sequence[str]) -> dict:
         """Captions -> input_ids, attention_mask (B, max_length), padded to max_length, truncated."""
@@ -438,6 +555,10 @@ class CLIPTokenTextEncoder:
     def spec(self) -> dict:
         return {"type": "clip-tokens", "model": _spec_path(self.model_name), "pretrained": _spec_path(self.pretrained),
                 "max_length": self.max_length, "dim": self.dim}
+
+    def weights_fingerprint(self, content_hash: bool = False) -> dict:
+        """Which weights (``encoders.weights_fingerprint`` of the open_clip folder / checkpoint / tag)."""
+        return {"type": "clip-tokens", **_open_clip_fingerprint(self.model_name, self.pretrained, content_hash)}
 
     @torch.inference_mode()
     def encode(self, texts: Sequence[str]) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from PIL import Image
 
 from conftest import CAPTION_FOLDER_EXPECTED
 from shifted_diffusion.cache import (
+    CACHE_VERSION,
     MANIFEST_NAME,
     EmbeddingDataset,
     load_image_embeddings,
@@ -138,7 +140,7 @@ def test_precompute_empty_folder_and_missing_caption_column(tmp_path, cache_clip
 
 def test_interrupted_cache_is_not_loaded(tmp_path):
     (tmp_path / MANIFEST_NAME).write_text(json.dumps({"format": "shifted-diffusion-embedding-cache",
-                                                      "complete": False}))
+                                                      "version": CACHE_VERSION, "complete": False}))
     with pytest.raises(ValueError, match="incomplete"):
         EmbeddingDataset(tmp_path)
     with pytest.raises(FileNotFoundError, match="precompute"):
@@ -182,3 +184,277 @@ def test_split_is_deterministic_disjoint_and_by_image(caption_image_folder, tmp_
     assert len(train_set) + len(val_set) == CAPTION_FOLDER_EXPECTED["num_captions"]
     with pytest.raises(ValueError, match="split"):
         EmbeddingDataset(tmp_path / "cache", split="test")
+
+
+# ---------------------------------------------------------------------------------------------- stale data
+
+
+def _copy_folder(caption_image_folder, tmp_path):
+    import shutil
+
+    return Path(shutil.copytree(caption_image_folder, tmp_path / "data"))
+
+
+def _rewrite_metadata(folder, name, **changes):
+    path = folder / "metadata.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for row in rows:
+        if row["file_name"] == name:
+            row.update(changes)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def _shard_of(cache_dir, file_name):
+    for shard in load_manifest(cache_dir)["shards"]:
+        info = json.loads((cache_dir / f"{shard['name']}.json").read_text())
+        if file_name in [x["file_name"] for x in info["inputs"]]:
+            return shard["name"]
+    raise KeyError(file_name)
+
+
+def test_edited_caption_or_metadata_recomputes_exactly_its_shard(caption_image_folder, tmp_path, cache_clip,
+                                                                 cache_text_encoder):
+    data, cache_dir = _copy_folder(caption_image_folder, tmp_path), tmp_path / "cache"
+    _precompute(data, cache_dir, cache_clip, cache_text_encoder, clip_dtype=torch.float32)
+    shard = _shard_of(cache_dir, "img05.png")
+    _rewrite_metadata(data, "img05.png", text="a purple star")
+    with pytest.warns(UserWarning, match=rf"recomputing .*{shard}.*captions of img05\.png changed"):
+        manifest = _precompute(data, cache_dir, cache_clip, cache_text_encoder, clip_dtype=torch.float32)
+    assert manifest["last_run"] == {"shards_computed": 1, "shards_reused": 3}
+    records = load_image_records(cache_dir)
+    pairs = [(r["file_name"], c) for r in records for c in r["captions"]]
+    assert ("img05.png", "a purple star") in pairs and ("img05.png", "a yellow star") not in pairs
+    dataset = EmbeddingDataset(cache_dir)
+    (item,) = [dataset[i] for i in range(len(dataset)) if pairs[int(dataset[i]["caption_index"])][1] == "a purple star"]
+    torch.testing.assert_close(item["clip_text"], cache_clip.encode_text(["a purple star"])[0], atol=1e-5, rtol=1e-5)
+
+    _rewrite_metadata(data, "img07.png", color="blue")
+    with pytest.warns(UserWarning, match=r"metadata of img07\.png changed"):
+        manifest = _precompute(data, cache_dir, cache_clip, cache_text_encoder, clip_dtype=torch.float32)
+    assert manifest["last_run"] == {"shards_computed": 1, "shards_reused": 3}
+    assert {r["file_name"]: r for r in load_image_records(cache_dir)}["img07.png"]["metadata"]["color"] == "blue"
+
+
+def test_edited_pixels_recompute_their_shard(caption_image_folder, tmp_path, cache_clip, cache_text_encoder):
+    data, cache_dir = _copy_folder(caption_image_folder, tmp_path), tmp_path / "cache"
+    _precompute(data, cache_dir, cache_clip, cache_text_encoder, clip_dtype=torch.float32)
+    before = load_image_embeddings(cache_dir)
+    new = Image.new("RGB", (40, 40), (250, 10, 200))
+    new.save(data / "img13.png")
+    with pytest.warns(UserWarning, match=r"recomputing .*shard_\d+.*image img13\.png changed since it was embedded"):
+        manifest = _precompute(data, cache_dir, cache_clip, cache_text_encoder, clip_dtype=torch.float32)
+    assert manifest["last_run"] == {"shards_computed": 1, "shards_reused": 3}
+    after = load_image_embeddings(cache_dir)
+    row = [r["file_name"] for r in load_image_records(cache_dir)].index("img13.png")
+    torch.testing.assert_close(after[row], cache_clip.encode_image([new])[0], atol=1e-5, rtol=1e-5)
+    others = torch.arange(len(after)) != row
+    assert torch.equal(after[others], before[others])  # the other images: reused or recomputed bit-exactly
+
+
+def test_other_source_folder_is_refused(caption_image_folder, tmp_path, cache_clip, cache_text_encoder):
+    data, cache_dir = _copy_folder(caption_image_folder, tmp_path), tmp_path / "cache"
+    _precompute(caption_image_folder, cache_dir, cache_clip, cache_text_encoder)
+    with pytest.raises(ValueError, match=rf"{cache_dir}.*built from the image folder .*{caption_image_folder.name}.*"
+                                         rf"not from .*{data}.*another cache_dir"):
+        precompute(data, cache_dir, cache_clip, cache_text_encoder, progress=False)
+
+
+def _retrain(clip_dir, seed):
+    """Overwrite a tiny open_clip folder's weights in place (same config, other values)."""
+    from conftest import TINY_OPEN_CLIP_CFG, _save_tiny_open_clip
+
+    _save_tiny_open_clip(clip_dir, TINY_OPEN_CLIP_CFG, seed=seed)
+
+
+def test_retrained_clip_weights_at_the_same_path_are_refused(caption_image_folder, tmp_path, tiny_open_clip_dir,
+                                                             cache_text_encoder):
+    import shutil
+
+    clip_dir = Path(shutil.copytree(tiny_open_clip_dir, tmp_path / "clip"))
+    clip = MultiCLIP([(str(clip_dir), "")], device="cpu", batch_size=8)
+    cache_dir = tmp_path / "cache"
+    _precompute(caption_image_folder, cache_dir, clip, cache_text_encoder, shard_size=100)
+    _retrain(clip_dir, seed=5)
+    retrained = MultiCLIP([(str(clip_dir), "")], device="cpu", batch_size=8)
+    assert retrained.spec == clip.spec  # same path, same dims: the spec alone cannot tell
+    with pytest.raises(ValueError, match=r"built with other encoder weights .*open_clip_model\.safetensors.*"
+                                         r"another cache_dir \(or delete this one\)"):
+        precompute(caption_image_folder, cache_dir, retrained, cache_text_encoder, progress=False, shard_size=100)
+
+
+def test_weights_content_hash_accepts_touched_files_with_the_same_bytes(caption_image_folder, tmp_path,
+                                                                       tiny_open_clip_dir, cache_text_encoder):
+    import shutil
+
+    clip_dir = Path(shutil.copytree(tiny_open_clip_dir, tmp_path / "clip"))
+    clip = MultiCLIP([(str(clip_dir), "")], device="cpu", batch_size=8)
+    cache_dir = tmp_path / "cache"
+    _precompute(caption_image_folder, cache_dir, clip, cache_text_encoder, shard_size=100, weights_content_hash=True)
+    weights = clip_dir / "open_clip_model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # same bytes, new mtime
+    again = _precompute(caption_image_folder, cache_dir, clip, cache_text_encoder, shard_size=100,
+                        weights_content_hash=True)
+    assert again["last_run"] == {"shards_computed": 0, "shards_reused": 1}
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    with pytest.raises(ValueError, match=r"other encoder weights .*open_clip_model\.safetensors: size=\d+, "
+                                         r"mtime_ns=\d+ when the cache was built"):  # size + mtime only: refused
+        precompute(caption_image_folder, cache_dir, clip, cache_text_encoder, progress=False, shard_size=100)
+
+
+def test_cache_of_an_older_version_is_refused(caption_image_folder, tmp_path, cache_clip, cache_text_encoder):
+    cache_dir = tmp_path / "cache"
+    _precompute(caption_image_folder, cache_dir, cache_clip, cache_text_encoder)
+    manifest = json.loads((cache_dir / MANIFEST_NAME).read_text())
+    (cache_dir / MANIFEST_NAME).write_text(json.dumps({**manifest, "version": 1}))
+    for call in (lambda: load_manifest(cache_dir), lambda: EmbeddingDataset(cache_dir),
+                 lambda: precompute(caption_image_folder, cache_dir, cache_clip, cache_text_encoder, progress=False)):
+        with pytest.raises(ValueError, match=r"built by an older version .*delete it or use another cache_dir"):
+            call()
+
+
+# ---------------------------------------------------------------------------------------------- corrupt files
+
+
+def test_truncated_shard_is_named_on_read_and_repaired_by_precompute(caption_image_folder, tmp_path, cache_clip,
+                                                                    cache_text_encoder):
+    from shifted_diffusion.cache import CacheFileError
+
+    cache_dir = tmp_path / "cache"
+    _precompute(caption_image_folder, cache_dir, cache_clip, cache_text_encoder)
+    before = load_image_embeddings(cache_dir)
+    tokens_before = torch.stack([item["text_tokens"] for item in EmbeddingDataset(cache_dir)])
+    shard = cache_dir / "shard_00001.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 100])  # as if the disk filled up
+    for call in (lambda: EmbeddingDataset(cache_dir), lambda: EmbeddingDataset(cache_dir, in_memory=True),
+                 lambda: load_image_embeddings(cache_dir)):
+        with pytest.raises(CacheFileError, match=r"shard_00001\.safetensors.*rerun precompute"):
+            call()
+    with pytest.warns(UserWarning, match=r"recomputing .*shard_00001"):
+        manifest = _precompute(caption_image_folder, cache_dir, cache_clip, cache_text_encoder)
+    assert manifest["last_run"] == {"shards_computed": 1, "shards_reused": 3}
+    assert torch.equal(load_image_embeddings(cache_dir), before)  # recomputed bit-exactly
+    assert torch.equal(torch.stack([item["text_tokens"] for item in EmbeddingDataset(cache_dir)]), tokens_before)
+
+
+def test_garbage_shard_file_and_record_are_named_and_repaired(caption_image_folder, tmp_path, cache_clip,
+                                                              cache_text_encoder):
+    from shifted_diffusion.cache import CacheFileError
+
+    cache_dir = tmp_path / "cache"
+    _precompute(caption_image_folder, cache_dir, cache_clip, cache_text_encoder)
+    records = load_image_records(cache_dir)
+    (cache_dir / "shard_00002.json").write_text('{"images": [')  # truncated record
+    with pytest.raises(CacheFileError, match=r"shard_00002\.json: unreadable or corrupt shard record.*rerun precompute"):
+        load_image_records(cache_dir)
+    (cache_dir / "shard_00000.safetensors").write_bytes(b"garbage" * 10)
+    with pytest.raises(CacheFileError, match=r"shard_00000\.safetensors.*rerun precompute"):
+        EmbeddingDataset(cache_dir)
+    with pytest.warns(UserWarning, match=r"recomputing .*shard_00000") as warned:
+        manifest = _precompute(caption_image_folder, cache_dir, cache_clip, cache_text_encoder)
+    assert any("shard_00002" in str(w.message) for w in warned)
+    assert manifest["last_run"] == {"shards_computed": 2, "shards_reused": 2}
+    assert load_image_records(cache_dir) == records and len(EmbeddingDataset(cache_dir)) == len(
+        [c for r in records for c in r["captions"]])
+
+
+def test_corrupt_manifest_is_named_and_rebuilt(caption_image_folder, tmp_path, cache_clip, cache_text_encoder):
+    from shifted_diffusion.cache import CacheFileError
+
+    cache_dir = tmp_path / "cache"
+    first = _precompute(caption_image_folder, cache_dir, cache_clip, cache_text_encoder)
+    (cache_dir / MANIFEST_NAME).write_bytes((cache_dir / MANIFEST_NAME).read_bytes()[:50])
+    with pytest.raises(CacheFileError, match=r"manifest\.json: unreadable or corrupt manifest.*rerun precompute"):
+        load_manifest(cache_dir)
+    with pytest.warns(UserWarning, match=r"manifest\.json is corrupt"):
+        second = _precompute(caption_image_folder, cache_dir, cache_clip, cache_text_encoder)
+    assert second["last_run"] == {"shards_computed": 0, "shards_reused": 4}  # shards checked by their own records
+    assert {k: v for k, v in second.items() if k != "last_run"} == {k: v for k, v in first.items() if k != "last_run"}
+
+
+# ---------------------------------------------------------------------------------------------- non-finite values
+
+
+class _NonFiniteClip:
+    """``clip`` with NaN image embeddings for each batch's first image and/or inf for one caption."""
+
+    def __init__(self, clip, nan_image=False, inf_caption=None):
+        self.clip, self.nan_image, self.inf_caption = clip, nan_image, inf_caption
+
+    def __getattr__(self, name):
+        return getattr(self.clip, name)
+
+    def encode_pixels(self, pixels):
+        out = self.clip.encode_pixels(pixels).clone()
+        if self.nan_image:
+            out[0, 3] = float("nan")
+        return out
+
+    def encode_text(self, texts):
+        out = self.clip.encode_text(texts).clone()
+        for i, text in enumerate(texts):
+            if text == self.inf_caption:
+                out[i, 0] = float("inf")
+        return out
+
+
+def test_non_finite_embeddings_are_refused_when_written(caption_image_folder, tmp_path, cache_clip,
+                                                        cache_text_encoder):
+    with pytest.raises(ValueError, match=r"shard_00000: .*NaN / inf .*clip_image of 2 image\(s\): img00\.png, "
+                                         r"img02\.png"):
+        precompute(caption_image_folder, tmp_path / "a", _NonFiniteClip(cache_clip, nan_image=True),
+                   cache_text_encoder, shard_size=5, batch_size=3, progress=False)
+    assert not (tmp_path / "a" / "shard_00000.json").exists()
+    with pytest.raises(ValueError, match=r"shard_00001: .*clip_text of 1 caption\(s\): caption \d+ "
+                                         r"\(img05\.png: 'a yellow star'\)"):
+        precompute(caption_image_folder, tmp_path / "b", _NonFiniteClip(cache_clip, inf_caption="a yellow star"),
+                   cache_text_encoder, shard_size=5, batch_size=3, progress=False)
+    assert (tmp_path / "b" / "shard_00000.json").exists() and not (tmp_path / "b" / "shard_00001.json").exists()
+
+
+def test_non_finite_values_in_a_cache_are_named_when_opened(caption_image_folder, tmp_path, cache_clip,
+                                                            cache_text_encoder):
+    from safetensors.torch import load_file, save_file
+
+    from shifted_diffusion.cache import CacheFileError
+
+    cache_dir = tmp_path / "cache"
+    _precompute(caption_image_folder, cache_dir, cache_clip, cache_text_encoder)
+    path = cache_dir / "shard_00001.safetensors"
+    tensors = load_file(str(path))
+    tensors["text_tokens"][1, 4, 2] = float("nan")  # a bit flip / a bad encoder after the fact
+    save_file(tensors, str(path))
+    info = json.loads((cache_dir / "shard_00001.json").read_text())
+    owner = [(image["file_name"], c) for image in info["images"] for c in image["captions"]][1]
+    for in_memory in (False, True):
+        with pytest.raises(CacheFileError, match=rf"shard_00001\.safetensors: tensor text_tokens holds NaN / inf in "
+                                                 rf"1 row\(s\): rows 1 \(captions \('{owner[0]}', '{owner[1]}'\)\)"):
+            EmbeddingDataset(cache_dir, in_memory=in_memory)
+    tensors["text_tokens"][1, 4, 2] = 0.0
+    tensors["clip_image"][2, 0] = float("inf")
+    save_file(tensors, str(path))
+    with pytest.raises(CacheFileError, match=rf"shard_00001\.safetensors: tensor clip_image .*rows 2 \(images "
+                                             rf"{info['images'][2]['file_name']}\)"):
+        load_image_embeddings(cache_dir)
+    with pytest.raises(CacheFileError, match=r"shard_00001\.safetensors: tensor clip_image"):
+        EmbeddingDataset(cache_dir)
+
+
+# ---------------------------------------------------------------------------------------------- 16-bit images
+
+
+def test_sixteen_bit_images_are_embedded_as_their_8_bit_scaling(tmp_path, cache_clip, cache_text_encoder):
+    import numpy as np
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    values = (np.add.outer(np.arange(64), np.arange(64)) * (65535 / 126)).round().astype(np.uint16)  # (64, 64)
+    Image.fromarray(values).save(folder / "g16.png")
+    eight = Image.fromarray(np.floor(values / 257.0 + 0.5).astype(np.uint8)).convert("RGB")  # independent scaling
+    precompute(folder, tmp_path / "cache", cache_clip, cache_text_encoder, progress=False, clip_dtype=torch.float32)
+    expected = cache_clip.encode_image([eight])[0]
+    torch.testing.assert_close(load_image_embeddings(tmp_path / "cache")[0], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cache_clip.encode_image([Image.open(folder / "g16.png")])[0], expected,
+                               atol=1e-5, rtol=1e-5)
+    white = cache_clip.encode_image([Image.fromarray(values).convert("RGB")])[0]  # what convert("RGB") gave
+    assert not torch.allclose(white, expected, atol=1e-3)

@@ -396,3 +396,43 @@ def test_non_finite_loss_stops_the_run_naming_the_step(world, tmp_path, monkeypa
         finetune.main(base_args(world, out, "--max_train_steps", "3", "--checkpointing_steps", "1",
                                 "--validation_steps", "0"))
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-1"] and not (out / "model_index.json").exists()
+
+
+def test_embedding_cache_not_reused_after_images_or_clip_weights_change(world, tmp_path, caplog):
+    import logging
+    import shutil
+
+    import open_clip
+
+    from shifted_diffusion import cache
+    from shifted_diffusion.encoders import MultiCLIP, NoTextEncoder, save_open_clip
+
+    images = Path(shutil.copytree(world["images"], tmp_path / "images"))
+    clip_dir = Path(shutil.copytree(world["clips"][0], tmp_path / "clip0"))
+    clip = MultiCLIP([(str(clip_dir), "")], device="cpu", dtype=torch.float32)
+    with pytest.warns(UserWarning, match="broken.png"):
+        cache.precompute(images, tmp_path / "cache", clip, NoTextEncoder(), progress=False, clip_dtype=torch.float32)
+    paths = finetune.list_training_images(str(images))
+    assert finetune.cached_image_embeddings(tmp_path / "cache", clip, paths) is not None
+
+    Image.new("RGB", (40, 36), (9, 200, 90)).save(images / "img03.png")  # edited after the cache was built
+    with caplog.at_level(logging.WARNING, logger="finetune"):
+        assert finetune.cached_image_embeddings(tmp_path / "cache", clip, paths) is None
+    assert "img03.png changed since the cache was built" in caplog.text
+
+    torch.manual_seed(7)  # retrained in place: same folder, same config, other weights
+    save_open_clip(open_clip.CLIP(**TINY_CLIP_CFGS[0]), TINY_CLIP_CFGS[0], clip_dir)
+    retrained = MultiCLIP([(str(clip_dir), "")], device="cpu", dtype=torch.float32)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="finetune"):
+        assert finetune.cached_image_embeddings(tmp_path / "cache", retrained, paths[:1]) is None
+    assert "other encoder weights" in caplog.text and "open_clip_model.safetensors" in caplog.text
+
+
+def test_sixteen_bit_training_image_is_scaled_not_whitened(tmp_path):
+    values = np.repeat(np.linspace(0, 65535, RESOLUTION).round().astype(np.uint16)[None], RESOLUTION, axis=0)
+    Image.fromarray(values).save(tmp_path / "g16.png")
+    pixels = finetune.load_training_image(tmp_path / "g16.png", RESOLUTION, center_crop=True)  # same size: no resize
+    expected = torch.from_numpy(np.floor(values / 257.0 + 0.5)).float() / 127.5 - 1.0  # round(v / 257) in [-1, 1]
+    for channel in range(3):
+        torch.testing.assert_close(pixels[channel], expected)

@@ -80,3 +80,45 @@ def test_malformed_captions_do_not_matter(tmp_path):
     (src / "metadata.jsonl").write_text('{"file_name": "x.png", "caption": "not the text column"}\n')
     counts = process_img.main(["--src", str(src), "--dest", str(tmp_path / "dest"), "--size", "8", "--num", "1"])
     assert counts["done"] == 1 and (tmp_path / "dest" / "x.png").is_file()
+
+
+def test_sixteen_bit_source_is_scaled_not_whitened(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    values = np.repeat(np.linspace(0, 65535, 16).round().astype(np.uint16)[None], 16, axis=0)  # (16, 16) gradient
+    Image.fromarray(values).save(src / "g16.png")
+    counts = process_img.main(["--src", str(src), "--dest", str(tmp_path / "dest"), "--size", "16", "--num", "1"])
+    assert counts["done"] == 1
+    out = np.asarray(Image.open(tmp_path / "dest" / "g16.png").convert("RGB"))
+    expected = np.floor(values / 257.0 + 0.5).astype(np.uint8)  # same size: no resampling, exact scaling
+    np.testing.assert_array_equal(out[..., 0], expected)
+    np.testing.assert_array_equal(out[..., 2], expected)
+
+
+@pytest.mark.parametrize("inside", [".", "out", "a/out"])
+def test_dest_inside_src_is_refused(tree, inside):
+    src, _ = tree
+    with pytest.raises(SystemExit, match=r"--dest .* is inside --src"):
+        process_img.main(["--src", str(src), "--dest", str(src / inside), "--size", "8", "--num", "1"])
+    assert not (src / "out").exists()
+
+
+def test_unwritable_dest_fails_once_up_front(tree, tmp_path, capsys):
+    src, _ = tree
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(SystemExit, match=r"--dest .*a_file.*out is not writable"):
+        process_img.main(["--src", str(src), "--dest", str(blocker / "out"), "--size", "8", "--num", "1"])
+    assert "could not" not in capsys.readouterr().err  # one clear error, not one per image
+
+
+def test_write_failure_names_the_destination(tree, capsys):
+    src, dest = tree
+    dest.mkdir()
+    (dest / "a").write_text("a file where the sub-folder a/ should go")  # a/tall.png, a/b/noise.jpg cannot be written
+    counts = process_img.main(["--src", str(src), "--dest", str(dest), "--size", "8", "--num", "1",
+                               "--no-copy_captions"])
+    assert counts["done"] == 1 and counts["unwritable"] == 2 and counts["unreadable"] == 1 and counts["failed"] == 3
+    err = capsys.readouterr().err
+    assert f"could not write {dest / 'a' / 'tall.png'} (from {src / 'a' / 'tall.png'})" in err
+    assert f"could not read {src / 'a' / 'broken.jpg'}" in err

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..data import open_rgb
 from ..threads import torch_threads
 from .world import ATTRIBUTES, caption_for, load_world_config, sample_mentioned
 
@@ -110,12 +111,10 @@ def build_model(config: ToyClipConfig) -> torch.nn.Module:
 
 def load_world_tensors(world_folder) -> tuple:
     """All images of a world as uint8 (N, 3, H, W), their attribute indices (N, 5) and captions."""
-    from PIL import Image
-
     world_config = load_world_config(world_folder)
     values = {a: world_config.values(a) for a in ATTRIBUTES}
     records = [json.loads(line) for line in open(Path(world_folder) / "metadata.jsonl")]
-    images = np.stack([np.asarray(Image.open(Path(world_folder) / r["file_name"]).convert("RGB")) for r in records])
+    images = np.stack([np.asarray(open_rgb(Path(world_folder) / r["file_name"])) for r in records])
     attributes = np.array([[values[a].index(r["attributes"][a]) for a in ATTRIBUTES] for r in records], dtype=np.int64)
     texts = [r["text"] for r in records]
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(attributes), texts

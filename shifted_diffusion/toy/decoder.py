@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data import open_rgb, to_rgb
+
 VAE_CONFIG_FILE = "toy_vae.json"
 
 
@@ -148,16 +150,13 @@ def write_pretrained_folder(directory, vae, unet, scheduler) -> Path:
 
 def load_world_pixels(world_folder, count: int) -> torch.Tensor:
     """The first `count` images of a world folder as float (N, 3, H, W) in [-1, 1]."""
-    from PIL import Image
-
     lines = (Path(world_folder) / "metadata.jsonl").read_text().splitlines()[:count]
     names = [json.loads(line)["file_name"] for line in lines if line.strip()]
     if not names:
         raise FileNotFoundError(f"{world_folder}/metadata.jsonl lists no images")
     arrays = []
     for name in names:
-        with Image.open(Path(world_folder) / name) as image:
-            arrays.append(np.asarray(image.convert("RGB")))
+        arrays.append(np.asarray(open_rgb(Path(world_folder) / name)))
     pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()  # (N, 3, H, W)
     return pixels / 127.5 - 1.0
 
@@ -235,7 +234,7 @@ def reconstruct(vae, images: list) -> list:
     """PIL images -> their autoencoder reconstructions (posterior mean), as PIL images."""
     from PIL import Image
 
-    pixels = torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images])).permute(0, 3, 1, 2)
+    pixels = torch.from_numpy(np.stack([np.asarray(to_rgb(im)) for im in images])).permute(0, 3, 1, 2)
     x = pixels.float().to(vae.device, vae.dtype) / 127.5 - 1.0
     out = vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
     arrays = ((out + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()

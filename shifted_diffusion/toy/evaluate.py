@@ -9,6 +9,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..data import to_rgb
 from .world import ATTRIBUTES, ToyWorldConfig, caption_variants, load_world_config, render_image, sample_record
 
 
@@ -88,7 +89,7 @@ def model_encoders(model: torch.nn.Module, image_size: int, context_length: int)
     device = next(model.parameters()).device
 
     def encode_image(images):
-        x = torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images])).permute(0, 3, 1, 2)
+        x = torch.from_numpy(np.stack([np.asarray(to_rgb(im)) for im in images])).permute(0, 3, 1, 2)
         return model.encode_image(normalize_images(x.to(device), image_size))
 
     def encode_text(texts):

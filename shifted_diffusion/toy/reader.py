@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from ..data import to_rgb
 from .world import ATTRIBUTES, COLOUR_RGB, GRID_FRACTIONS, ToyWorldConfig, _draw_shape
 
 TEMPLATE_SIZE = 20  # side of the normalised mask compared with the shape templates
@@ -158,7 +159,7 @@ class ToyAttributeReader:
 
     def read(self, images: Sequence) -> dict:
         """PIL images (or (H, W, 3) arrays) -> {attribute: LongTensor (B,)} value indices."""
-        rows = [self.read_array(np.asarray(im.convert("RGB")) if isinstance(im, Image.Image) else im) for im in images]
+        rows = [self.read_array(np.asarray(to_rgb(im)) if isinstance(im, Image.Image) else im) for im in images]
         return {a: torch.tensor([r[a] for r in rows], dtype=torch.long) for a in ATTRIBUTES}
 
     def names(self, indices: dict) -> list:
