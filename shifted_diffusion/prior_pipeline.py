@@ -137,6 +137,7 @@ class PriorPipeline:
         from .train_config import parse_clip_specs
 
         device = device or self.device
+        _check_local_encoders(self.encoders)
         if self.clip is None:
             self.clip = MultiCLIP(parse_clip_specs(self.encoders["clip_models"]), device=device, dtype=dtype)
         if self.text_encoder is None:
@@ -404,6 +405,23 @@ def _schedule_config(settings: dict, config_path: Path) -> ScheduleConfig:
         return ScheduleConfig(**settings)
     except (TypeError, ValueError) as err:
         raise InvalidFileError(f"{config_path}: invalid \"schedule\" settings: {err}") from None
+
+
+def _check_local_encoders(encoders: dict) -> None:
+    """Refuse encoder settings naming a local path (a value with a path separator) that does not exist, before
+    open_clip / transformers take it for a hub name."""
+    from .encoders import CLIP_TOKENS_PREFIX, LOCAL_DIR_PREFIX
+    from .train_config import parse_clip_specs
+
+    values = [("clip_models", part) for spec in parse_clip_specs(encoders.get("clip_models") or []) for part in spec]
+    t5 = str(encoders.get("t5_model") or "")
+    values.append(("t5_model", t5[len(CLIP_TOKENS_PREFIX):] if t5.startswith(CLIP_TOKENS_PREFIX) else t5))
+    for key, value in values:
+        path = value[len(LOCAL_DIR_PREFIX):] if value.startswith(LOCAL_DIR_PREFIX) else value
+        if os.sep in path and not value.startswith("hf-hub:") and not os.path.exists(path):
+            raise FileNotFoundError(f"the prior's encoder settings ({key}) name {path}, which does not exist "
+                                    f"(working directory {os.getcwd()}); pass clip= / text_encoder= to load_prior "
+                                    f"or put the encoders back there")
 
 
 def _stored_encoders(encoders: dict, folder: Path) -> dict:

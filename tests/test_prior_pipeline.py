@@ -313,3 +313,15 @@ def test_prior_folder_with_the_old_relative_paths_still_loads(toy_layout, monkey
         pipe = load_prior(folder)
         assert pipe.encoders["clip_models"] == [clip] and pipe.encoders["t5_model"] == "clip-tokens:" + clip
     assert pipe.generate(["a red circle"], num_steps=2).shape == (1, 32)
+
+
+def test_encoder_path_found_nowhere_is_named(toy_layout, monkeypatch):
+    import json
+
+    root, folder, _ = toy_layout
+    config = json.loads((folder / "config.json").read_text())
+    gone = str(root / "gone" / "clip")  # e.g. a run folder copied to another machine without its assets
+    (folder / "config.json").write_text(json.dumps({**config, "encoders": {**config["encoders"], "clip_models": [gone]}}))
+    pipe = load_prior(folder)
+    with pytest.raises(FileNotFoundError, match=r"encoder settings \(clip_models\) name .*gone/clip, which does not exist"):
+        pipe.generate(["a red circle"], num_steps=2)
