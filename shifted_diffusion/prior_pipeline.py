@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 from .cuda_graph import GraphedCall
-from .files import InvalidFileError, describe, read_json, read_safetensors, sniff
+from .files import InvalidFileError, read_json, read_safetensors, sniff
 from .guidance import check_finite, check_guidance_scale
 from .prior import PriorConfig, ShiftedPrior
 from .sampling import sample_ancestral, sample_ddim
