@@ -16,8 +16,9 @@ and a grid (one row per prompt).
 from __future__ import annotations
 
 import argparse
-import sys
+import math
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -70,6 +71,57 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default=None, help="decoder dtype: float32, float16, bfloat16 (default fp16 on CUDA)")
     add_toy_default_arguments(parser, "--prior / --decoder")
     return parser
+
+
+EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".npy")  # what decoder.load_embedding reads
+
+
+def check_positive(parser: argparse.ArgumentParser, args, *names: str) -> None:
+    """parser.error unless each flag (when given) is an integer >= 1."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name} must be an integer >= 1, got {value}")
+
+
+def check_scales(parser: argparse.ArgumentParser, args, *names: str) -> None:
+    """parser.error unless each guidance flag (when given) is a finite number >= 0."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            parser.error(f"--{name} must be a finite number >= 0 (1 = no guidance), got {value}")
+
+
+def check_image_size(parser: argparse.ArgumentParser, args) -> None:
+    """parser.error unless --height / --width (when given) are positive multiples of 8 (the VAE's factor)."""
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value is not None and (value < 8 or value % 8):
+            parser.error(f"--{name} must be a positive multiple of 8, got {value}")
+
+
+def check_embedding_file(parser: argparse.ArgumentParser, flag: str, value: str) -> None:
+    """parser.error unless ``value`` is an existing embedding file (.safetensors / .pt / .pth / .bin / .npy)."""
+    path = Path(value)
+    if path.is_dir():
+        parser.error(f"{flag} {value}: is a directory; expected an embedding file ({', '.join(EMBEDDING_SUFFIXES)})")
+    if not path.is_file():
+        parser.error(f"{flag} {value}: no such file; expected an embedding file ({', '.join(EMBEDDING_SUFFIXES)})")
+    if path.suffix.lower() not in EMBEDDING_SUFFIXES:
+        parser.error(f"{flag} {value}: unknown extension {path.suffix!r}; expected one of {', '.join(EMBEDDING_SUFFIXES)}")
+
+
+def validate_args(parser: argparse.ArgumentParser, args) -> None:
+    """Check every flag before any work (no model is loaded or trained for a bad command line)."""
+    check_positive(parser, args, "num_images", "batch_size", "prior_steps", "num_inference_steps", "num_threads")
+    check_scales(parser, args, "guidance_scale", "prior_guidance_scale")
+    check_image_size(parser, args)
+    if args.negative not in ("prior", "empty"):
+        check_embedding_file(parser, "--negative", args.negative)
+    if args.save_negative and Path(args.save_negative).is_dir():
+        parser.error(f"--save_negative {args.save_negative}: is a directory; expected a .safetensors file to write")
+    if args.prompts_file and not Path(args.prompts_file).is_file():
+        parser.error(f"--prompts_file {args.prompts_file}: no such file")
 
 
 def sanitize(caption: str, max_length: int = 80) -> str:
@@ -126,6 +178,23 @@ def _clip_paths(folder, key_path) -> list:
     return [str(Path(m).resolve()) for m, _ in parse_clip_specs(entries)]
 
 
+def same_clip_specs(a, b) -> bool:
+    """Whether two lists of (model, pretrained) name the same CLIP models (local paths compared resolved)."""
+    from shifted_diffusion.encoders import resolve_clip_spec
+
+    return [resolve_clip_spec(*spec) for spec in a] == [resolve_clip_spec(*spec) for spec in b]
+
+
+def check_prior_output(embeds: torch.Tensor, args, what: str = "the prior's image embeddings") -> None:
+    """Stop before the decoder when the prior's samples hold NaN / inf (which would give black images)."""
+    from shifted_diffusion.guidance import check_finite
+
+    scale = args.prior_guidance_scale
+    cause = (f"--prior_guidance_scale {scale} is too large" if scale is not None and scale > 1 else
+             f"the prior {args.prior} is broken (NaN / inf weights or an overflowing dtype)")
+    check_finite(embeds, what, cause)
+
+
 def toy_prior_for(decoder: str) -> str:
     """The first existing toy prior trained with the decoder's CLIP (else the first existing one)."""
     existing = [p for p in TOY_PRIOR_CANDIDATES if Path(p).exists()]
@@ -154,7 +223,9 @@ def toy_defaults(args) -> None:
 
 
 def main(argv=None) -> list[Path]:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    validate_args(parser, args)
     if args.num_threads is None and (args.prior is None or args.decoder is None):
         args.num_threads = 1
     with torch_threads(args.num_threads):
@@ -178,7 +249,7 @@ def run(args) -> list[Path]:
     if prior_clips is not None:
         from shifted_diffusion.train_config import parse_clip_specs
 
-        if [tuple(spec) for spec in parse_clip_specs(prior_clips)] != [tuple(spec) for spec in decoder.clip_specs]:
+        if not same_clip_specs(parse_clip_specs(prior_clips), decoder.clip_specs):
             print(f"sft_test.py: warning: the prior was trained with CLIP models {list(prior_clips)} but the decoder "
                   f"with {decoder.clip_specs}; same dim {prior_dim}, but the embeddings may not match", file=sys.stderr)
     prior_device = torch.device(getattr(prior, "device", None) or "cpu")
@@ -189,9 +260,11 @@ def run(args) -> list[Path]:
     if tuple(image_embeds.shape) != expected:
         raise RuntimeError(f"prior.generate returned image embeddings of shape {tuple(image_embeds.shape)}, "
                            f"expected {expected} (prompts x num_images, clip_dim)")
+    check_prior_output(image_embeds, args)
     if args.negative == "prior":
         negative = prior_generate(prior, [""], num_images_per_prompt=1, num_steps=args.prior_steps,
                                   guidance_scale=args.prior_guidance_scale, generator=prior_generator)[0]
+        check_prior_output(negative, args, 'the negative embedding (the prior\'s sample for "")')
     elif args.negative == "empty":
         negative = None
     else:

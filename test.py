@@ -57,6 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def validate_args(parser: argparse.ArgumentParser, args) -> None:
+    """Check every flag before any work (no model is loaded or trained for a bad command line)."""
+    from sft_test import check_embedding_file, check_image_size, check_positive, check_scales
+
+    check_positive(parser, args, "num_inference_steps", "num_images", "batch_size", "num_toy_images", "num_threads")
+    check_scales(parser, args, "guidance_scale")
+    check_image_size(parser, args)
+    if args.negative is not None:
+        check_embedding_file(parser, "--negative", args.negative)
+
+
 def collect_inputs(items: list[str], output_dir: str | None) -> list[tuple[Path, Path]]:
     """(input image, output path) pairs; folders keep their sub-folders under --output_dir."""
     pairs = []
@@ -104,7 +115,9 @@ def write_toy_inputs(args, folder: Path) -> list[str]:
 
 
 def main(argv=None) -> list[Path]:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    validate_args(parser, args)
     toy_inputs = args.images is None
     if args.num_threads is None and (toy_inputs or args.decoder is None):
         args.num_threads = 1

@@ -22,6 +22,7 @@ from typing import Any, Dict, Mapping, Optional, Union
 import torch
 from torch import Tensor
 
+from .files import load_torch_weights, read_safetensors, sniff
 from .prior import PriorConfig, ShiftedPrior
 
 __all__ = [
@@ -171,25 +172,20 @@ def load_original_checkpoint(
     vocab_size: int = 1024,
     dim_head: int = 64,
     map_location: Union[str, torch.device] = "cpu",
-    weights_only: bool = True,
     config: Optional[PriorConfig] = None,
 ) -> ShiftedPrior:
-    """ShiftedPrior with the weights of an original ClipPrior checkpoint (.pt / .pth / .safetensors)."""
-    path = os.fspath(path)
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    """ShiftedPrior with the weights of an original ClipPrior checkpoint (.pt / .pth / .bin / .safetensors).
 
-        raw: Mapping[str, Any] = load_file(path, device=str(map_location))
+    The file is read without unpickling code (safetensors, or ``torch.load(weights_only=True)``); a file of
+    another kind (an image, a text file, a truncated download) is refused with what it is."""
+    path = os.fspath(path)
+    what = "an original ClipPrior checkpoint (a state dict of tensors)"
+    if sniff(path) == "safetensors" or path.endswith(".safetensors"):
+        raw: Mapping[str, Any] = read_safetensors(path, what, device=str(map_location))
     else:
-        try:
-            raw = torch.load(path, map_location=map_location, weights_only=weights_only)
-        except Exception as err:  # pickle of arbitrary objects
-            if not weights_only:
-                raise
-            raise RuntimeError(
-                f"could not load {path!r} with weights_only=True ({err}); if you trust the file, "
-                "pass weights_only=False"
-            ) from err
+        raw = load_torch_weights(path, what, map_location=map_location)
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{path}: expected {what}, got a {type(raw).__name__}")
     sd = unwrap_original_state_dict(raw)
     if config is None:
         config = infer_config_from_original(sd, text_len=text_len, vocab_size=vocab_size, dim_head=dim_head)

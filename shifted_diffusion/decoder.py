@@ -18,8 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from .files import InvalidFileError, describe, load_torch_weights, read_json, read_safetensors
+from .guidance import check_finite, check_guidance_scale
 from .projection import PROJECTION_SUBFOLDER, ImageEmbeddingProjection
 
 DECODER_CONFIG_NAME = "shifted_decoder.json"
@@ -51,12 +53,16 @@ def load_embedding(path: str | os.PathLike) -> torch.Tensor:
     if not path.is_file():
         raise FileNotFoundError(f"embedding file {path} does not exist")
     suffix = path.suffix.lower()
+    what = "an embedding (D,)"
     if suffix == ".safetensors":
-        value = load_file(str(path))
+        value = read_safetensors(path, what)
     elif suffix == ".npy":
-        value = torch.from_numpy(np.load(path))
+        try:
+            value = torch.from_numpy(np.load(path, allow_pickle=False))
+        except (ValueError, OSError, EOFError) as err:
+            raise InvalidFileError(f"embedding file {path}: not a readable .npy array ({describe(path)}): {err}") from None
     elif suffix in (".pt", ".pth", ".bin"):
-        value = torch.load(path, map_location="cpu", weights_only=True)
+        value = load_torch_weights(path, what)
     else:
         raise ValueError(f"embedding file {path}: unknown extension {suffix!r} (use .safetensors, .pt, .pth or .npy)")
     if isinstance(value, dict):
@@ -71,6 +77,8 @@ def load_embedding(path: str | os.PathLike) -> torch.Tensor:
         value = value[0]
     if value.ndim != 1:
         raise ValueError(f"embedding file {path}: expected one embedding of shape (D,) or (1, D), got {tuple(value.shape)}")
+    if not bool(torch.isfinite(value).all()):
+        raise InvalidFileError(f"embedding file {path}: holds NaN or inf values")
     return value
 
 
@@ -103,8 +111,10 @@ def write_decoder_files(
         )
     projection.save_pretrained(directory / PROJECTION_SUBFOLDER)
     save_embedding(directory / EMPTY_EMBEDDING_NAME, empty_embedding)
-    config = {
-        "clip_models": [list(spec) for spec in clip_specs],
+    from .encoders import resolve_clip_spec
+
+    config = {  # local CLIP folders stored absolute: the decoder then loads from any working directory
+        "clip_models": [list(resolve_clip_spec(*spec)) for spec in clip_specs],
         "clip_dim": int(projection.config.clip_dim),
         "projection_subfolder": PROJECTION_SUBFOLDER,
         "empty_embedding": EMPTY_EMBEDDING_NAME,
@@ -170,7 +180,14 @@ class Decoder:
         width: int | None = None,
         progress: bool = False,
     ) -> list:
-        """Images (list of PIL) for image embeddings (B, D); negative defaults to the empty embedding."""
+        """Images (list of PIL) for image embeddings (B, D); negative defaults to the empty embedding.
+
+        ``guidance_scale`` must be finite and >= 0, ``num_inference_steps`` >= 1. The embeddings, the latents
+        after every sampling step and the decoded images are checked for NaN / inf: a non-finite stage raises
+        FloatingPointError naming it (instead of black images)."""
+        guidance_scale = check_guidance_scale(guidance_scale, "guidance_scale")
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be an integer >= 1; got {num_inference_steps!r}")
         image_embeds = torch.as_tensor(image_embeds)
         if image_embeds.ndim == 1:
             image_embeds = image_embeds[None]
@@ -178,18 +195,42 @@ class Decoder:
         image_embeds = self._as_batch(image_embeds, batch, "image_embeds")
         negative = self.empty_embedding if negative_embeds is None else negative_embeds
         negative = self._as_batch(negative, batch, "negative_embeds")
+        check_finite(image_embeds, "image_embeds (the decoder's input embeddings)",
+                     "the prior (or the image encoder) produced NaN / inf")
+        check_finite(negative, "negative_embeds", "the negative embedding file or the prior's sample for '' is broken")
+        prompt_embeds, negative_prompt_embeds = self.prompt_embeds(image_embeds), self.prompt_embeds(negative)
+        check_finite(torch.cat([prompt_embeds, negative_prompt_embeds]), "the projected prompt embeddings",
+                     "the projection's weights, or embeddings too large for the decoder's dtype")
         self.pipeline.set_progress_bar_config(disable=not progress)
         result = self.pipeline(
-            prompt_embeds=self.prompt_embeds(image_embeds),
-            negative_prompt_embeds=self.prompt_embeds(negative),
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
             guidance_scale=guidance_scale,
             num_inference_steps=num_inference_steps,
             generator=generator,
             height=height,
             width=width,
-            output_type="pil",
+            output_type="pt",
+            callback_on_step_end=_LatentCheck(guidance_scale, num_inference_steps),
+            callback_on_step_end_tensor_inputs=["latents"],
         )
-        return list(result.images)
+        images = result.images  # (B, 3, H, W) in [0, 1]; NaN survives the clamp
+        check_finite(images, "the VAE's decoded images", "the VAE overflowed in its dtype (try float32 or bfloat16)")
+        return list(self.pipeline.image_processor.numpy_to_pil(self.pipeline.image_processor.pt_to_numpy(images)))
+
+
+class _LatentCheck:
+    """A step-end callback of the diffusers pipeline: stop at the first step whose latents hold NaN / inf."""
+
+    def __init__(self, guidance_scale: float, num_steps: int):
+        self.guidance_scale, self.num_steps = guidance_scale, num_steps
+
+    def __call__(self, pipeline, step: int, timestep, callback_kwargs: dict) -> dict:
+        cause = (f"guidance_scale={self.guidance_scale} is too large" if self.guidance_scale > 1.0 else
+                 "the UNet overflowed in its dtype (try float32 or bfloat16) or its weights hold NaN / inf")
+        check_finite(callback_kwargs["latents"], f"the decoder's latents after sampling step {step + 1} of "
+                     f"{self.num_steps} (timestep {int(timestep)})", cause)
+        return callback_kwargs
 
 
 def make_grid(rows: list[list]):
@@ -225,7 +266,7 @@ def read_decoder_config(path: str | os.PathLike) -> dict:
             f"{path} is not a shifted-diffusion decoder folder: {DECODER_CONFIG_NAME} is missing "
             f"(write one with finetune.py)"
         )
-    return json.loads(config_path.read_text())
+    return read_json(config_path, "the decoder's CLIP specs, written by finetune.py")
 
 
 def load_decoder(
@@ -262,7 +303,11 @@ def load_decoder(
             f"{path}: projection outputs width {projection.config.cross_attention_dim}, the UNet's "
             f"cross_attention_dim is {cross_attention_dim}"
         )
-    decoder = Decoder(pipeline, projection, empty.to(device), [tuple(s) for s in config["clip_models"]])
+    from .encoders import resolve_clip_spec
+
+    folder = path.resolve()  # CLIP folders stored relative to the fine-tuning run's working directory still load
+    specs = [resolve_clip_spec(*spec, bases=[folder, *folder.parents]) for spec in config["clip_models"]]
+    decoder = Decoder(pipeline, projection, empty.to(device), specs)
     if scheduler:
         decoder.set_scheduler(scheduler)
     return decoder

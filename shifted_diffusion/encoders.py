@@ -306,6 +306,79 @@ def fingerprint_difference(old: Any, new: Any, where: str = "weights", limit: in
 
 
 # ----------------------------------------------------------------------------------------------
+# local encoder paths stored with a model (saved resolved, so that the model loads from any folder)
+
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+
+
+def _resolve_local(value: str, bases: Sequence[PathLike], want_dir: bool) -> str:
+    """``value`` (optionally "local-dir:"-prefixed) as an absolute path when it names an existing local folder
+    (``want_dir``) or file relative to one of ``bases`` (the first is the working directory; the others are
+    tried only for values that look like paths); anything else (a hub name) comes back unchanged."""
+    prefix = LOCAL_DIR_PREFIX if value.startswith(LOCAL_DIR_PREFIX) else ""
+    body = value[len(prefix):]
+    if not body:
+        return value
+    path = Path(body).expanduser()
+    looks_like_path = os.sep in body or body.startswith(".")
+    candidates = [path] if path.is_absolute() else [Path(b) / path for b in (bases if looks_like_path else bases[:1])]
+    for candidate in candidates:
+        if candidate.is_dir() if want_dir else candidate.is_file():
+            return prefix + str(candidate.resolve())
+    return value
+
+
+def _resolve_clip_entry(entry: str, bases: Sequence[PathLike]) -> str:
+    """One clip_models entry ("MODEL:PRETRAINED", a bare folder, "local-dir:..." or "hf-hub:...") resolved."""
+    if entry.startswith("hf-hub:"):
+        return entry
+    if entry.startswith(LOCAL_DIR_PREFIX) or ":" not in entry:
+        resolved = _resolve_local(entry, bases, want_dir=True)
+        # a bare absolute path holding ':' would be split into model and weights: mark it as a folder
+        return LOCAL_DIR_PREFIX + resolved if ":" in resolved and not resolved.startswith(LOCAL_DIR_PREFIX) else resolved
+    model, _, pretrained = entry.partition(":")
+    resolved_model = _resolve_local(model, bases, want_dir=True)
+    if ":" in resolved_model:
+        resolved_model = model  # cannot be written as MODEL:PRETRAINED; kept as given
+    if os.sep in pretrained or pretrained.endswith(_CHECKPOINT_SUFFIXES):
+        pretrained = _resolve_local(pretrained, bases, want_dir=False)
+    return f"{resolved_model}:{pretrained}"
+
+
+def _resolve_text_encoder(name: str, bases: Sequence[PathLike]) -> str:
+    """A t5_model value ("none", "clip-tokens:<open_clip>", a T5 name or folder) with local folders resolved."""
+    if name is None or str(name).lower() in ("", "none"):
+        return name
+    if name.startswith(CLIP_TOKENS_PREFIX):
+        return CLIP_TOKENS_PREFIX + _resolve_local(name[len(CLIP_TOKENS_PREFIX):], bases, want_dir=True)
+    return _resolve_local(name, bases, want_dir=True)
+
+
+def resolve_clip_spec(model: str, pretrained: str = "", bases: Optional[Sequence[PathLike]] = None) -> tuple[str, str]:
+    """A (model, pretrained) pair with local folders / checkpoint files as absolute paths (see
+    ``resolve_encoder_paths``); hub names unchanged."""
+    bases = [Path.cwd(), *(bases or [])]
+    if not model.startswith("hf-hub:"):
+        model = _resolve_local(model, bases, want_dir=True)
+    if pretrained and (os.sep in pretrained or pretrained.endswith(_CHECKPOINT_SUFFIXES)):
+        pretrained = _resolve_local(pretrained, bases, want_dir=False)
+    return model, pretrained or ""
+
+
+def resolve_encoder_paths(encoders: dict, bases: Optional[Sequence[PathLike]] = None) -> dict:
+    """A copy of an encoder-settings dict (clip_models, t5_model, ...) whose local folders / checkpoint files are
+    absolute paths: found relative to the working directory, then (for path-like values) to the other
+    ``bases``. Hub names ("ViT-B-16:openai", "t5-11b", "hf-hub:...") and paths found nowhere are unchanged."""
+    bases = [Path.cwd(), *(bases or [])]
+    out = dict(encoders)
+    if out.get("clip_models") is not None:
+        out["clip_models"] = [_resolve_clip_entry(e, bases) if isinstance(e, str) else e for e in out["clip_models"]]
+    if isinstance(out.get("t5_model"), str):
+        out["t5_model"] = _resolve_text_encoder(out["t5_model"], bases)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # concatenated CLIP
 
 

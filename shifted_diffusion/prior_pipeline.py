@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .cuda_graph import GraphedCall
+from .files import InvalidFileError, read_json, read_safetensors, sniff
+from .guidance import check_finite, check_guidance_scale
 from .prior import PriorConfig, ShiftedPrior
 from .sampling import sample_ancestral, sample_ddim
 from .schedule import DiffusionSchedule, ScheduleConfig
@@ -49,8 +51,14 @@ def save_prior(
     extra: Optional[dict] = None,
     state_dict: Optional[dict] = None,
 ) -> Path:
-    """Write a prior folder; ``state_dict`` overrides the module's weights (e.g. the EMA weights)."""
+    """Write a prior folder; ``state_dict`` overrides the module's weights (e.g. the EMA weights).
+
+    Local encoder folders / files in ``encoders`` are stored as absolute paths (resolved against the working
+    directory), so that the prior loads from any working directory; hub names are stored as given."""
+    from .encoders import resolve_encoder_paths
+
     directory = Path(directory)
+    encoders = resolve_encoder_paths(encoders)
     directory.mkdir(parents=True, exist_ok=True)
     weights = state_dict if state_dict is not None else prior.state_dict()
     save_file({k: v.detach().float().cpu().contiguous() for k, v in weights.items()}, str(directory / "model.safetensors"))
@@ -92,8 +100,7 @@ class PriorPipeline:
         text_encoder=None,
         uncond_drops_clip: Optional[bool] = None,
     ):
-        if shift.dim != prior.config.clip_dim:
-            raise ValueError(f"vocabulary dim {shift.dim} does not match the prior's clip_dim {prior.config.clip_dim}")
+        check_shift_fits_prior(shift, prior.config)
         self.prior = prior.eval()
         self.shift = shift
         self.schedule = schedule
@@ -130,6 +137,7 @@ class PriorPipeline:
         from .train_config import parse_clip_specs
 
         device = device or self.device
+        _check_local_encoders(self.encoders)
         if self.clip is None:
             self.clip = MultiCLIP(parse_clip_specs(self.encoders["clip_models"]), device=device, dtype=dtype)
         if self.text_encoder is None:
@@ -193,6 +201,12 @@ class PriorPipeline:
         moved or re-created (``prior.half()``) get a new graph; updated in place, the graph sees them."""
         if sampler not in ("ancestral", "ddim"):
             raise ValueError(f"unknown sampler {sampler!r}; expected 'ancestral' or 'ddim'")
+        guidance_scale = check_guidance_scale(guidance_scale, "guidance_scale")
+        _check_count(num_images_per_prompt, "num_images_per_prompt")
+        if isinstance(num_steps, int):
+            _check_count(num_steps, "num_steps")
+        check_finite(clip_text_emb, "clip_text_emb (the prompts' CLIP text embeddings)", "the text encoders")
+        check_finite(text_tokens, "text_tokens (the prompts' word-level encodings)", "the text encoders")
         clip_text_emb = clip_text_emb.to(self.device, torch.float32)
         text_tokens = text_tokens.to(self.device, torch.float32)
         cluster_idx = self.shift.assign(clip_text_emb)
@@ -210,7 +224,7 @@ class PriorPipeline:
         settings = dict(schedule=self.respaced(num_steps), guidance_scale=guidance_scale, sampler=sampler,
                         variance=variance, eta=eta, noise_temperature=noise_temperature, clamp_std=clamp_std)
         if not cuda_graph:
-            return self._sample(**inputs, **settings, generator=generator, progress=progress)
+            return self._checked(self._sample(**inputs, **settings, generator=generator, progress=progress), settings)
         # a graph reads the weights at their addresses and bakes in autocast: both are part of its key
         weights = tuple((t.data_ptr(), t.dtype) for t in (*self.prior.parameters(), *self.prior.buffers()))
         autocast = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda")
@@ -223,7 +237,14 @@ class PriorPipeline:
         self._graphs[key] = graphed  # most recent last
         while len(self._graphs) > self.max_cuda_graphs:
             self._graphs.pop(next(iter(self._graphs)))
-        return graphed(generator=generator, **inputs)
+        return self._checked(graphed(generator=generator, **inputs), settings)
+
+    def _checked(self, embeddings: torch.Tensor, settings: dict) -> torch.Tensor:
+        """The sampled embeddings, refused when any value is NaN / inf (the cause named)."""
+        cause = (f"guidance_scale={settings['guidance_scale']} is too large" if settings["guidance_scale"] > 1.0
+                 else "the prior's weights hold NaN / inf or overflow in their dtype")
+        check_finite(embeddings, "the prior's sampled image embeddings", cause)
+        return embeddings
 
     def _sample(self, text_tokens, clip_text_emb, cluster_idx, shift_mean, shift_std, null_text_tokens,
                 null_clip_text_emb, *, schedule, guidance_scale, sampler, variance, eta, noise_temperature,
@@ -248,39 +269,168 @@ class PriorPipeline:
         return self.sample(clip_text, tokens, **kwargs)
 
 
+PRIOR_FOLDER_EXPECTED = ("a prior folder written by train.py (config.json, model.safetensors, "
+                         "null_embeddings.safetensors[, vocab.safetensors]) or an original ClipPrior checkpoint "
+                         "file (.pt / .pth / .bin, with mean.pth / std.pth beside it)")
+
+
+def _check_count(value, name: str) -> None:
+    """Refuse a count argument that is not an int >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+
+
+def check_shift_fits_prior(shift, config: PriorConfig, where: str = "") -> None:
+    """Refuse a vocabulary whose dim differs from the prior's clip_dim, or whose cluster count differs from the
+    prior's vocab_size (its cluster token was trained on indices [0, vocab_size) only); ``where`` names files."""
+    where = f" ({where})" if where else ""
+    if shift.dim != config.clip_dim:
+        raise ValueError(f"vocabulary dim {shift.dim} does not match the prior's clip_dim {config.clip_dim}{where}")
+    if config.has_cluster_token:
+        if shift.num_clusters is None:
+            raise ValueError(f"the prior has a cluster token (vocab_size {config.vocab_size}) but was given no "
+                             f"cluster vocabulary (the baseline N(0, I) shift){where}")
+        if shift.num_clusters != config.vocab_size:
+            raise ValueError(f"the vocabulary has {shift.num_clusters} clusters but the prior's vocab_size is "
+                             f"{config.vocab_size}: they were not trained together{where}")
+
+
 def load_prior(path, device=None, dtype=None, *, clip=None, text_encoder=None, **original_options) -> PriorPipeline:
     """A PriorPipeline from a prior folder (``train.py`` output) or an original-release checkpoint file
     (``original_options``: text_len / vocab_size / dim_head of that network when not the release's 80 / 1024 / 64).
 
     ``dtype`` (e.g. torch.bfloat16): the network's weights for sampling (inputs, vocabulary and outputs stay
-    float32); on a GPU bf16 weights sample ~1.35x faster than float32 weights under autocast."""
+    float32); on a GPU bf16 weights sample ~1.35x faster than float32 weights under autocast.
+
+    Nothing is unpickled as code: the folder's files are safetensors / JSON, an original checkpoint is read with
+    ``torch.load(weights_only=True)``. A file or folder of another kind is refused with what it is."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"prior not found: {os.fspath(path)} (expected a folder written by train.py)")
+        raise FileNotFoundError(f"prior not found: {os.fspath(path)} (expected {PRIOR_FOLDER_EXPECTED})")
     if path.is_file():
+        _check_checkpoint_file(path)
         pipeline = _load_original(path, device, clip=clip, text_encoder=text_encoder, **original_options)
         return pipeline if dtype is None else pipeline.to(dtype=dtype)
     config_path = path / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{os.fspath(path)} has no config.json: not a prior folder written by train.py")
-    config = json.loads(config_path.read_text())
-    if config.get("format") != FORMAT:
-        raise ValueError(f"{config_path}: unknown format {config.get('format')!r}, expected {FORMAT!r}")
-    prior = ShiftedPrior(PriorConfig.from_dict(config["prior"]))
-    prior.load_state_dict(load_file(str(path / "model.safetensors")))
-    vocab_path = path / "vocab.safetensors"
-    shift = ClusterVocab.load(vocab_path) if vocab_path.is_file() else StandardNormalShift(prior.config.clip_dim)
-    if config["baseline"] != (not vocab_path.is_file()):
-        raise ValueError(f"{os.fspath(path)}: config says baseline={config['baseline']} but vocab.safetensors "
-                         f"is {'present' if vocab_path.is_file() else 'missing'}")
-    nulls = load_file(str(path / "null_embeddings.safetensors"))
+    config = _read_prior_config(config_path)
+    prior = _read_prior_weights(path / "model.safetensors", config["prior"], config_path)
+    shift, vocab_where = _read_shift(path, config, prior.config)
+    check_shift_fits_prior(shift, prior.config, vocab_where)
+    nulls = _read_null_embeddings(path / "null_embeddings.safetensors", prior.config)
     pipeline = PriorPipeline(
-        prior, shift, DiffusionSchedule.from_config(ScheduleConfig(**config["schedule"])),
+        prior, shift, DiffusionSchedule.from_config(_schedule_config(config["schedule"], config_path)),
         null_clip_text=nulls["null_clip_text"], null_text_tokens=nulls["null_text_tokens"],
-        encoders=config["encoders"], clip=clip, text_encoder=text_encoder,
+        encoders=_stored_encoders(config["encoders"], path), clip=clip, text_encoder=text_encoder,
         uncond_drops_clip=config.get("train", {}).get("empty_clip_prob", 0.0) > 0 or prior.config.text_len == 0,
     )
     return pipeline.to(device=device, dtype=dtype)
+
+
+def _check_checkpoint_file(path: Path) -> None:
+    """Refuse a file given as a prior that is not a checkpoint, saying what it is and what was expected."""
+    kind = sniff(path)
+    if kind == "safetensors" and path.name == "model.safetensors" and (path.parent / "config.json").is_file():
+        raise ValueError(f"{os.fspath(path)} is the weights file of a prior folder: pass the folder "
+                         f"{os.fspath(path.parent)} instead")
+    if kind not in ("zip", "pickle", "safetensors"):
+        raise InvalidFileError(f"{os.fspath(path)} is {kind}, not a prior: expected {PRIOR_FOLDER_EXPECTED}")
+
+
+def _read_prior_config(config_path: Path) -> dict:
+    """config.json of a prior folder, its format and required keys checked."""
+    config = read_json(config_path, "the prior's settings, written by train.py")
+    if config.get("format") != FORMAT:
+        raise ValueError(f"{config_path}: unknown format {config.get('format')!r}, expected {FORMAT!r}")
+    for key, kind in (("prior", dict), ("schedule", dict), ("encoders", dict), ("baseline", bool)):
+        if not isinstance(config.get(key), kind):
+            raise InvalidFileError(f"{config_path}: key {key!r} must be a JSON {'object' if kind is dict else 'boolean'}"
+                                   f"; got {config.get(key)!r}")
+    return config
+
+
+def _read_prior_weights(weights_path: Path, prior_settings: dict, config_path: Path) -> ShiftedPrior:
+    """The network described by config.json's "prior" with the weights of model.safetensors."""
+    try:
+        prior = ShiftedPrior(PriorConfig.from_dict(prior_settings))
+    except (TypeError, ValueError) as err:
+        raise InvalidFileError(f"{config_path}: invalid \"prior\" settings: {err}") from None
+    state = read_safetensors(weights_path, "the prior's weights")
+    try:
+        prior.load_state_dict(state)
+    except RuntimeError as err:
+        raise InvalidFileError(f"{weights_path}: the weights do not fit the network of {config_path}: {err}") from None
+    return prior
+
+
+def check_finite_weights(state: dict, source) -> None:
+    """Refuse a state dict holding NaN / inf, naming the file and the first bad tensor."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise InvalidFileError(f"{os.fspath(source)}: tensor {name!r} holds NaN or inf values")
+
+
+def _read_shift(path: Path, config: dict, prior_config: PriorConfig):
+    """(vocabulary or baseline shift, a description naming the files) of a prior folder."""
+    vocab_path = path / "vocab.safetensors"
+    if config["baseline"] != (not vocab_path.is_file()):
+        raise ValueError(f"{os.fspath(path)}: config says baseline={config['baseline']} but vocab.safetensors "
+                         f"is {'present' if vocab_path.is_file() else 'missing'}")
+    if not vocab_path.is_file():
+        return StandardNormalShift(prior_config.clip_dim), f"{os.fspath(path / 'config.json')}: baseline prior"
+    shift = ClusterVocab.load(vocab_path)
+    return shift, f"{os.fspath(vocab_path)} vs \"prior\" in {os.fspath(path / 'config.json')}"
+
+
+def _read_null_embeddings(nulls_path: Path, prior_config: PriorConfig) -> dict:
+    """null_clip_text (clip_dim,) and null_text_tokens (text_len, text_dim) of a prior folder, checked."""
+    nulls = read_safetensors(nulls_path, "the encodings of the empty caption")
+    expected = {"null_clip_text": (prior_config.clip_dim,),
+                "null_text_tokens": (prior_config.text_len, prior_config.text_dim)}
+    for key, shape in expected.items():
+        if key not in nulls:
+            raise InvalidFileError(f"{os.fspath(nulls_path)}: no tensor {key!r} (has {sorted(nulls)})")
+        got = tuple(nulls[key].shape)
+        # a prior without text tokens may store (0,) or (0, E') for its empty token block
+        if got != shape and not (prior_config.text_len == 0 and nulls[key].numel() == 0):
+            raise InvalidFileError(f"{os.fspath(nulls_path)}: {key} has shape {got}, the prior expects {shape}")
+    check_finite_weights(nulls, nulls_path)
+    return nulls
+
+
+def _schedule_config(settings: dict, config_path: Path) -> ScheduleConfig:
+    """ScheduleConfig from config.json's "schedule"."""
+    try:
+        return ScheduleConfig(**settings)
+    except (TypeError, ValueError) as err:
+        raise InvalidFileError(f"{config_path}: invalid \"schedule\" settings: {err}") from None
+
+
+def _check_local_encoders(encoders: dict) -> None:
+    """Refuse encoder settings naming a local path (a value with a path separator) that does not exist, before
+    open_clip / transformers take it for a hub name."""
+    from .encoders import CLIP_TOKENS_PREFIX, LOCAL_DIR_PREFIX
+    from .train_config import parse_clip_specs
+
+    values = [("clip_models", part) for spec in parse_clip_specs(encoders.get("clip_models") or []) for part in spec]
+    t5 = str(encoders.get("t5_model") or "")
+    values.append(("t5_model", t5[len(CLIP_TOKENS_PREFIX):] if t5.startswith(CLIP_TOKENS_PREFIX) else t5))
+    for key, value in values:
+        path = value[len(LOCAL_DIR_PREFIX):] if value.startswith(LOCAL_DIR_PREFIX) else value
+        if os.sep in path and not value.startswith("hf-hub:") and not os.path.exists(path):
+            raise FileNotFoundError(f"the prior's encoder settings ({key}) name {path}, which does not exist "
+                                    f"(working directory {os.getcwd()}); pass clip= / text_encoder= to load_prior "
+                                    f"or put the encoders back there")
+
+
+def _stored_encoders(encoders: dict, folder: Path) -> dict:
+    """The stored encoder settings with local paths absolute: folders saved with paths relative to the training
+    run's working directory are found from the current one, else from the prior folder or one above it."""
+    from .encoders import resolve_encoder_paths
+
+    folder = folder.resolve()
+    return resolve_encoder_paths(encoders, bases=[folder, *folder.parents])
 
 
 def _load_original(path: Path, device, *, clip=None, text_encoder=None, **options) -> PriorPipeline:
@@ -297,5 +447,7 @@ def _load_original(path: Path, device, *, clip=None, text_encoder=None, **option
         raise FileNotFoundError(f"{os.fspath(path)} is a shifted prior but mean.pth / std.pth are not beside it")
     else:
         shift = StandardNormalShift(prior.config.clip_dim)
+    check_shift_fits_prior(shift, prior.config, f"{os.fspath(mean_path)} vs {os.fspath(path)} loaded with "
+                                                f"vocab_size={prior.config.vocab_size}; pass vocab_size= to load_prior")
     pipeline = PriorPipeline(prior, shift, DiffusionSchedule.from_config(ScheduleConfig()), clip=clip, text_encoder=text_encoder)
     return pipeline.to(device) if device is not None else pipeline

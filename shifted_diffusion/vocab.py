@@ -200,12 +200,15 @@ class ClusterVocab(nn.Module):
     @classmethod
     def load(cls, path: PathLike, map_location: Union[str, torch.device] = "cpu") -> "ClusterVocab":
         """Read a file written by :meth:`save`."""
-        from safetensors import safe_open
+        from .files import InvalidFileError, describe, sniff
 
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"vocabulary file not found: {path}")
-        with safe_open(path, framework="pt", device=str(map_location)) as f:
+        if sniff(path) != "safetensors":
+            raise InvalidFileError(f"{path}: expected a shifted-diffusion vocabulary (a safetensors file written by "
+                                   f"ClusterVocab.save), but it is {describe(path)}; the file is truncated or was replaced")
+        with _open_safetensors(path, map_location) as f:
             metadata = f.metadata() or {}
             keys = set(f.keys())
             if metadata.get("format") != VOCAB_FORMAT or not {"means", "stds"} <= keys:
@@ -253,12 +256,27 @@ class ClusterVocab(nn.Module):
         return cls(means.float().contiguous(), stds.float().contiguous(), std_scale=std_scale)
 
 
+def _open_safetensors(path: str, map_location):
+    """safe_open, with a truncated / corrupt file reported as such (the file named)."""
+    from safetensors import SafetensorError, safe_open
+
+    from .files import InvalidFileError
+
+    try:
+        return safe_open(path, framework="pt", device=str(map_location))
+    except (SafetensorError, OSError) as err:
+        raise InvalidFileError(f"{path}: unreadable vocabulary safetensors file: {err}; the file is probably "
+                               f"truncated (size {os.path.getsize(path)} bytes)") from None
+
+
 def _load_original_tensor(path: PathLike, kind: str, dim: Optional[int]) -> torch.Tensor:
     """Unwrap one of the original's files to a (K, D) float tensor."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"original vocabulary {kind} file not found: {path}")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    from .files import load_torch_weights
+
+    obj = load_torch_weights(path, f"the original vocabulary's {kind} tensor")
     if isinstance(obj, dict):
         tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
         preferred = [k for k in (kind, kind + "s", "mean" if kind == "mean" else "std", "weight", "data") if k in tensors]

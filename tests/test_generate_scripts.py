@@ -1,6 +1,7 @@
 """The decoder folder (load_decoder / Decoder.generate), test.py (image-to-image) and sft_test.py (text-to-image)
 on a tiny decoder folder built from a saved "stock" SD folder (text encoder present, unused)."""
 
+import os
 import sys
 import types
 from pathlib import Path
@@ -222,3 +223,155 @@ def test_sft_with_a_real_tiny_prior_folder(decoder_dir, clip_dirs, tmp_path, bas
     with Image.open(written[0]) as a, Image.open(written[1]) as b:
         assert a.size == (32, 32) and np.abs(_pixels(a) - _pixels(b)).max() > 0  # two different samples
     assert load_prior(tmp_path / "prior").clip_dim == CLIP_DIM
+
+
+# ---------------------------------------------------------------------------------------------- reliability
+
+
+@pytest.mark.parametrize("kwargs, error, expected", [
+    ({"guidance_scale": float("nan")}, ValueError, r"guidance_scale must be a finite number >= 0.*got nan"),
+    ({"guidance_scale": float("inf")}, ValueError, r"guidance_scale must be a finite number >= 0.*got inf"),
+    ({"guidance_scale": -1.0}, ValueError, r"guidance_scale must be a finite number >= 0.*got -1"),
+    ({"num_inference_steps": 0}, ValueError, r"num_inference_steps must be an integer >= 1; got 0"),
+    ({"guidance_scale": 1e30}, FloatingPointError,
+     r"decoder's latents after sampling step \d of 3 .*NaN or inf.*guidance_scale=1e\+30 is too large"),
+])
+def test_decoder_refuses_bad_guidance_and_non_finite_latents(decoder_dir, kwargs, error, expected):
+    decoder = load_decoder(decoder_dir)
+    with pytest.raises(error, match=expected):
+        decoder.generate(torch.randn(2, CLIP_DIM), **{"num_inference_steps": 3, **kwargs})
+
+
+def test_decoder_refuses_non_finite_embeddings(decoder_dir):
+    decoder = load_decoder(decoder_dir)
+    x0 = torch.randn(2, CLIP_DIM)
+    x0[1, 5] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"image_embeds .*1 of 112 values .*the prior"):
+        decoder.generate(x0, num_inference_steps=1)
+    with pytest.raises(FloatingPointError, match="negative_embeds"):
+        decoder.generate(x0[:1], negative_embeds=torch.full((CLIP_DIM,), float("inf")), num_inference_steps=1)
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fail the test if a script loads or trains a model (argument errors must come first)."""
+    def boom(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    for module in (sft_test, img2img):
+        monkeypatch.setattr(module, "load_decoder", boom)
+        monkeypatch.setattr(module, "default_toy_decoder", boom)
+    monkeypatch.setattr(sft_test, "load_prior_or_exit", boom)
+
+
+def _usage_error(main, argv, capsys) -> str:
+    """main(argv)'s parser.error message (exit code 2, as argparse's own errors)."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    return capsys.readouterr().err
+
+
+SFT_BAD_FLAGS = [
+    (["--num_images", "0"], "--num_images must be an integer >= 1, got 0"),
+    (["--num_images", "-1"], "--num_images must be an integer >= 1, got -1"),
+    (["--batch_size", "0"], "--batch_size must be an integer >= 1, got 0"),
+    (["--prior_steps", "0"], "--prior_steps must be an integer >= 1, got 0"),
+    (["--num_inference_steps", "0"], "--num_inference_steps must be an integer >= 1, got 0"),
+    (["--guidance_scale", "nan"], "--guidance_scale must be a finite number >= 0 (1 = no guidance), got nan"),
+    (["--guidance_scale", "-2"], "--guidance_scale must be a finite number >= 0 (1 = no guidance), got -2.0"),
+    (["--prior_guidance_scale", "inf"], "--prior_guidance_scale must be a finite number >= 0 (1 = no guidance), got inf"),
+    (["--height", "20"], "--height must be a positive multiple of 8, got 20"),
+    (["--num_threads", "0"], "--num_threads must be an integer >= 1, got 0"),
+]
+
+
+@pytest.mark.parametrize("extra, expected", SFT_BAD_FLAGS)
+def test_sft_flags_are_checked_before_any_work(tmp_path, capsys, no_work, extra, expected):
+    for base in ([], ["--prior", str(tmp_path), "--decoder", str(tmp_path), "--prompt", "x"]):  # toy defaults too
+        assert expected in _usage_error(sft_test.main, base + extra, capsys)
+
+
+def test_sft_negative_must_be_prior_empty_or_an_embedding_file(tmp_path, capsys, no_work):
+    base = ["--prior", str(tmp_path), "--decoder", str(tmp_path), "--prompt", "x", "--negative"]
+    assert f"--negative {tmp_path}: is a directory; expected an embedding file (.safetensors" in \
+        _usage_error(sft_test.main, base + [str(tmp_path)], capsys)
+    assert "--negative neg.safetensors: no such file" in _usage_error(sft_test.main, base + ["neg.safetensors"], capsys)
+    (tmp_path / "neg.png").write_bytes(b"\x89PNG")
+    assert "unknown extension '.png'" in _usage_error(sft_test.main, base + [str(tmp_path / "neg.png")], capsys)
+    assert "--prompts_file nope.txt: no such file" in _usage_error(
+        sft_test.main, base[:-1] + ["--prompts_file", "nope.txt"], capsys)
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--num_inference_steps", "0"], "--num_inference_steps must be an integer >= 1, got 0"),
+    (["--guidance_scale", "nan"], "--guidance_scale must be a finite number >= 0 (1 = no guidance), got nan"),
+    (["--guidance_scale", "-1"], "--guidance_scale must be a finite number >= 0 (1 = no guidance), got -1.0"),
+    (["--batch_size", "0"], "--batch_size must be an integer >= 1, got 0"),
+    (["--num_images", "-3"], "--num_images must be an integer >= 1, got -3"),
+    (["--num_toy_images", "0"], "--num_toy_images must be an integer >= 1, got 0"),
+    (["--width", "0"], "--width must be a positive multiple of 8, got 0"),
+    (["--negative", "."], "--negative .: is a directory"),
+    (["--negative", "missing.pt"], "--negative missing.pt: no such file"),
+])
+def test_img2img_flags_are_checked_before_any_work(tmp_path, capsys, no_work, extra, expected):
+    for base in ([], ["--decoder", str(tmp_path), "--images", str(tmp_path)]):
+        assert expected in _usage_error(img2img.main, base + extra, capsys)
+
+
+class NonFinitePrior(StandInPrior):
+    """A prior whose samples overflowed."""
+
+    def generate(self, prompts, **kwargs):
+        out = super().generate(prompts, **kwargs)
+        out[0, 0] = float("inf")
+        return out
+
+
+def test_sft_stops_before_writing_images_on_non_finite_values(decoder_dir, tmp_path, stand_in_prior):
+    _, prior_dir = stand_in_prior
+    common = ["--prior", str(prior_dir), "--decoder", str(decoder_dir), "--prompt", "x", "--num_inference_steps", "2",
+              "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(FloatingPointError, match=r"decoder.s latents after sampling step \d of 2.*guidance_scale=1e\+30"):
+        sft_test.main(common + ["--guidance_scale", "1e30"])
+    assert not list((tmp_path / "out").glob("*.png"))
+    sys.modules["shifted_diffusion.prior_pipeline"].load_prior = lambda path: NonFinitePrior()
+    with pytest.raises(FloatingPointError, match=r"prior's image embeddings: 1 of 56 .*--prior_guidance_scale 3.0 is too large"):
+        sft_test.main(common + ["--prior_guidance_scale", "3"])
+    assert not list((tmp_path / "out").glob("*.png"))
+
+
+def test_sft_no_clip_warning_for_the_same_clip_given_relative_and_absolute(decoder_dir, clip_dirs, tmp_path,
+                                                                          monkeypatch, capsys, stand_in_prior):
+    """CLIP folders given relative on one side (an older prior or decoder) and absolute on the other are the
+    same models: no warning; other models (here: another order) still warn."""
+    prior, prior_dir = stand_in_prior
+    monkeypatch.chdir(Path(clip_dirs[0]).parent)
+    prior.encoders = {"clip_models": [os.path.relpath(c) for c in clip_dirs]}
+    sft_test.main(["--prior", str(prior_dir), "--decoder", str(decoder_dir), "--prompt", "x", "--num_inference_steps",
+                   "1", "--output_dir", str(tmp_path / "o"), "--no-grid"])
+    assert "warning" not in capsys.readouterr().err
+    prior.encoders = {"clip_models": [clip_dirs[1], clip_dirs[0]]}
+    sft_test.main(["--prior", str(prior_dir), "--decoder", str(decoder_dir), "--prompt", "x", "--num_inference_steps",
+                   "1", "--output_dir", str(tmp_path / "o"), "--no-grid"])
+    assert "warning: the prior was trained with CLIP models" in capsys.readouterr().err
+
+
+def test_decoder_clip_paths_stored_absolute_and_old_relative_ones_load(decoder_dir, clip_dirs, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    folder = tmp_path / "run" / "decoder"
+    shutil.copytree(decoder_dir, folder)
+    (tmp_path / "run" / "clips").symlink_to(Path(clip_dirs[0]).parent, target_is_directory=True)
+    relative = [[f"run/clips/{Path(c).name}", ""] for c in clip_dirs]
+    absolute = [(str(Path(c).resolve()), "") for c in clip_dirs]
+    monkeypatch.chdir(tmp_path)
+    projection = ImageEmbeddingProjection.from_pretrained(folder / "image_projection")
+    write_decoder_files(folder, projection, torch.randn(CLIP_DIM), [tuple(spec) for spec in relative])
+    assert [tuple(s) for s in json.loads((folder / "shifted_decoder.json").read_text())["clip_models"]] == absolute
+    config = json.loads((folder / "shifted_decoder.json").read_text())
+    (folder / "shifted_decoder.json").write_text(json.dumps({**config, "clip_models": relative}))  # an older folder
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert load_decoder(folder).clip_specs == absolute  # found from the folder's ancestors

@@ -109,3 +109,219 @@ def test_ddim_is_finite_where_a_cluster_std_is_zero():
     out = sample_ddim(lambda x, t: 0.5 * x + 1.0, DiffusionSchedule.from_config(ScheduleConfig()).respace("8"), mean, std,
                       generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(out).all()
+
+
+# ---------------------------------------------------------------------------------------------- reliability
+
+
+def saved_prior(directory, pipe=None, encoders=None):
+    """Save pipeline() (or ``pipe``) to ``directory`` with placeholder encoder settings; returns the folder."""
+    pipe = pipe or pipeline()
+    return save_prior(directory, pipe.prior, pipe.shift, ScheduleConfig(),
+                      encoders or {"clip_models": ["x"], "t5_model": "none"}, pipe.null_clip_text, pipe.null_text_tokens)
+
+
+def _shown(error) -> str:
+    """What a traceback of ``error`` prints (its chained exceptions included)."""
+    import traceback
+
+    return "".join(traceback.format_exception(error))
+
+
+def _torch_zip_bytes():
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({"time_embed.0.weight": torch.randn(4, 4)}, buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("name, content, kind", [
+    ("image.png", b"\x89PNG\r\n\x1a\n" + bytes(64), "a PNG image"),
+    ("notes.txt", b"this is a caption, not weights\n", "a text file"),
+    ("prior.pt", b"", "an empty file"),
+    ("prior.pt", None, "truncated"),  # the first half of a torch.save zip archive
+])
+def test_load_prior_of_a_non_checkpoint_file_says_what_it_is(tmp_path, name, content, kind):
+    path = tmp_path / name
+    data = _torch_zip_bytes()
+    path.write_bytes(content if content is not None else data[: len(data) // 2])
+    with pytest.raises(ValueError) as info:
+        load_prior(path)
+    message = str(info.value)
+    assert str(path) in message and kind in message
+    assert "weights_only" not in _shown(info.value)  # neither in the message nor in a chained exception
+    if kind != "truncated":
+        assert "prior folder written by train.py" in message and "original ClipPrior checkpoint" in message
+
+
+def test_load_prior_of_a_pickled_module_is_refused_without_unpickling_it(tmp_path):
+    path = tmp_path / "prior.pt"
+    torch.save(torch.nn.Linear(2, 2), path)  # pickles a class: never unpickled
+    with pytest.raises(ValueError, match=r"prior\.pt: .*pickles Python objects \(torch\.nn\.modules\.linear\.Linear\)") as info:
+        load_prior(path)
+    assert "weights_only" not in _shown(info.value)
+    with pytest.raises(ValueError, match="pass the folder"):  # the weights file of a prior folder, not the folder
+        load_prior(saved_prior(tmp_path / "p") / "model.safetensors")
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("name, damage, expected", [
+    ("config.json", _truncate, r"config\.json: invalid JSON at line \d+, column \d+: .*truncated"),
+    ("config.json", lambda p: p.write_text('{"format": "shifted-diffusion-prior/1", "prior": {}}'),
+     r"config\.json: key 'schedule' must be a JSON object"),
+    ("model.safetensors", _truncate, r"model\.safetensors: unreadable safetensors file \(the prior's weights\)"),
+    ("model.safetensors", lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64)),
+     r"model\.safetensors: expected a safetensors file .* but it is a PNG image"),
+    ("vocab.safetensors", _truncate, r"vocab\.safetensors: unreadable vocabulary safetensors file"),
+    ("vocab.safetensors", lambda p: p.write_text("hello"), r"vocab\.safetensors: expected a shifted-diffusion vocab"),
+    ("null_embeddings.safetensors", _truncate, r"null_embeddings\.safetensors: unreadable safetensors file"),
+])
+def test_damaged_prior_folder_file_is_named(tmp_path, name, damage, expected):
+    folder = saved_prior(tmp_path / "p")
+    damage(folder / name)
+    with pytest.raises(ValueError, match=expected):
+        load_prior(folder)
+
+
+def test_null_embeddings_of_the_wrong_shape_or_missing_are_named(tmp_path):
+    from safetensors.torch import save_file
+
+    folder = saved_prior(tmp_path / "p")
+    save_file({"null_clip_text": torch.zeros(CONFIG.clip_dim + 1), "null_text_tokens": torch.zeros(CONFIG.text_len, CONFIG.text_dim)},
+              str(folder / "null_embeddings.safetensors"))
+    with pytest.raises(ValueError, match=rf"null_embeddings\.safetensors: null_clip_text has shape \({CONFIG.clip_dim + 1},\)"):
+        load_prior(folder)
+    save_file({"null_clip_text": torch.zeros(CONFIG.clip_dim)}, str(folder / "null_embeddings.safetensors"))
+    with pytest.raises(ValueError, match=r"no tensor 'null_text_tokens'"):
+        load_prior(folder)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -0.5])
+def test_guidance_scale_must_be_finite_and_non_negative(scale):
+    clip_text, tokens = captions(2)
+    with pytest.raises(ValueError, match=r"guidance_scale must be a finite number >= 0.*got " + str(scale)):
+        pipeline().sample(clip_text, tokens, num_steps=2, guidance_scale=scale)
+
+
+def test_overflowing_guidance_is_refused_with_the_stage_and_cause():
+    clip_text, tokens = captions(2)
+    pipe = pipeline()
+    with pytest.raises(FloatingPointError, match=r"prior's sampled image embeddings: \d+ of 128 .*guidance_scale=1e\+30"):
+        pipe.sample(clip_text, tokens, num_steps=4, guidance_scale=1e30)
+    # a scale of 0 (unconditional) is allowed and equals sampling with the null caption at scale 1
+    a = pipe.sample(clip_text, tokens, num_steps=4, guidance_scale=0.0, generator=torch.Generator().manual_seed(0))
+    null = pipe.null_text_tokens.expand(2, -1, -1)
+    b = pipe.sample(clip_text, null, num_steps=4, guidance_scale=1.0, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(a, b)
+
+
+def test_non_finite_samples_are_counted(monkeypatch):
+    def broken(denoiser, schedule, shift_mean, shift_std, **kwargs):
+        out = shift_mean.clone()
+        out[1, 3] = float("nan")
+        out[0, 0] = float("inf")
+        return out
+
+    monkeypatch.setattr(prior_pipeline, "sample_ancestral", broken)
+    clip_text, tokens = captions(3)
+    with pytest.raises(FloatingPointError, match=r"2 of 192 values are NaN or inf \(shape \(3, 64\)\).*weights"):
+        pipeline().sample(clip_text, tokens, num_steps=2)
+
+
+def test_vocabulary_size_must_match_the_prior(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    vocab = ClusterVocab(torch.randn(6, CONFIG.clip_dim, generator=g), torch.rand(6, CONFIG.clip_dim, generator=g) + 0.1)
+    pipe = pipeline()
+    with pytest.raises(ValueError, match="the vocabulary has 6 clusters but the prior's vocab_size is 5"):
+        PriorPipeline(pipe.prior, vocab, pipe.schedule)
+    pipe.shift = vocab  # save_prior writes what it is given; load_prior refuses it, naming both files
+    folder = saved_prior(tmp_path / "p", pipe)
+    with pytest.raises(ValueError, match=r"6 clusters but the prior's vocab_size is 5.*vocab\.safetensors vs \"prior\" in .*config\.json"):
+        load_prior(folder)
+    from shifted_diffusion.vocab import StandardNormalShift
+
+    with pytest.raises(ValueError, match="cluster token .*vocab_size 5.*no cluster vocabulary"):
+        PriorPipeline(pipe.prior, StandardNormalShift(CONFIG.clip_dim), pipe.schedule)
+
+
+def test_encoder_hub_names_are_stored_unchanged(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    encoders = {"clip_models": ["ViT-B-16:openai", "RN101:openai", "hf-hub:org/model"], "t5_model": "t5-11b",
+                "text_max_length": 80, "t5_masked": False}
+    import json
+
+    folder = saved_prior("p", encoders=encoders)
+    assert json.loads((folder / "config.json").read_text())["encoders"] == encoders
+    assert load_prior(folder).encoders == encoders
+
+
+@pytest.fixture
+def toy_layout(tmp_path, monkeypatch, tiny_open_clip_dir):
+    """A run folder as train.py writes it from its working directory: outputs/toy_assets/clip (the tiny CLIP,
+    a link), the tiny prior trained with clip_models / t5_model given relative to that working directory."""
+    from shifted_diffusion.vocab import StandardNormalShift
+
+    (tmp_path / "outputs" / "toy_assets").mkdir(parents=True)
+    (tmp_path / "outputs" / "toy_assets" / "clip").symlink_to(tiny_open_clip_dir, target_is_directory=True)
+    config = PriorConfig.preset("tiny", clip_dim=32, text_dim=64, text_len=8, vocab_size=None)
+    torch.manual_seed(0)
+    prior = ShiftedPrior(config)
+    encoders = {"clip_models": ["outputs/toy_assets/clip"], "t5_model": "clip-tokens:outputs/toy_assets/clip",
+                "text_max_length": 8, "t5_masked": False}
+    monkeypatch.chdir(tmp_path)
+    folder = save_prior("outputs/toy_prior/prior", prior, StandardNormalShift(32), ScheduleConfig(), encoders,
+                        torch.randn(32), torch.randn(8, 64))
+    (tmp_path / "elsewhere").mkdir()
+    return tmp_path, folder.resolve(), encoders
+
+
+def test_prior_saved_with_relative_encoder_paths_loads_and_samples_from_another_folder(toy_layout, monkeypatch):
+    import json
+
+    root, folder, _ = toy_layout
+    clip = str((root / "outputs" / "toy_assets" / "clip").resolve())
+    stored = json.loads((folder / "config.json").read_text())["encoders"]
+    assert stored["clip_models"] == [clip] and stored["t5_model"] == "clip-tokens:" + clip
+    monkeypatch.chdir(root / "elsewhere")
+    pipe = load_prior(folder)
+    a = pipe.generate(["a red circle", "a blue square"], num_steps=2, guidance_scale=2.0,
+                      generator=torch.Generator().manual_seed(0))
+    assert a.shape == (2, 32) and torch.isfinite(a).all()
+    # the same as sampling on the embeddings of the encoders built here from the absolute path
+    from shifted_diffusion.encoders import MultiCLIP, build_text_encoder
+
+    clip_text = MultiCLIP([(clip, "")]).encode_text(["a red circle", "a blue square"])
+    tokens = build_text_encoder("clip-tokens:" + clip, max_length=8).encode(["a red circle", "a blue square"])
+    b = pipe.sample(clip_text, tokens, num_steps=2, guidance_scale=2.0, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(a, b)
+
+
+def test_prior_folder_with_the_old_relative_paths_still_loads(toy_layout, monkeypatch):
+    import json
+
+    root, folder, relative = toy_layout
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "encoders": relative}))  # as written before the fix
+    clip = str((root / "outputs" / "toy_assets" / "clip").resolve())
+    for cwd in (root, root / "elsewhere"):  # from the training folder, and from one the path is not relative to
+        monkeypatch.chdir(cwd)
+        pipe = load_prior(folder)
+        assert pipe.encoders["clip_models"] == [clip] and pipe.encoders["t5_model"] == "clip-tokens:" + clip
+    assert pipe.generate(["a red circle"], num_steps=2).shape == (1, 32)
+
+
+def test_encoder_path_found_nowhere_is_named(toy_layout, monkeypatch):
+    import json
+
+    root, folder, _ = toy_layout
+    config = json.loads((folder / "config.json").read_text())
+    gone = str(root / "gone" / "clip")  # e.g. a run folder copied to another machine without its assets
+    (folder / "config.json").write_text(json.dumps({**config, "encoders": {**config["encoders"], "clip_models": [gone]}}))
+    pipe = load_prior(folder)
+    with pytest.raises(FileNotFoundError, match=r"encoder settings \(clip_models\) name .*gone/clip, which does not exist"):
+        pipe.generate(["a red circle"], num_steps=2)
