@@ -256,7 +256,13 @@ def list_validation_images(items: list[str]) -> list[Path]:
 
 
 def _embedding_metadata(clip, paths: list[Path]) -> dict:
-    return {"clip_spec": json.dumps(clip.spec, sort_keys=True), "paths": json.dumps([str(p.resolve()) for p in paths])}
+    """What the saved embeddings depend on: the CLIP models and their weights, each image file's path, size and
+    modification time (an edited image, or retrained CLIP weights at the same path, do not match)."""
+    from shifted_diffusion.cache import encoder_weights, file_fingerprint
+
+    files = [[str(p.resolve()), file_fingerprint(p)] for p in paths]
+    return {"clip_spec": json.dumps(clip.spec, sort_keys=True), "clip_weights": json.dumps(encoder_weights(clip),
+            sort_keys=True), "images": json.dumps(files)}
 
 
 def cached_image_embeddings(cache_dir: str, clip, paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor] | None:

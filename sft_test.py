@@ -16,13 +16,13 @@ and a grid (one row per prompt).
 from __future__ import annotations
 
 import argparse
-import math
 import re
 import sys
 from pathlib import Path
 
 import torch
 
+from shifted_diffusion.checks import check_count, check_embedding_file, check_image_size, check_scale
 from shifted_diffusion.threads import torch_threads
 from shifted_diffusion.decoder import (SCHEDULERS, default_device_dtype, load_decoder, load_embedding, make_grid,
                                       save_embedding)
@@ -73,51 +73,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".npy")  # what decoder.load_embedding reads
-
-
-def check_positive(parser: argparse.ArgumentParser, args, *names: str) -> None:
-    """parser.error unless each flag (when given) is an integer >= 1."""
-    for name in names:
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name} must be an integer >= 1, got {value}")
-
-
-def check_scales(parser: argparse.ArgumentParser, args, *names: str) -> None:
-    """parser.error unless each guidance flag (when given) is a finite number >= 0."""
-    for name in names:
-        value = getattr(args, name)
-        if value is not None and not (math.isfinite(value) and value >= 0):
-            parser.error(f"--{name} must be a finite number >= 0 (1 = no guidance), got {value}")
-
-
-def check_image_size(parser: argparse.ArgumentParser, args) -> None:
-    """parser.error unless --height / --width (when given) are positive multiples of 8 (the VAE's factor)."""
-    for name in ("height", "width"):
-        value = getattr(args, name)
-        if value is not None and (value < 8 or value % 8):
-            parser.error(f"--{name} must be a positive multiple of 8, got {value}")
-
-
-def check_embedding_file(parser: argparse.ArgumentParser, flag: str, value: str) -> None:
-    """parser.error unless ``value`` is an existing embedding file (.safetensors / .pt / .pth / .bin / .npy)."""
-    path = Path(value)
-    if path.is_dir():
-        parser.error(f"{flag} {value}: is a directory; expected an embedding file ({', '.join(EMBEDDING_SUFFIXES)})")
-    if not path.is_file():
-        parser.error(f"{flag} {value}: no such file; expected an embedding file ({', '.join(EMBEDDING_SUFFIXES)})")
-    if path.suffix.lower() not in EMBEDDING_SUFFIXES:
-        parser.error(f"{flag} {value}: unknown extension {path.suffix!r}; expected one of {', '.join(EMBEDDING_SUFFIXES)}")
 
 
 def validate_args(parser: argparse.ArgumentParser, args) -> None:
     """Check every flag before any work (no model is loaded or trained for a bad command line)."""
-    check_positive(parser, args, "num_images", "batch_size", "prior_steps", "num_inference_steps", "num_threads")
-    check_scales(parser, args, "guidance_scale", "prior_guidance_scale")
-    check_image_size(parser, args)
-    if args.negative not in ("prior", "empty"):
-        check_embedding_file(parser, "--negative", args.negative)
+    try:
+        for name in ("num_images", "batch_size", "prior_steps", "num_inference_steps", "num_threads"):
+            check_count(f"--{name}", getattr(args, name), optional=True)
+        for name in ("guidance_scale", "prior_guidance_scale"):
+            if getattr(args, name) is not None:
+                check_scale(f"--{name}", getattr(args, name))
+        for name in ("height", "width"):
+            check_image_size(f"--{name}", getattr(args, name))
+        if args.negative not in ("prior", "empty"):
+            check_embedding_file("--negative", args.negative)
+    except ValueError as error:
+        parser.error(str(error))
     if args.save_negative and Path(args.save_negative).is_dir():
         parser.error(f"--save_negative {args.save_negative}: is a directory; expected a .safetensors file to write")
     if args.prompts_file and not Path(args.prompts_file).is_file():
@@ -187,7 +158,7 @@ def same_clip_specs(a, b) -> bool:
 
 def check_prior_output(embeds: torch.Tensor, args, what: str = "the prior's image embeddings") -> None:
     """Stop before the decoder when the prior's samples hold NaN / inf (which would give black images)."""
-    from shifted_diffusion.guidance import check_finite
+    from shifted_diffusion.checks import check_finite
 
     scale = args.prior_guidance_scale
     cause = (f"--prior_guidance_scale {scale} is too large" if scale is not None and scale > 1 else

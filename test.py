@@ -59,13 +59,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def validate_args(parser: argparse.ArgumentParser, args) -> None:
     """Check every flag before any work (no model is loaded or trained for a bad command line)."""
-    from sft_test import check_embedding_file, check_image_size, check_positive, check_scales
+    from shifted_diffusion.checks import check_count, check_embedding_file, check_image_size, check_scale
 
-    check_positive(parser, args, "num_inference_steps", "num_images", "batch_size", "num_toy_images", "num_threads")
-    check_scales(parser, args, "guidance_scale")
-    check_image_size(parser, args)
-    if args.negative is not None:
-        check_embedding_file(parser, "--negative", args.negative)
+    try:
+        for name in ("num_inference_steps", "num_images", "batch_size", "num_toy_images", "num_threads"):
+            check_count(f"--{name}", getattr(args, name), optional=True)
+        if args.guidance_scale is not None:
+            check_scale("--guidance_scale", args.guidance_scale)
+        for name in ("height", "width"):
+            check_image_size(f"--{name}", getattr(args, name))
+        if args.negative is not None:
+            check_embedding_file("--negative", args.negative)
+    except ValueError as error:
+        parser.error(str(error))
 
 
 def collect_inputs(items: list[str], output_dir: str | None) -> list[tuple[Path, Path]]:

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from .files import InvalidFileError, describe, load_torch_weights, read_json, read_safetensors
-from .guidance import check_finite, check_guidance_scale
+from .checks import check_count, check_finite, check_scale
 from .projection import PROJECTION_SUBFOLDER, ImageEmbeddingProjection
 
 DECODER_CONFIG_NAME = "shifted_decoder.json"
@@ -185,9 +185,8 @@ class Decoder:
         ``guidance_scale`` must be finite and >= 0, ``num_inference_steps`` >= 1. The embeddings, the latents
         after every sampling step and the decoded images are checked for NaN / inf: a non-finite stage raises
         FloatingPointError naming it (instead of black images)."""
-        guidance_scale = check_guidance_scale(guidance_scale, "guidance_scale")
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be an integer >= 1; got {num_inference_steps!r}")
+        guidance_scale = check_scale("guidance_scale", guidance_scale)
+        check_count("num_inference_steps", num_inference_steps)
         image_embeds = torch.as_tensor(image_embeds)
         if image_embeds.ndim == 1:
             image_embeds = image_embeds[None]

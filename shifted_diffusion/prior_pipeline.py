@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from .cuda_graph import GraphedCall
 from .files import InvalidFileError, read_json, read_safetensors, sniff
-from .guidance import check_finite, check_guidance_scale
+from .checks import check_count, check_finite, check_scale
 from .prior import PriorConfig, ShiftedPrior
 from .sampling import sample_ancestral, sample_ddim
 from .schedule import DiffusionSchedule, ScheduleConfig
@@ -201,10 +201,10 @@ class PriorPipeline:
         moved or re-created (``prior.half()``) get a new graph; updated in place, the graph sees them."""
         if sampler not in ("ancestral", "ddim"):
             raise ValueError(f"unknown sampler {sampler!r}; expected 'ancestral' or 'ddim'")
-        guidance_scale = check_guidance_scale(guidance_scale, "guidance_scale")
-        _check_count(num_images_per_prompt, "num_images_per_prompt")
+        guidance_scale = check_scale("guidance_scale", guidance_scale)
+        check_count("num_images_per_prompt", num_images_per_prompt)
         if isinstance(num_steps, int):
-            _check_count(num_steps, "num_steps")
+            check_count("num_steps", num_steps)
         check_finite(clip_text_emb, "clip_text_emb (the prompts' CLIP text embeddings)", "the text encoders")
         check_finite(text_tokens, "text_tokens (the prompts' word-level encodings)", "the text encoders")
         clip_text_emb = clip_text_emb.to(self.device, torch.float32)
@@ -272,12 +272,6 @@ class PriorPipeline:
 PRIOR_FOLDER_EXPECTED = ("a prior folder written by train.py (config.json, model.safetensors, "
                          "null_embeddings.safetensors[, vocab.safetensors]) or an original ClipPrior checkpoint "
                          "file (.pt / .pth / .bin, with mean.pth / std.pth beside it)")
-
-
-def _check_count(value, name: str) -> None:
-    """Refuse a count argument that is not an int >= 1."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
 
 
 def check_shift_fits_prior(shift, config: PriorConfig, where: str = "") -> None:

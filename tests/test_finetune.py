@@ -436,3 +436,27 @@ def test_sixteen_bit_training_image_is_scaled_not_whitened(tmp_path):
     expected = torch.from_numpy(np.floor(values / 257.0 + 0.5)).float() / 127.5 - 1.0  # round(v / 257) in [-1, 1]
     for channel in range(3):
         torch.testing.assert_close(pixels[channel], expected)
+
+
+def test_own_embeddings_file_is_recomputed_after_an_image_changes(world, tmp_path, monkeypatch):
+    """The embeddings finetune.py saves in --output_dir are reused only for the very same image files."""
+    images = tmp_path / "images"
+    shutil.copytree(world["images"], images)
+    calls, original = [], finetune.compute_image_embeddings
+
+    def spy(clip, paths, *a, **k):
+        calls.append(len(paths))
+        return original(clip, paths, *a, **k)
+
+    monkeypatch.setattr(finetune, "compute_image_embeddings", spy)
+    args = base_args(world, tmp_path / "out", "--max_train_steps", "1", "--checkpointing_steps", "0",
+                     "--validation_steps", "0", "--num_validation_images", "0")
+    args[args.index("--train_data_dir") + 1] = str(images)
+    finetune.main(args)
+    finetune.main(args)
+    assert calls == [11]  # 10 images + the corrupt one; the second run reused the file
+    with Image.open(images / "img03.png") as image:
+        edited = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    edited.save(images / "img03.png")
+    finetune.main(args)
+    assert calls == [11, 11]

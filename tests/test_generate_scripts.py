@@ -229,10 +229,10 @@ def test_sft_with_a_real_tiny_prior_folder(decoder_dir, clip_dirs, tmp_path, bas
 
 
 @pytest.mark.parametrize("kwargs, error, expected", [
-    ({"guidance_scale": float("nan")}, ValueError, r"guidance_scale must be a finite number >= 0.*got nan"),
-    ({"guidance_scale": float("inf")}, ValueError, r"guidance_scale must be a finite number >= 0.*got inf"),
-    ({"guidance_scale": -1.0}, ValueError, r"guidance_scale must be a finite number >= 0.*got -1"),
-    ({"num_inference_steps": 0}, ValueError, r"num_inference_steps must be an integer >= 1; got 0"),
+    ({"guidance_scale": float("nan")}, ValueError, r"guidance_scale: expected a finite number >= 0.0, got nan"),
+    ({"guidance_scale": float("inf")}, ValueError, r"guidance_scale: expected a finite number >= 0.0, got inf"),
+    ({"guidance_scale": -1.0}, ValueError, r"guidance_scale: expected a finite number >= 0.0, got -1"),
+    ({"num_inference_steps": 0}, ValueError, r"num_inference_steps: expected an integer >= 1, got 0"),
     ({"guidance_scale": 1e30}, FloatingPointError,
      r"decoder's latents after sampling step \d of 3 .*NaN or inf.*guidance_scale=1e\+30 is too large"),
 ])
@@ -273,16 +273,16 @@ def _usage_error(main, argv, capsys) -> str:
 
 
 SFT_BAD_FLAGS = [
-    (["--num_images", "0"], "--num_images must be an integer >= 1, got 0"),
-    (["--num_images", "-1"], "--num_images must be an integer >= 1, got -1"),
-    (["--batch_size", "0"], "--batch_size must be an integer >= 1, got 0"),
-    (["--prior_steps", "0"], "--prior_steps must be an integer >= 1, got 0"),
-    (["--num_inference_steps", "0"], "--num_inference_steps must be an integer >= 1, got 0"),
-    (["--guidance_scale", "nan"], "--guidance_scale must be a finite number >= 0 (1 = no guidance), got nan"),
-    (["--guidance_scale", "-2"], "--guidance_scale must be a finite number >= 0 (1 = no guidance), got -2.0"),
-    (["--prior_guidance_scale", "inf"], "--prior_guidance_scale must be a finite number >= 0 (1 = no guidance), got inf"),
-    (["--height", "20"], "--height must be a positive multiple of 8, got 20"),
-    (["--num_threads", "0"], "--num_threads must be an integer >= 1, got 0"),
+    (["--num_images", "0"], "--num_images: expected an integer >= 1, got 0"),
+    (["--num_images", "-1"], "--num_images: expected an integer >= 1, got -1"),
+    (["--batch_size", "0"], "--batch_size: expected an integer >= 1, got 0"),
+    (["--prior_steps", "0"], "--prior_steps: expected an integer >= 1, got 0"),
+    (["--num_inference_steps", "0"], "--num_inference_steps: expected an integer >= 1, got 0"),
+    (["--guidance_scale", "nan"], "--guidance_scale: expected a finite number >= 0.0, got nan"),
+    (["--guidance_scale", "-2"], "--guidance_scale: expected a finite number >= 0.0, got -2.0"),
+    (["--prior_guidance_scale", "inf"], "--prior_guidance_scale: expected a finite number >= 0.0, got inf"),
+    (["--height", "20"], "--height: expected a positive multiple of 8, got 20"),
+    (["--num_threads", "0"], "--num_threads: expected an integer >= 1, got 0"),
 ]
 
 
@@ -304,13 +304,13 @@ def test_sft_negative_must_be_prior_empty_or_an_embedding_file(tmp_path, capsys,
 
 
 @pytest.mark.parametrize("extra, expected", [
-    (["--num_inference_steps", "0"], "--num_inference_steps must be an integer >= 1, got 0"),
-    (["--guidance_scale", "nan"], "--guidance_scale must be a finite number >= 0 (1 = no guidance), got nan"),
-    (["--guidance_scale", "-1"], "--guidance_scale must be a finite number >= 0 (1 = no guidance), got -1.0"),
-    (["--batch_size", "0"], "--batch_size must be an integer >= 1, got 0"),
-    (["--num_images", "-3"], "--num_images must be an integer >= 1, got -3"),
-    (["--num_toy_images", "0"], "--num_toy_images must be an integer >= 1, got 0"),
-    (["--width", "0"], "--width must be a positive multiple of 8, got 0"),
+    (["--num_inference_steps", "0"], "--num_inference_steps: expected an integer >= 1, got 0"),
+    (["--guidance_scale", "nan"], "--guidance_scale: expected a finite number >= 0.0, got nan"),
+    (["--guidance_scale", "-1"], "--guidance_scale: expected a finite number >= 0.0, got -1.0"),
+    (["--batch_size", "0"], "--batch_size: expected an integer >= 1, got 0"),
+    (["--num_images", "-3"], "--num_images: expected an integer >= 1, got -3"),
+    (["--num_toy_images", "0"], "--num_toy_images: expected an integer >= 1, got 0"),
+    (["--width", "0"], "--width: expected a positive multiple of 8, got 0"),
     (["--negative", "."], "--negative .: is a directory"),
     (["--negative", "missing.pt"], "--negative missing.pt: no such file"),
 ])

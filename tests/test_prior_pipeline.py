@@ -204,7 +204,7 @@ def test_null_embeddings_of_the_wrong_shape_or_missing_are_named(tmp_path):
 @pytest.mark.parametrize("scale", [float("nan"), float("inf"), -0.5])
 def test_guidance_scale_must_be_finite_and_non_negative(scale):
     clip_text, tokens = captions(2)
-    with pytest.raises(ValueError, match=r"guidance_scale must be a finite number >= 0.*got " + str(scale)):
+    with pytest.raises(ValueError, match=r"guidance_scale: expected a finite number >= 0.0, got " + str(scale)):
         pipeline().sample(clip_text, tokens, num_steps=2, guidance_scale=scale)
 
 
