@@ -39,6 +39,7 @@ from torch.utils.data import Dataset
 
 from .data import ImageRecord, open_rgb, read_image_folder
 from .encoders import fingerprint_difference
+from .files import save_tensors, write_json
 
 CACHE_FORMAT = "shifted-diffusion-embedding-cache"
 CACHE_VERSION = 2
@@ -119,42 +120,6 @@ def _check_version(manifest: dict, path: Path) -> None:
         raise ValueError(f"embedding cache {str(path.parent)!r} was built by {age} version of shifted_diffusion "
                          f"(cache format version {version}, this one reads version {CACHE_VERSION}); "
                          "delete it or use another cache_dir")
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # platforms without directory handles
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _save_tensors(path: Path, tensors: dict) -> int:
-    """Atomic safetensors write (tmp, fsync, rename) -> size in bytes."""
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-    return path.stat().st_size
 
 
 def file_fingerprint(path: PathLike) -> dict:
@@ -435,7 +400,7 @@ def precompute(
         "encoder_dtypes": {"clip": str(getattr(clip, "dtype", "")).replace("torch.", ""),
                            "text": str(getattr(text_encoder, "dtype", "")).replace("torch.", "")},
     }
-    _write_json(manifest_path, manifest)  # written first: an interrupted cache still names its encoders
+    write_json(manifest_path, manifest)  # written first: an interrupted cache still names its encoders
 
     null_clip_text = clip.encode_text([""])[0].to("cpu", torch.float32)  # (D,)
     null_text_tokens = text_encoder.encode([""])[0].to("cpu", torch.float32)  # (L, E)
@@ -443,7 +408,7 @@ def precompute(
         raise ValueError("precompute: the encoders produced NaN / inf for the empty caption \"\" (null_clip_text "
                          f"finite: {bool(torch.isfinite(null_clip_text).all())}, null_text_tokens finite: "
                          f"{bool(torch.isfinite(null_text_tokens).all())}); check the encoders (weights, encoder_dtype)")
-    _save_tensors(cache_dir / NULL_NAME, {"null_clip_text": null_clip_text, "null_text_tokens": null_text_tokens})
+    save_tensors(cache_dir / NULL_NAME, {"null_clip_text": null_clip_text, "null_text_tokens": null_text_tokens})
 
     context = {"version": CACHE_VERSION, "encoders": encoders, "encoder_weights": weights, "source": source,
                "clip_dtype": clip_dtype_name}
@@ -459,7 +424,7 @@ def precompute(
         if info is not None:
             if _plain(info.get("encoder_weights")) != weights:  # same bytes (SHA-256), other stamps: refresh them
                 info["encoder_weights"] = weights
-                _write_json(cache_dir / f"{name}.json", info)
+                write_json(cache_dir / f"{name}.json", info)
             reused += 1
             pbar.update(len(chunk))
         else:
@@ -468,10 +433,10 @@ def precompute(
                               stacklevel=2)
             tensors, info = _embed_shard(chunk, clip, text_encoder, name=str(cache_dir / name), batch_size=batch_size,
                                          num_workers=num_workers, clip_dtype=clip_dtype, pbar=pbar)
-            tensor_bytes = _save_tensors(cache_dir / f"{name}.safetensors", tensors)
+            tensor_bytes = save_tensors(cache_dir / f"{name}.safetensors", tensors)
             info = {**context, "inputs": [{"file_name": r.file_name, **fp} for r, fp in zip(chunk, fingerprints)],
                     **info, "tensor_bytes": tensor_bytes}
-            _write_json(cache_dir / f"{name}.json", info)  # last: marks the shard finished
+            write_json(cache_dir / f"{name}.json", info)  # last: marks the shard finished
             computed += 1
         skipped.extend(info["skipped"])
         num_captioned += sum(1 for image in info["images"] if image["captions"])
@@ -488,7 +453,7 @@ def precompute(
         "num_skipped": len(skipped), "skipped": skipped,
         "last_run": {"shards_computed": computed, "shards_reused": reused},
     })
-    _write_json(manifest_path, manifest)
+    write_json(manifest_path, manifest)
     if skipped:
         listed = "; ".join(f"{s['file_name']} ({s['error']})" for s in skipped[:20])
         more = f"; ... {len(skipped) - 20} more" if len(skipped) > 20 else ""

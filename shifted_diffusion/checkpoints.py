@@ -18,7 +18,6 @@ warning) folders a crash left behind. Per-step random generators (``step_generat
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import warnings
@@ -27,6 +26,8 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
+
+from .files import fsync, partial_folder, replace_folder, save_tensors, write_json
 
 PREFIX = "checkpoint-"
 STATE_NAME = "train_state.json"
@@ -90,38 +91,14 @@ def join_state(tree: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
     return tree
 
 
-# ---- durable writes ---------------------------------------------------------------------------------
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems cannot fsync a directory
-        pass
-    finally:
-        os.close(fd)
-
-
-def _save_tensors(path: Path, tensors: dict, metadata: Optional[dict] = None) -> None:
-    from safetensors.torch import save_file
-
-    save_file(tensors, str(path), metadata=metadata)
-    _fsync(path)
+# ---- durable writes --------------------------------------------------------------------------------
 
 
 def _save_module(path: Path, module: torch.nn.Module) -> None:
     from safetensors.torch import save_model
 
     save_model(module, str(path))  # handles tensors that share memory
-    _fsync(path)
-
-
-def _write_json(path: Path, obj) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
+    fsync(path)
 
 
 def rng_state() -> tuple[dict, dict]:
@@ -152,10 +129,6 @@ def set_rng_state(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, st
 
 def checkpoint_folder(output_dir, step: int) -> Path:
     return Path(output_dir) / f"{PREFIX}{step}"
-
-
-def _partial_folder(output_dir, step: int) -> Path:
-    return Path(output_dir) / f".{PREFIX}{step}.partial"
 
 
 def list_checkpoints(output_dir) -> list[Path]:
@@ -257,44 +230,31 @@ def save_checkpoint(accelerator, output_dir, step: int, *, modules: Mapping[str,
                     total_limit: Optional[int] = None) -> Path:
     """Write ``<output_dir>/checkpoint-<step>`` atomically (every process calls this), then prune."""
     output_dir = Path(output_dir)
-    partial, final = _partial_folder(output_dir, step), checkpoint_folder(output_dir, step)
+    final = checkpoint_folder(output_dir, step)
+    partial = partial_folder(final)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     accelerator.wait_for_everyone()
     tensors, meta = rng_state()
-    _save_tensors(partial / f"rng_{accelerator.process_index}.safetensors", tensors, meta)
+    save_tensors(partial / f"rng_{accelerator.process_index}.safetensors", tensors, meta)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         for name, module in modules.items():
             _save_module(partial / f"{name}.safetensors", module)
         tensors = {}
         tree = split_state(_trainer_state(optimizer, lr_scheduler, ema, accelerator.scaler), "state", tensors)
-        _save_tensors(partial / TENSORS_NAME, tensors)
+        save_tensors(partial / TENSORS_NAME, tensors)
         files = {p.name: p.stat().st_size for p in sorted(partial.iterdir())}
-        _write_json(partial / STATE_NAME, {
+        write_json(partial / STATE_NAME, {
             "format": FORMAT, "global_step": step, "num_processes": accelerator.num_processes,
             "modules": sorted(modules), "config": config or {}, "state": tree, "files": files,
         })
-        _fsync(partial)
-        _publish(partial, final)
+        replace_folder(partial, final)
         prune_checkpoints(output_dir, total_limit)
     accelerator.wait_for_everyone()
     return final
-
-
-def _publish(partial: Path, final: Path) -> None:
-    """Rename the finished folder into place (an older folder of the same name is replaced)."""
-    if final.exists():
-        stale = final.with_name(f".{final.name}.replaced")
-        shutil.rmtree(stale, ignore_errors=True)
-        os.replace(final, stale)
-        os.replace(partial, final)
-        shutil.rmtree(stale, ignore_errors=True)
-    else:
-        os.replace(partial, final)
-    _fsync(final.parent)
 
 
 def _differences(saved: Mapping, current: Mapping) -> list[str]:

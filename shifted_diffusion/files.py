@@ -153,3 +153,73 @@ def load_torch_weights(path: PathLike, what: str, map_location: Union[str, torch
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # any failure: the weights-only unpickler's text advises unpickling code; not ours
         raise InvalidFileError(f"{os.fspath(path)}: cannot be read as {what}: {_torch_load_failure(err)}") from None
+
+
+# ---- durable writes: a file or folder is either the old one or the complete new one, never half -------------
+
+
+def fsync(path: PathLike) -> None:
+    """Flush a file's or a folder's entry to disk (a no-op where the platform cannot)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json(path: PathLike, obj: Any, indent: int = 1) -> None:
+    """JSON written to a temporary name, fsynced, renamed into place."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=indent)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync(path.parent)
+
+
+def save_tensors(path: PathLike, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str] = None) -> int:
+    """A safetensors file written to a temporary name, fsynced, renamed into place -> its size in bytes."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    fsync(tmp)
+    os.replace(tmp, path)
+    fsync(path.parent)
+    return path.stat().st_size
+
+
+def partial_folder(final: PathLike) -> Path:
+    """Where a folder is built before ``replace_folder`` publishes it: a hidden sibling."""
+    final = Path(final)
+    return final.with_name(f".{final.name}.partial")
+
+
+def replace_folder(partial: PathLike, final: PathLike) -> None:
+    """Publish a finished folder under its final name; an older folder of that name is replaced (it stays
+    complete until the new one is in place)."""
+    import shutil
+
+    partial, final = Path(partial), Path(final)
+    for file in partial.rglob("*"):
+        if file.is_file():
+            fsync(file)
+    fsync(partial)
+    if final.exists():
+        stale = final.with_name(f".{final.name}.replaced")
+        shutil.rmtree(stale, ignore_errors=True)
+        os.replace(final, stale)
+        os.replace(partial, final)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        os.replace(partial, final)
+    fsync(final.parent)

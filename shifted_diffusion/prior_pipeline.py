@@ -54,21 +54,25 @@ def save_prior(
     """Write a prior folder; ``state_dict`` overrides the module's weights (e.g. the EMA weights).
 
     Local encoder folders / files in ``encoders`` are stored as absolute paths (resolved against the working
-    directory), so that the prior loads from any working directory; hub names are stored as given."""
+    directory), so that the prior loads from any working directory; hub names are stored as given. The folder
+    is built under a temporary name and renamed into place: an interrupted save leaves the previous folder."""
+    import shutil
+
     from .encoders import resolve_encoder_paths
+    from .files import partial_folder, replace_folder
 
     directory = Path(directory)
     encoders = resolve_encoder_paths(encoders)
-    directory.mkdir(parents=True, exist_ok=True)
+    partial = partial_folder(directory)
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
     weights = state_dict if state_dict is not None else prior.state_dict()
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in weights.items()}, str(directory / "model.safetensors"))
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in weights.items()}, str(partial / "model.safetensors"))
     if isinstance(shift, ClusterVocab):
-        shift.save(directory / "vocab.safetensors")
-    elif (directory / "vocab.safetensors").exists():
-        (directory / "vocab.safetensors").unlink()
+        shift.save(partial / "vocab.safetensors")
     save_file(
         {"null_clip_text": null_clip_text.float().cpu().contiguous(), "null_text_tokens": null_text_tokens.float().cpu().contiguous()},
-        str(directory / "null_embeddings.safetensors"),
+        str(partial / "null_embeddings.safetensors"),
     )
     config = {
         "format": FORMAT,
@@ -78,7 +82,8 @@ def save_prior(
         "baseline": not isinstance(shift, ClusterVocab),
         **(extra or {}),
     }
-    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    replace_folder(partial, directory)
     return directory
 
 
