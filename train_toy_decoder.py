@@ -8,7 +8,7 @@
 1. the toy world and its tiny CLIP (shifted_diffusion.toy.ensure_toy_assets, cached under --toy_root);
 2. the autoencoder (shifted_diffusion.toy.decoder.train_vae: 64 px -> 16 x 16 x 4 latents), cached;
 3. a "pretrained" Stable Diffusion folder = fresh UNet + trained VAE + DDIM scheduler, fine-tuned by the
-   normal `finetune.main` path with the image-embedding projection (language-free, DESIGN.md §4).
+   normal `finetune.main` path with the image-embedding projection (language-free).
 The result is a decoder folder that test.py / sft_test.py / shifted_diffusion.decoder.load_decoder read
 exactly like a fine-tuned SD2. A finished folder with the same settings and CLIP is reused, not retrained.
 """

@@ -1,4 +1,4 @@
-"""Reference prior with the original ClipPrior's structure and state-dict names (DESIGN.md §3).
+"""Reference prior with the original ClipPrior's structure and state-dict names.
 
 Test/benchmark only: the trunk is the real `x_transformers==0.28.4` Decoder, as in the original
 release; the wrapper around it is written from the design notes (same module names and layouts, so

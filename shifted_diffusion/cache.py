@@ -1,4 +1,4 @@
-"""Embedding cache (DESIGN.md §4): embed an image folder once, train the prior from shards on disk.
+"""Embedding cache: embed an image folder once, train the prior from shards on disk.
 
 Layout of ``cache_dir`` (format version 2)::
 

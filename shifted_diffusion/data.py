@@ -1,4 +1,4 @@
-"""Image-folder reading (DESIGN.md §4): Hugging Face ``imagefolder`` convention plus ``.txt`` captions.
+"""Image-folder reading: Hugging Face ``imagefolder`` convention plus ``.txt`` captions.
 
 A folder is read into ``ImageRecord``s (one per image file, sorted by relative path):
 

@@ -1,4 +1,4 @@
-"""Frozen encoders (DESIGN.md §4): concatenated open_clip CLIPs and word-level caption encoders.
+"""Frozen encoders: concatenated open_clip CLIPs and word-level caption encoders.
 
 * ``MultiCLIP`` — a list of open_clip models; image / text embeddings concatenated in list order,
   un-normalised (the prior's x0). The paper's default is ViT-B-16 + ViT-B-32 + RN101 with ``openai``

@@ -1,6 +1,6 @@
 """Spherical (cosine) k-means with k-means++ initialisation, batched in torch.
 
-Used to build the shifted-diffusion vocabulary (DESIGN.md §2): cluster the L2-normalised image
+Used to build the shifted-diffusion vocabulary: cluster the L2-normalised image
 embeddings of the training set by cosine similarity. Assignment runs over row chunks of
 ``batch_size`` so a million 1536-d embeddings with K = 1024 never materialise an N x K matrix.
 """

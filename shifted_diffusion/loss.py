@@ -1,4 +1,4 @@
-"""Training loss of the prior: x0 target, P2 weighting, condition dropout (DESIGN.md §2)."""
+"""Training loss of the prior: x0 target, P2 weighting, condition dropout."""
 
 from __future__ import annotations
 

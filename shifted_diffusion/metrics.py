@@ -1,4 +1,4 @@
-"""Embedding-space metrics: per-CLIP-block cosine, Frechet distance, cosine nearest neighbours (DESIGN.md §4, §5).
+"""Embedding-space metrics: per-CLIP-block cosine, Frechet distance, cosine nearest neighbours.
 
 A concatenated multi-CLIP embedding is compared block by block (one cosine per CLIP model, then
 averaged), as the paper does; a cosine on the whole concatenation would weigh the blocks by norm.

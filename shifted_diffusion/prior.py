@@ -1,4 +1,4 @@
-"""The shifted-diffusion prior network: a causal pre-norm transformer that predicts x0 (DESIGN.md §3).
+"""The shifted-diffusion prior network: a causal pre-norm transformer that predicts x0.
 
 Token sequence, in order (W = width):
     [text tokens (L) | CLIP text emb (1) | timestep emb (1) | cluster-index emb (1, only with a vocab)
@@ -402,7 +402,7 @@ def _check_tensor(
 
 
 class ShiftedPrior(nn.Module):
-    """x0_hat = f(x_t, t, cluster_idx, text tokens, CLIP text emb), a causal transformer (DESIGN §3)."""
+    """x0_hat = f(x_t, t, cluster_idx, text tokens, CLIP text emb), a causal transformer."""
 
     def __init__(self, config: PriorConfig):
         super().__init__()

@@ -196,7 +196,7 @@ class PriorPipeline:
         cuda_graph: bool = False,
     ) -> torch.Tensor:
         """Image embeddings (B * num_images_per_prompt, D), prompt-major order. The shift is the
-        caption's cluster, argmax_k cos(c, mu_k) (DESIGN.md §2), not the cluster nearest x0_hat.
+        caption's cluster, argmax_k cos(c, mu_k), not the cluster nearest x0_hat.
 
         ``cuda_graph`` (prior on a CUDA device): the whole call (prefix encoding, every step, the noise)
         is captured as one CUDA graph the first time this batch shape meets these settings, and replayed

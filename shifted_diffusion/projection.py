@@ -1,4 +1,4 @@
-"""Image-embedding projection: one CLIP image embedding -> a few cross-attention tokens (DESIGN.md §4).
+"""Image-embedding projection: one CLIP image embedding -> a few cross-attention tokens.
 
 The language-free decoder replaces Stable Diffusion's 77 text tokens by `num_tokens` tokens
 computed from the (un-normalised, concatenated) multi-CLIP image embedding x0:

@@ -1,4 +1,4 @@
-"""Samplers of the shifted reverse process (DESIGN.md §2) on an x0-predicting denoiser.
+"""Samplers of the shifted reverse process on an x0-predicting denoiser.
 
 A denoiser is ``denoiser(x_t (B, D), timesteps (B,) long) -> x0_hat (B, D)``, where ``timesteps`` are
 the original timesteps the network was trained on (``schedule.timesteps``).  Classifier-free guidance
@@ -63,7 +63,7 @@ def sample_ancestral(
     callback: Optional[Callback] = None,
     progress: bool = False,
 ) -> torch.Tensor:
-    """x_{t-1} = mu + c1 (x0_hat - mu) + c2 (x_t - mu) + sqrt(v_t) * temperature * std * z (DESIGN.md §2)."""
+    """x_{t-1} = mu + c1 (x0_hat - mu) + c2 (x_t - mu) + sqrt(v_t) * temperature * std * z."""
     x_t = x_start if x_start is not None else sample_start(
         shift_mean, shift_std, noise_temperature=noise_temperature, generator=generator
     )

@@ -1,4 +1,4 @@
-"""The shifted Gaussian diffusion process (Zhou et al. 2023, DESIGN.md §2).
+"""The shifted Gaussian diffusion process (Zhou et al., CVPR 2023).
 
 Every formula takes explicit ``shift_mean`` (mu) and ``shift_std`` (the per-dim std of Sigma, with
 ``std_scale`` already applied).  The DALL-E 2 baseline is ``shift_mean = 0, shift_std = 1``; then every

@@ -1,6 +1,6 @@
 """The shifted-diffusion vocabulary: K Gaussians N(mu_k, diag((std_scale * s_k)^2)) in raw CLIP image-embedding space.
 
-A caption picks cluster k = argmax_j cos(c, mu_j) from its CLIP text embedding c (DESIGN.md §2);
+A caption picks cluster k = argmax_j cos(c, mu_j) from its CLIP text embedding c;
 the schedule and sampler then use shift_mean = mu_k and shift_std = std_scale * s_k.
 ``StandardNormalShift`` is the DALL-E 2 baseline (mu = 0, Sigma = I) with the same interface.
 """

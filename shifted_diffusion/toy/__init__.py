@@ -1,4 +1,4 @@
-"""The toy world (DESIGN.md §5): seeded captioned shape images, a tiny CLIP trained on them, attribute metrics."""
+"""The toy world: seeded captioned shape images, a tiny CLIP trained on them, attribute metrics."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A toy "Stable Diffusion" for the toy world (DESIGN.md §4-5): tiny AutoencoderKL + UNet2DConditionModel.
+"""A toy "Stable Diffusion" for the toy world: tiny AutoencoderKL + UNet2DConditionModel.
 
 The autoencoder is trained here (pixel MSE + a small KL term, as the latent-diffusion autoencoders minus the
 perceptual / adversarial terms: flat-coloured shapes need neither). The UNet is *not* trained here: this module

@@ -1,4 +1,4 @@
-"""Quality of a prior on the toy world (DESIGN.md §5): held-out captions -> sampled image embeddings -> metrics.
+"""Quality of a prior on the toy world: held-out captions -> sampled image embeddings -> metrics.
 
 For the held-out captions (the val split of the prior's own embedding cache) the prior samples
 ``samples_per_caption`` image embeddings per caption at several step counts; ``score_embeddings``

@@ -1,4 +1,4 @@
-"""Read the attributes of a toy-world image from its pixels (DESIGN.md §5): the yardstick for generated images.
+"""Read the attributes of a toy-world image from its pixels: the yardstick for generated images.
 
 The world is synthetic, so exact pixel analysis suffices (no training):
 * background = the nearest background colour to the median of the border pixels;

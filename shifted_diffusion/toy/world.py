@@ -1,4 +1,4 @@
-"""The toy world: seeded images of one coloured shape with captions that mention some attributes (DESIGN.md §5)."""
+"""The toy world: seeded images of one coloured shape with captions that mention some attributes."""
 
 from __future__ import annotations
 
