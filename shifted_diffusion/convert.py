@@ -189,7 +189,7 @@ def load_original_checkpoint(
     sd = unwrap_original_state_dict(raw)
     if config is None:
         config = infer_config_from_original(sd, text_len=text_len, vocab_size=vocab_size, dim_head=dim_head)
-    model = ShiftedPrior(config)
+    model = ShiftedPrior.from_prior_config(config)
     converted = convert_original_state_dict(sd)
     result = model.load_state_dict(converted, strict=False)
     if result.missing_keys or result.unexpected_keys:

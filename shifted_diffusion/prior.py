@@ -28,6 +28,9 @@ from torch.nn.attention.bias import causal_lower_right
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+
 from .guidance import classifier_free_guidance
 
 __all__ = [
@@ -401,14 +404,23 @@ def _check_tensor(
 # the network
 
 
-class ShiftedPrior(nn.Module):
-    """x0_hat = f(x_t, t, cluster_idx, text tokens, CLIP text emb), a causal transformer."""
+class ShiftedPrior(ModelMixin, ConfigMixin):
+    """x0_hat = f(x_t, t, cluster_idx, text tokens, CLIP text emb), a causal transformer.
 
-    def __init__(self, config: PriorConfig):
+    A diffusers model: ``save_pretrained`` / ``from_pretrained`` (config.json + safetensors weights); the
+    architecture is also available as a ``PriorConfig`` (``.arch``, with its derived sizes), and
+    ``enable_gradient_checkpointing()`` recomputes each block in backward."""
+
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(self, width: int = 2048, depth: int = 16, heads: int = 32, dim_head: int = 64, clip_dim: int = 1536,
+                 text_dim: int = 1024, text_len: int = 80, vocab_size: Optional[int] = 1024):
         super().__init__()
-        if not isinstance(config, PriorConfig):
-            raise TypeError(f"ShiftedPrior expects a PriorConfig, got {type(config).__name__}")
-        self.config = config
+        config = PriorConfig(width=width, depth=depth, heads=heads, dim_head=dim_head, clip_dim=clip_dim,
+                             text_dim=text_dim, text_len=text_len, vocab_size=vocab_size)
+        self.arch = config
+        self.gradient_checkpointing = False
         w, d, e = config.width, config.clip_dim, config.text_dim
 
         self.t5_proj = nn.Sequential(
@@ -426,10 +438,19 @@ class ShiftedPrior(nn.Module):
         )
         self.out_proj = nn.Sequential(nn.Linear(w, d), nn.SiLU(), nn.Linear(d, d))
 
+    @classmethod
+    def from_prior_config(cls, config: PriorConfig) -> "ShiftedPrior":
+        """The network of a ``PriorConfig`` (its ``grad_checkpointing`` switches gradient checkpointing on)."""
+        if not isinstance(config, PriorConfig):
+            raise TypeError(f"ShiftedPrior.from_prior_config expects a PriorConfig, got {type(config).__name__}")
+        model = cls(**{k: v for k, v in config.to_dict().items() if k != "grad_checkpointing"})
+        model.gradient_checkpointing = config.grad_checkpointing
+        return model
+
     # ---- input validation -------------------------------------------------------------------
 
     def _check_caption(self, text_tokens: Tensor, clip_text_emb: Tensor) -> int:
-        cfg = self.config
+        cfg = self.arch
         _check_tensor("clip_text_emb", clip_text_emb, (None, cfg.clip_dim), f"(B, clip_dim={cfg.clip_dim})")
         b = clip_text_emb.shape[0]
         _check_tensor(
@@ -439,7 +460,7 @@ class ShiftedPrior(nn.Module):
         return b
 
     def _check_tail(self, x_t: Tensor, timesteps: Tensor, cluster_idx: Optional[Tensor]) -> int:
-        cfg = self.config
+        cfg = self.arch
         _check_tensor("x_t", x_t, (None, cfg.clip_dim), f"(B, clip_dim={cfg.clip_dim})")
         n = x_t.shape[0]
         _check_tensor("timesteps", timesteps, (n,), f"(B={n},)")
@@ -467,7 +488,7 @@ class ShiftedPrior(nn.Module):
         return torch.cat([text, self._clip_position(clip_text_emb)], dim=1)  # (B, L+1, W)
 
     def _tail_tokens(self, x_t: Tensor, timesteps: Tensor, cluster_idx: Optional[Tensor]) -> Tensor:
-        w = self.config.width
+        w = self.arch.width
         t_emb = self.time_embed(timestep_sinusoid(timesteps, w).to(x_t.dtype))[:, None]  # (N, 1, W)
         x_emb = self.x_proj(x_t)[:, None]  # (N, 1, W)
         final = self.final_emb.expand(x_t.shape[0], -1, -1)  # (N, 1, W)
@@ -478,7 +499,7 @@ class ShiftedPrior(nn.Module):
         return torch.cat([p.to(x_t.dtype) for p in parts], dim=1)  # (N, T, W)
 
     def _run_block(self, block: PriorBlock, h: Tensor, past=None, mask=None, rows: Optional[slice] = None):
-        if self.config.grad_checkpointing and self.training and torch.is_grad_enabled():
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(block, h, past, mask, rows, use_reentrant=False)
         return block(h, past, mask, rows)
 
@@ -550,7 +571,7 @@ class ShiftedPrior(nn.Module):
         """x0_hat (N, D) for N = B*K tail sequences on a prefix of batch B (row n uses caption n // K)."""
         if not isinstance(prefix, PrefixCache):
             raise TypeError(f"prefix: expected a PrefixCache from encode_prefix, got {type(prefix).__name__}")
-        cfg = self.config
+        cfg = self.arch
         if prefix.depth != cfg.depth or prefix.length != cfg.prefix_len:
             raise ValueError(
                 f"prefix: expected depth {cfg.depth} and length {cfg.prefix_len}, "
@@ -603,7 +624,7 @@ class ShiftedPrior(nn.Module):
         The prefix is computed here, once, under the caller's grad mode. x_t may have batch B*K
         (K samples per caption, `repeat_interleave` order).
         """
-        cfg = self.config
+        cfg = self.arch
         b = self._check_caption(text_tokens, clip_text_emb)
         # a bf16/fp16 network samples from fp32 inputs: captions and x_t go in its dtype, x0_hat comes back in x_t's
         dtype = self.final_emb.dtype if not torch.is_autocast_enabled() else clip_text_emb.dtype
@@ -669,7 +690,7 @@ class ShiftedPrior(nn.Module):
         position runs per prompt (causal attention: the text positions cannot see it)."""
         if clip_text_emb.shape[0] == 1:
             return self._encode(self._prefix_tokens(null_tokens, clip_text_emb)).expand(batch)
-        if self.config.text_len == 0:
+        if self.arch.text_len == 0:
             return self._encode(self._clip_position(clip_text_emb))
         text = self._encode(self._text_positions(null_tokens, clip_text_emb.dtype))  # batch 1, L positions
         return self._encode(self._clip_position(clip_text_emb), past=text)  # batch B, L + 1 positions

@@ -76,7 +76,7 @@ def save_prior(
     )
     config = {
         "format": FORMAT,
-        "prior": prior.config.to_dict(),
+        "prior": prior.arch.to_dict(),
         "schedule": schedule_config.to_dict(),
         "encoders": encoders,
         "baseline": not isinstance(shift, ClusterVocab),
@@ -105,7 +105,7 @@ class PriorPipeline:
         text_encoder=None,
         uncond_drops_clip: Optional[bool] = None,
     ):
-        check_shift_fits_prior(shift, prior.config)
+        check_shift_fits_prior(shift, prior.arch)
         self.prior = prior.eval()
         self.shift = shift
         self.schedule = schedule
@@ -118,7 +118,7 @@ class PriorPipeline:
         self._graphs: "OrderedDict[tuple, GraphedCall]" = OrderedDict()
         # the unconditional branch of guidance replaces the CLIP sentence embedding too when the prior was
         # trained to drop it (empty_clip_prob > 0) or has no text tokens (else guidance would change nothing)
-        self.uncond_drops_clip = prior.config.text_len == 0 if uncond_drops_clip is None else uncond_drops_clip
+        self.uncond_drops_clip = prior.arch.text_len == 0 if uncond_drops_clip is None else uncond_drops_clip
 
     @property
     def device(self) -> torch.device:
@@ -126,7 +126,7 @@ class PriorPipeline:
 
     @property
     def clip_dim(self) -> int:
-        return self.prior.config.clip_dim
+        return self.prior.arch.clip_dim
 
     def to(self, device=None, dtype=None) -> "PriorPipeline":
         self.prior.to(device=device, dtype=dtype)
@@ -216,13 +216,13 @@ class PriorPipeline:
         text_tokens = text_tokens.to(self.device, torch.float32)
         cluster_idx = self.shift.assign(clip_text_emb)
         null_clip, null_tokens = self.null_embeddings() if guidance_scale != 1.0 else (None, None)
-        if guidance_scale != 1.0 and self.prior.config.text_len == 0 and not self.uncond_drops_clip:
+        if guidance_scale != 1.0 and self.prior.arch.text_len == 0 and not self.uncond_drops_clip:
             raise ValueError("guidance needs an unconditional branch: this prior has no text tokens, so set "
                              "uncond_drops_clip=True (its CLIP sentence embedding is then replaced by that of '')")
         shift_mean, shift_std = self.shift.shift(cluster_idx.repeat_interleave(num_images_per_prompt), check=False)
         inputs = dict(
             text_tokens=text_tokens, clip_text_emb=clip_text_emb,
-            cluster_idx=cluster_idx if self.prior.config.has_cluster_token else None,
+            cluster_idx=cluster_idx if self.prior.arch.has_cluster_token else None,
             shift_mean=shift_mean.float(), shift_std=shift_std.float(),
             null_text_tokens=null_tokens, null_clip_text_emb=null_clip if self.uncond_drops_clip else None,
         )
@@ -315,14 +315,14 @@ def load_prior(path, device=None, dtype=None, *, clip=None, text_encoder=None, *
         raise FileNotFoundError(f"{os.fspath(path)} has no config.json: not a prior folder written by train.py")
     config = _read_prior_config(config_path)
     prior = _read_prior_weights(path / "model.safetensors", config["prior"], config_path)
-    shift, vocab_where = _read_shift(path, config, prior.config)
-    check_shift_fits_prior(shift, prior.config, vocab_where)
-    nulls = _read_null_embeddings(path / "null_embeddings.safetensors", prior.config)
+    shift, vocab_where = _read_shift(path, config, prior.arch)
+    check_shift_fits_prior(shift, prior.arch, vocab_where)
+    nulls = _read_null_embeddings(path / "null_embeddings.safetensors", prior.arch)
     pipeline = PriorPipeline(
         prior, shift, DiffusionSchedule.from_config(_schedule_config(config["schedule"], config_path)),
         null_clip_text=nulls["null_clip_text"], null_text_tokens=nulls["null_text_tokens"],
         encoders=_stored_encoders(config["encoders"], path), clip=clip, text_encoder=text_encoder,
-        uncond_drops_clip=config.get("train", {}).get("empty_clip_prob", 0.0) > 0 or prior.config.text_len == 0,
+        uncond_drops_clip=config.get("train", {}).get("empty_clip_prob", 0.0) > 0 or prior.arch.text_len == 0,
     )
     return pipeline.to(device=device, dtype=dtype)
 
@@ -352,7 +352,7 @@ def _read_prior_config(config_path: Path) -> dict:
 def _read_prior_weights(weights_path: Path, prior_settings: dict, config_path: Path) -> ShiftedPrior:
     """The network described by config.json's "prior" with the weights of model.safetensors."""
     try:
-        prior = ShiftedPrior(PriorConfig.from_dict(prior_settings))
+        prior = ShiftedPrior.from_prior_config(PriorConfig.from_dict(prior_settings))
     except (TypeError, ValueError) as err:
         raise InvalidFileError(f"{config_path}: invalid \"prior\" settings: {err}") from None
     state = read_safetensors(weights_path, "the prior's weights")
@@ -439,14 +439,14 @@ def _load_original(path: Path, device, *, clip=None, text_encoder=None, **option
     prior = load_original_checkpoint(path, **options)
     mean_path, std_path = path.parent / "mean.pth", path.parent / "std.pth"
     if mean_path.is_file() and std_path.is_file():
-        shift = ClusterVocab.from_original(mean_path, std_path, dim=prior.config.clip_dim)
-        if shift.num_clusters > prior.config.vocab_size:  # the release's files may hold extra rows: it read [:1024]
-            shift = ClusterVocab(shift.means[: prior.config.vocab_size], shift.stds[: prior.config.vocab_size], shift.std_scale)
-    elif prior.config.has_cluster_token:
+        shift = ClusterVocab.from_original(mean_path, std_path, dim=prior.arch.clip_dim)
+        if shift.num_clusters > prior.arch.vocab_size:  # the release's files may hold extra rows: it read [:1024]
+            shift = ClusterVocab(shift.means[: prior.arch.vocab_size], shift.stds[: prior.arch.vocab_size], shift.std_scale)
+    elif prior.arch.has_cluster_token:
         raise FileNotFoundError(f"{os.fspath(path)} is a shifted prior but mean.pth / std.pth are not beside it")
     else:
-        shift = StandardNormalShift(prior.config.clip_dim)
-    check_shift_fits_prior(shift, prior.config, f"{os.fspath(mean_path)} vs {os.fspath(path)} loaded with "
-                                                f"vocab_size={prior.config.vocab_size}; pass vocab_size= to load_prior")
+        shift = StandardNormalShift(prior.arch.clip_dim)
+    check_shift_fits_prior(shift, prior.arch, f"{os.fspath(mean_path)} vs {os.fspath(path)} loaded with "
+                                                f"vocab_size={prior.arch.vocab_size}; pass vocab_size= to load_prior")
     pipeline = PriorPipeline(prior, shift, DiffusionSchedule.from_config(ScheduleConfig()), clip=clip, text_encoder=text_encoder)
     return pipeline.to(device) if device is not None else pipeline

@@ -210,7 +210,7 @@ def train_prior(cfg: TrainConfig) -> Path:
     # network, optimiser, schedule, loss
     set_seed(cfg.seed)
     model_config = prior_config(cfg, manifest, getattr(shift, "num_clusters", None))
-    model = ShiftedPrior(model_config)
+    model = ShiftedPrior.from_prior_config(model_config)
     log(f"[model] {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {model_config}")
     if cfg.compile:  # in place: state_dict names stay those of ShiftedPrior; sampling (validation) stays eager
         model.compile()

@@ -12,6 +12,8 @@ import os
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 from .kmeans import spherical_kmeans
@@ -50,15 +52,27 @@ def _check_cluster_idx(cluster_idx: torch.Tensor, num_clusters: Optional[int]) -
             raise IndexError(f"cluster_idx values must lie in [0, {num_clusters}); got min {low}, max {high}")
 
 
-class ClusterVocab(nn.Module):
-    """K cluster Gaussians (means (K, D), per-dim stds (K, D)) and std_scale: Sigma_k = diag((std_scale * s_k)^2)."""
+class ClusterVocab(ModelMixin, ConfigMixin):
+    """K cluster Gaussians (means (K, D), per-dim stds (K, D)) and std_scale: Sigma_k = diag((std_scale * s_k)^2).
 
-    def __init__(self, means: torch.Tensor, stds: torch.Tensor, std_scale: float = 5.0):
+    A diffusers component: ``save_pretrained`` writes config.json (num_clusters, dim, std_scale) and the means /
+    stds as safetensors; ``from_pretrained`` reads them back. ``save`` / ``load`` keep the one-file format."""
+
+    ignore_for_config = ["means", "stds"]
+
+    @register_to_config
+    def __init__(self, means: Optional[torch.Tensor] = None, stds: Optional[torch.Tensor] = None,
+                 std_scale: float = 5.0, num_clusters: Optional[int] = None, dim: Optional[int] = None):
         super().__init__()
+        if means is None or stds is None:  # from_pretrained: shapes from the config, values from the weights file
+            if not (isinstance(num_clusters, int) and isinstance(dim, int)):
+                raise ValueError("ClusterVocab needs means and stds (K, D), or num_clusters and dim")
+            means, stds = torch.zeros(num_clusters, dim), torch.ones(num_clusters, dim)
         means, stds = self._validate(means, stds, std_scale)
         self.register_buffer("means", means)
         self.register_buffer("stds", stds)
         self.std_scale = float(std_scale)
+        self.register_to_config(num_clusters=int(means.shape[0]), dim=int(means.shape[1]))
 
     @staticmethod
     def _validate(means, stds, std_scale) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -371,17 +385,20 @@ class LearnableClusterVocab(ClusterVocab):
         raise NotImplementedError("a learnable vocabulary is trained by the optimizer, not by running statistics")
 
 
-class StandardNormalShift(nn.Module):
-    """The DALL-E 2 baseline: shift_mean = 0, shift_std = 1 for every caption (no vocabulary)."""
+class StandardNormalShift(ModelMixin, ConfigMixin):
+    """The DALL-E 2 baseline: shift_mean = 0, shift_std = 1 for every caption (no vocabulary). A diffusers
+    component like ClusterVocab (config: dim; its one buffer, the zero mean, is what the weights file holds)."""
 
     num_clusters = None
 
-    def __init__(self, dim: int):
+    @register_to_config
+    def __init__(self, dim: int = 1536):
         super().__init__()
-        if not isinstance(dim, int) or dim < 1:
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
             raise ValueError(f"dim must be a positive int; got {dim!r}")
         self.dim = dim
         self.std_scale = 1.0
+        self.register_buffer("mean", torch.zeros(dim))
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}"

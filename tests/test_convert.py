@@ -64,7 +64,7 @@ def test_randomized_reference_has_no_default_weights():
 def test_converted_model_matches_reference(name):
     config = CONFIGS[name]
     ref = _reference(config)
-    model = ShiftedPrior(config).eval()
+    model = ShiftedPrior.from_prior_config(config).eval()
     model.load_state_dict(convert_original_state_dict(ref.state_dict()), strict=True)
     inp = _inputs(config)
     with torch.no_grad():
@@ -82,7 +82,7 @@ def test_converted_model_matches_reference(name):
 def test_input_gradients_match_reference():
     config = CONFIGS["tiny_vocab"]
     ref = _reference(config, seed=3)
-    model = ShiftedPrior(config)
+    model = ShiftedPrior.from_prior_config(config)
     model.load_state_dict(convert_original_state_dict(ref.state_dict()))
     grads, outs = [], []
     for fn, net in ((_run_reference, ref), (_run_ours, model)):
@@ -113,7 +113,7 @@ def test_load_original_checkpoint_wrapped_and_prefixed(tmp_path):
     path = tmp_path / "prior.pth"
     torch.save(wrapped, path)
     model = load_original_checkpoint(path, text_len=config.text_len, vocab_size=config.vocab_size).eval()
-    assert model.config == config
+    assert model.arch == config
     inp = _inputs(config, seed=6)
     with torch.no_grad():
         torch.testing.assert_close(_run_ours(model, inp), _run_reference(ref, inp), atol=1e-5, rtol=1e-5)
@@ -147,7 +147,7 @@ def test_full_size_presets_match_reference_parameter_count():
     for preset in ("small", "large"):
         config = PriorConfig.preset(preset)
         with torch.device("meta"):
-            ours = ShiftedPrior(config)
+            ours = ShiftedPrior.from_prior_config(config)
             ref = ref_mod.ReferenceClipPrior.from_config(config)
         n_ours = sum(p.numel() for p in ours.parameters())
         n_ref = sum(p.numel() for p in ref.parameters())

@@ -214,7 +214,7 @@ def test_sft_with_a_real_tiny_prior_folder(decoder_dir, clip_dirs, tmp_path, bas
     shift = StandardNormalShift(CLIP_DIM) if baseline else ClusterVocab(torch.randn(4, CLIP_DIM),
                                                                          torch.rand(4, CLIP_DIM) + 0.1)
     encoders = {"clip_models": list(clip_dirs), "t5_model": f"clip-tokens:{clip_dirs[0]}", "text_max_length": 8}
-    save_prior(tmp_path / "prior", ShiftedPrior(config), shift, ScheduleConfig(), encoders,
+    save_prior(tmp_path / "prior", ShiftedPrior.from_prior_config(config), shift, ScheduleConfig(), encoders,
                torch.randn(CLIP_DIM), torch.randn(8, 16))
     written = sft_test.main(["--prior", str(tmp_path / "prior"), "--decoder", str(decoder_dir), "--prompt",
                              "a red circle", "--num_images", "2", "--prior_steps", "4", "--prior_guidance_scale", "2",

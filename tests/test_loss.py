@@ -108,7 +108,7 @@ def test_prefix_shared_loss_equals_separate_per_timestep_losses():
 
     torch.manual_seed(0)
     config = PriorConfig.preset("tiny", clip_dim=D, text_dim=E, text_len=L, vocab_size=B)
-    model = ShiftedPrior(config)
+    model = ShiftedPrior.from_prior_config(config)
     schedule = DiffusionSchedule.from_config(ScheduleConfig())
     loss_fn = ShiftedDiffusionLoss(schedule, LossConfig(empty_t5_prob=0.0))
     data = batch(seed=2)

@@ -14,7 +14,7 @@ TINY_BASELINE = PriorConfig.preset("tiny", vocab_size=None)
 
 def _model(config=TINY, seed=0):
     torch.manual_seed(seed)
-    model = ShiftedPrior(config)
+    model = ShiftedPrior.from_prior_config(config)
     with torch.no_grad():  # move norm gains / biases off their defaults
         g = torch.Generator().manual_seed(seed + 100)
         for name, p in model.named_parameters():
@@ -385,9 +385,9 @@ def test_config_round_trip_and_presets(tmp_path):
 
     # a checkpoint holding config + weights rebuilds the same network
     model = _model(TINY, seed=17)
-    torch.save({"config": model.config.to_dict(), "state_dict": model.state_dict()}, tmp_path / "prior.pt")
+    torch.save({"config": model.arch.to_dict(), "state_dict": model.state_dict()}, tmp_path / "prior.pt")
     ckpt = torch.load(tmp_path / "prior.pt", weights_only=True)
-    rebuilt = ShiftedPrior(PriorConfig.from_dict(ckpt["config"]))
+    rebuilt = ShiftedPrior.from_prior_config(PriorConfig.from_dict(ckpt["config"]))
     rebuilt.load_state_dict(ckpt["state_dict"])
     inp = _inputs(TINY)
     with torch.no_grad():

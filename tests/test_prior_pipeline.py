@@ -21,7 +21,7 @@ def pipeline(**kwargs):
                          std_scale=2.0)
     nulls = dict(null_clip_text=torch.randn(CONFIG.clip_dim, generator=g),
                  null_text_tokens=torch.randn(CONFIG.text_len, CONFIG.text_dim, generator=g))
-    return PriorPipeline(ShiftedPrior(CONFIG), vocab, DiffusionSchedule.from_config(ScheduleConfig()), **nulls, **kwargs)
+    return PriorPipeline(ShiftedPrior.from_prior_config(CONFIG), vocab, DiffusionSchedule.from_config(ScheduleConfig()), **nulls, **kwargs)
 
 
 def captions(n=4, seed=2):
@@ -68,7 +68,7 @@ def test_clip_only_prior_cannot_guide_without_dropping_clip():
     config = PriorConfig.preset("tiny", text_len=0, vocab_size=None)
     from shifted_diffusion.vocab import StandardNormalShift
 
-    pipe = PriorPipeline(ShiftedPrior(config), StandardNormalShift(config.clip_dim),
+    pipe = PriorPipeline(ShiftedPrior.from_prior_config(config), StandardNormalShift(config.clip_dim),
                          DiffusionSchedule.from_config(ScheduleConfig()), null_clip_text=torch.zeros(config.clip_dim),
                          null_text_tokens=torch.zeros(0, config.text_dim), uncond_drops_clip=False)
     clip_text = torch.randn(2, config.clip_dim)
@@ -270,7 +270,7 @@ def toy_layout(tmp_path, monkeypatch, tiny_open_clip_dir):
     (tmp_path / "outputs" / "toy_assets" / "clip").symlink_to(tiny_open_clip_dir, target_is_directory=True)
     config = PriorConfig.preset("tiny", clip_dim=32, text_dim=64, text_len=8, vocab_size=None)
     torch.manual_seed(0)
-    prior = ShiftedPrior(config)
+    prior = ShiftedPrior.from_prior_config(config)
     encoders = {"clip_models": ["outputs/toy_assets/clip"], "t5_model": "clip-tokens:outputs/toy_assets/clip",
                 "text_max_length": 8, "t5_masked": False}
     monkeypatch.chdir(tmp_path)

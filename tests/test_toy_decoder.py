@@ -53,7 +53,7 @@ def tiny_prior(directory, clip_dir, baseline: bool) -> Path:
     shift = StandardNormalShift(clip_dim) if baseline else ClusterVocab(torch.randn(4, clip_dim),
                                                                          torch.rand(4, clip_dim) + 0.1)
     encoders = {"clip_models": [str(clip_dir)], "t5_model": f"clip-tokens:{clip_dir}", "text_max_length": 8}
-    return save_prior(directory, ShiftedPrior(config), shift, ScheduleConfig(), encoders, torch.randn(clip_dim),
+    return save_prior(directory, ShiftedPrior.from_prior_config(config), shift, ScheduleConfig(), encoders, torch.randn(clip_dim),
                       torch.randn(8, text_dim))
 
 
