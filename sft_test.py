@@ -2,7 +2,7 @@
 
     python sft_test.py --prior runs/prior --decoder sd2-shifted-decoder \\
         --prompt "a red double-decker bus" --prompt "two cats on a sofa" --num_images 4 \\
-        --prior_steps 8 --prior_guidance_scale 2.0 --guidance_scale 5 --output_dir samples/
+        --prior_num_inference_steps 8 --prior_guidance_scale 2.0 --guidance_scale 5 --output_dir samples/
     python sft_test.py    # no arguments: a few example toy-world captions with the toy prior
                           # (outputs/toy_prior/prior, `python train.py`) and the toy decoder
                           # (outputs/toy_decoder, `python train_toy_decoder.py`) -> outputs/toy_sft_test/
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt", action="append", default=[], help="a caption (repeatable)")
     parser.add_argument("--prompts_file", default=None, help="a text file, one caption per non-empty line")
     parser.add_argument("--num_images", type=int, default=1, help="images per prompt")
-    parser.add_argument("--prior_steps", type=int, default=8, help="prior sampling steps (re-spaced)")
+    parser.add_argument("--prior_num_inference_steps", type=int, default=8, help="prior sampling steps (re-spaced)")
     parser.add_argument("--prior_guidance_scale", type=float, default=None,
                         help="prior classifier-free guidance (default: the prior pipeline's own default)")
     parser.add_argument("--guidance_scale", type=float, default=5.0, help="decoder classifier-free guidance")
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 def validate_args(parser: argparse.ArgumentParser, args) -> None:
     """Check every flag before any work (no model is loaded or trained for a bad command line)."""
     try:
-        for name in ("num_images", "batch_size", "prior_steps", "num_inference_steps", "num_threads"):
+        for name in ("num_images", "batch_size", "prior_num_inference_steps", "num_inference_steps", "num_threads"):
             check_count(f"--{name}", getattr(args, name), optional=True)
         for name in ("guidance_scale", "prior_guidance_scale"):
             if getattr(args, name) is not None:
@@ -127,11 +127,14 @@ def load_prior_or_exit(path: str, device):
     return load_prior(path, device=device) if takes_device else load_prior(path)
 
 
-def prior_generate(prior, prompts, *, num_images_per_prompt, num_steps, guidance_scale, generator) -> torch.Tensor:
-    kwargs = {"num_images_per_prompt": num_images_per_prompt, "num_steps": num_steps, "generator": generator}
+def prior_generate(prior, prompts, *, num_images_per_prompt, num_inference_steps, guidance_scale, generator):
+    """(image_embeds (P*N, D), negative_image_embeds (P*N, D): the prior's sample for "") from the prior pipeline."""
+    kwargs = {"num_images_per_prompt": num_images_per_prompt, "num_inference_steps": num_inference_steps,
+              "generator": generator}
     if guidance_scale is not None:
         kwargs["guidance_scale"] = guidance_scale
-    return torch.as_tensor(prior.generate(list(prompts), **kwargs)).float()
+    out = prior(list(prompts), **kwargs)
+    return torch.as_tensor(out.image_embeds).float(), torch.as_tensor(out.negative_image_embeds).float()
 
 
 def _clip_paths(folder, key_path) -> list:
@@ -225,16 +228,16 @@ def run(args) -> list[Path]:
                   f"with {decoder.clip_specs}; same dim {prior_dim}, but the embeddings may not match", file=sys.stderr)
     prior_device = torch.device(getattr(prior, "device", None) or "cpu")
     prior_generator = torch.Generator(device=prior_device).manual_seed(args.seed)
-    image_embeds = prior_generate(prior, prompts, num_images_per_prompt=args.num_images, num_steps=args.prior_steps,
-                                  guidance_scale=args.prior_guidance_scale, generator=prior_generator)  # (P*N, D)
+    image_embeds, prior_negative = prior_generate(
+        prior, prompts, num_images_per_prompt=args.num_images, num_inference_steps=args.prior_num_inference_steps,
+        guidance_scale=args.prior_guidance_scale, generator=prior_generator)  # (P*N, D) each
     expected = (len(prompts) * args.num_images, decoder.clip_dim)
     if tuple(image_embeds.shape) != expected:
-        raise RuntimeError(f"prior.generate returned image embeddings of shape {tuple(image_embeds.shape)}, "
+        raise RuntimeError(f"the prior returned image embeddings of shape {tuple(image_embeds.shape)}, "
                            f"expected {expected} (prompts x num_images, clip_dim)")
     check_prior_output(image_embeds, args)
     if args.negative == "prior":
-        negative = prior_generate(prior, [""], num_images_per_prompt=1, num_steps=args.prior_steps,
-                                  guidance_scale=args.prior_guidance_scale, generator=prior_generator)[0]
+        negative = prior_negative[0]
         check_prior_output(negative, args, 'the negative embedding (the prior\'s sample for "")')
     elif args.negative == "empty":
         negative = None

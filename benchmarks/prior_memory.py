@@ -135,7 +135,7 @@ def main(argv=None) -> Dict[str, Any]:
     }
     for checkpointing in (False, True):
         torch.manual_seed(0)
-        model = ShiftedPrior(PriorConfig.preset(args.preset, grad_checkpointing=checkpointing)).to(device).train()
+        model = ShiftedPrior.from_prior_config(PriorConfig.preset(args.preset, grad_checkpointing=checkpointing)).to(device).train()
         params = sum(p.numel() for p in model.parameters())
         acts = saved_activations(model, dtype)
         activations = acts["batch_independent_mib"] + args.batch * acts["per_caption_mib"]

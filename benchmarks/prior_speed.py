@@ -43,7 +43,7 @@ if importlib.util.find_spec("shifted_diffusion") is None:  # run as a script fro
 
 from shifted_diffusion.convert import convert_original_state_dict
 from shifted_diffusion.cuda_graph import GraphedCall
-from shifted_diffusion.guidance import classifier_free_guidance
+from shifted_diffusion.guidance import classifier_free_guidance, guided_denoiser
 from shifted_diffusion.prior import PriorConfig, ShiftedPrior
 from shifted_diffusion.sampling import sample_ancestral
 from shifted_diffusion.schedule import DiffusionSchedule, ScheduleConfig
@@ -239,7 +239,7 @@ def _ours_guided(model, schedule, null_text, null_clip, scale, device, dtype):
     """Guided sampling as a function of the prompts' tensors: cached cond + uncond prefixes, tail-only steps."""
     def sample(text_tokens, clip_text_emb, cluster_idx, shift_mean, shift_std, generator=None):
         with _sampling_context(model, device, dtype):
-            den = model.denoiser(text_tokens, clip_text_emb, cluster_idx,
+            den = guided_denoiser(model, text_tokens, clip_text_emb, cluster_idx,
                                  guidance_scale=scale, null_text_tokens=null_text, null_clip_text_emb=null_clip)
             return sample_ancestral(den, schedule, shift_mean, shift_std, generator=generator)
     return sample
@@ -256,7 +256,7 @@ def _ours_sampler(model, schedule, caps, null_text, null_clip, scale, device, dt
 
 def _ours_graph_sampler(model, schedule, caps, null_text, null_clip, scale, device, dtype):
     """The whole guided sampling (prefix encoding included) as one CUDA graph (`GraphedCall`, as
-    `PriorPipeline.sample(cuda_graph=True)` does); each call copies the inputs in and the output out."""
+    `ShiftedDiffusionPriorPipeline.sample(cuda_graph=True)` does); each call copies the inputs in and the output out."""
     inputs = {name: caps[name] for name in SAMPLER_INPUTS}
     with torch.no_grad():
         graphed = GraphedCall(_ours_guided(model, schedule, null_text, null_clip, scale, device, dtype), inputs)
@@ -300,7 +300,7 @@ def exactness_checks(ours, config, device, gen, sample_args) -> Dict[str, float]
         dt = next(ours.parameters()).dtype  # the plain forward takes inputs in the network's dtype
         full = ours(inp["x_t"].to(dt), inp["timesteps"], inp["cluster_idx"], inp["text_tokens"].to(dt),
                     inp["clip_text_emb"].to(dt)).float()
-        den = ours.denoiser(inp["text_tokens"], inp["clip_text_emb"], inp["cluster_idx"])
+        den = guided_denoiser(ours, inp["text_tokens"], inp["clip_text_emb"], inp["cluster_idx"])
         cached = den(inp["x_t"], inp["timesteps"])
     checks["cached_vs_full_forward_max_abs"] = (cached - full).abs().max().item()
     checks["full_forward_max_abs_value"] = full.abs().max().item()
@@ -387,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-scale", type=float, default=3.0)
     p.add_argument("--uncond-clip", default="shared", choices=["shared", "per-prompt"],
                    help="CLIP sentence embedding of guidance's unconditional branch: the empty caption's for all "
-                        "prompts, or each prompt's own (PriorPipeline's default for priors with text tokens)")
+                        "prompts, or each prompt's own (the prior pipeline's default for priors with text tokens)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="autocast dtype (bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--device", default=None)
     p.add_argument("--warmup", type=int, default=2)
@@ -431,7 +431,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
     ref_mod = load_reference_module()
     with torch.device(device):  # initialise on the device (fast for the 1B-parameter presets)
         ref = ref_mod.ReferenceClipPrior.from_config(config)
-        ours = ShiftedPrior(config)
+        ours = ShiftedPrior.from_prior_config(config)
     ours.load_state_dict(convert_original_state_dict(ref.state_dict()))  # same weights
     ref.train()
     ours.train()
@@ -441,7 +441,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
     schedule = DiffusionSchedule.from_config(ScheduleConfig()).respace(args.steps).to(device)
     null_text = torch.randn(config.text_len, config.text_dim, generator=gen).to(device)
     # the unconditional caption: empty text tokens and an empty-caption CLIP embedding shared by all prompts,
-    # or (--uncond-clip per-prompt, PriorPipeline's default for T5 priors) each prompt's own CLIP embedding
+    # or (--uncond-clip per-prompt, the prior pipeline's default for T5 priors) each prompt's own CLIP embedding
     null_clip = torch.randn(config.clip_dim, generator=gen).to(device) if args.uncond_clip == "shared" else None
     checks: Dict[str, Any] = {}
     if not args.skip_reference:  # before the training phases update the two networks separately

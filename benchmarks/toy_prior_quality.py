@@ -33,6 +33,7 @@ if importlib.util.find_spec("shifted_diffusion") is None or importlib.util.find_
     sys.path.insert(0, str(ROOT))  # run as a script from a checkout
 
 import train  # noqa: E402
+from shifted_diffusion.prior_pipeline import read_prior_info  # noqa: E402
 from shifted_diffusion.threads import torch_threads  # noqa: E402
 from shifted_diffusion.toy import ToyClipConfig, ensure_toy_assets, generate_world, train_toy_clip  # noqa: E402
 from shifted_diffusion.toy.world import ToyWorldConfig  # noqa: E402
@@ -147,7 +148,8 @@ def run(args, passthrough, output_dir: Path, steps: list, eval_kwargs: dict, max
             raise RuntimeError(f"the {name} prior folder {prior_dir} says baseline={evaluation['baseline']}")
         results[name] = evaluation["steps"]
         results.setdefault("reference", evaluation["reference"])
-        saved = json.loads((Path(prior_dir) / "config.json").read_text())
+        info = read_prior_info(prior_dir)
+        saved = {**info["training"], "prior": info["prior"]}
         recorded = [os.path.relpath(a, REPO) if a == str(train.TOY_CONFIG) else a for a in argv_prior]
         train_info[name] = {"argv": recorded, "prior_dir": str(prior_dir), "global_step": saved.get("global_step"),
                             "train": saved.get("train"), "prior": saved.get("prior"), "validation": saved.get("validation")}

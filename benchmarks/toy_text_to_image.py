@@ -1,12 +1,12 @@
 """The whole chain on the toy world: text -> prior (shifted vs baseline) -> CLIP image embedding -> decoder -> image.
 
     python benchmarks/toy_text_to_image.py --out results.json [--fast] [--num_captions 100] [--samples_per_caption 4]
-        [--prior_steps 8] [--guidance_scale 3] [--decoder DIR] [--shifted_prior DIR] [--baseline_prior DIR]
+        [--prior_num_inference_steps 8] [--guidance_scale 3] [--decoder DIR] [--shifted_prior DIR] [--baseline_prior DIR]
 
 Held-out captions = freshly rendered toy-world images (another seed: seen by neither prior nor decoder), each
 with its caption, attributes and which attributes the caption mentions. Measured, per method:
 
-* text-to-image (shifted and baseline prior, ``--prior_steps`` sampling steps, same decoder and seeds):
+* text-to-image (shifted and baseline prior, ``--prior_num_inference_steps`` sampling steps, same decoder and seeds):
   attribute accuracy of the generated images (read by shifted_diffusion.toy.reader) on the attributes the
   caption mentions; CLIP-space cosine of the generated image to the caption (text embedding) and to the
   ground-truth image, per CLIP block; Frechet distance to real held-out images in the toy CLIP's image space;
@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_captions", type=int, default=None, help="held-out captions (default 100; --fast 4)")
     parser.add_argument("--samples_per_caption", type=int, default=None, help="images per caption (default 4; --fast 2)")
     parser.add_argument("--num_real", type=int, default=None, help="real held-out images for FD (default 1000; --fast 32)")
-    parser.add_argument("--prior_steps", type=int, default=8)
+    parser.add_argument("--prior_num_inference_steps", type=int, default=8)
     parser.add_argument("--prior_guidance_scale", type=float, default=1.0)
     parser.add_argument("--guidance_scale", type=float, default=3.0, help="decoder classifier-free guidance")
     parser.add_argument("--num_inference_steps", type=int, default=None, help="decoder DDIM steps (default 25; --fast 2)")
@@ -107,11 +107,12 @@ def _clip_hashes(specs) -> list:
 def _prior_clip_specs(prior_dir: Path):
     from shifted_diffusion.train_config import parse_clip_specs
 
-    config_path = prior_dir / "config.json"
-    if not config_path.is_file():
+    from shifted_diffusion.prior_pipeline import read_prior_info
+
+    if not ((prior_dir / "model_index.json").is_file() or (prior_dir / "config.json").is_file()):
         return None
-    config = json.loads(config_path.read_text())
-    return parse_clip_specs(config.get("encoders", {}).get("clip_models", [])), config.get("global_step") or 0
+    info = read_prior_info(prior_dir)
+    return parse_clip_specs(info["encoders"].get("clip_models", [])), info["training"].get("global_step") or 0
 
 
 def prior_candidates(fast: bool, output_dir: Path) -> list:
@@ -274,7 +275,7 @@ def format_table(results: dict) -> str:
                   _cell(m.get("prior_embedding_nn_attribute_accuracy", {}).get("mean"))]
         lines.append("| " + " | ".join(cells) + " |")
 
-    steps = results["config"]["prior_steps"]
+    steps = results["config"].get("prior_num_inference_steps", results["config"].get("prior_steps"))
     for name in PRIORS:
         row(f"text→image, {name} prior ({steps} steps)", results["text_to_image"][name])
     row("image→image (all 5 attributes)", results["image_to_image"])
@@ -344,8 +345,8 @@ def run(args) -> dict:
         start = time.time()
         prior = load_prior(prior_dir)
         generator = torch.Generator().manual_seed(args.seed)
-        embeds = prior.generate(held["captions"], num_images_per_prompt=s, num_steps=args.prior_steps,
-                                guidance_scale=args.prior_guidance_scale, generator=generator).float()  # (C*S, D)
+        embeds = prior(held["captions"], num_images_per_prompt=s, num_inference_steps=args.prior_num_inference_steps,
+                       guidance_scale=args.prior_guidance_scale, generator=generator).image_embeds.float()  # (C*S, D)
         images = decode(decoder, embeds, seeds, args)
         images_by_prior[name] = images
         generated = clip.encode_image(images)  # (C*S, D)
@@ -412,7 +413,7 @@ def run(args) -> dict:
     results["grid"] = str(grid_path)
     results["config"] = {
         "fast": args.fast, "num_captions": c, "samples_per_caption": s, "num_real": args.num_real,
-        "prior_steps": args.prior_steps, "prior_guidance_scale": args.prior_guidance_scale,
+        "prior_num_inference_steps": args.prior_num_inference_steps, "prior_guidance_scale": args.prior_guidance_scale,
         "guidance_scale": args.guidance_scale, "num_inference_steps": args.num_inference_steps, "seed": args.seed,
         "fd_note": "FD is biased by sample count: text-to-image rows and the real reference use C*S samples, "
                    "image-to-image and autoencoder rows C",

@@ -31,9 +31,8 @@ from torch.utils.checkpoint import checkpoint
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
-from .guidance import classifier_free_guidance
-
 __all__ = [
+    "check_tensor",
     "PriorConfig",
     "PrefixCache",
     "ShiftedPrior",
@@ -380,12 +379,12 @@ def _tail_attention_mask(prefix_len: int, tail_len: int, groups: int, device: to
 # shape checks
 
 
-def _require_tensor(name: str, tensor: Any) -> None:
+def require_tensor(name: str, tensor: Any) -> None:
     if not isinstance(tensor, Tensor):
         raise TypeError(f"{name}: expected a tensor, got {type(tensor).__name__}")
 
 
-def _check_tensor(
+def check_tensor(
     name: str, tensor: Any, expected: Tuple[Any, ...], meaning: str, given: Optional[Tensor] = None
 ) -> None:
     """Raise a ValueError naming the tensor when its shape does not match `expected` (None = any).
@@ -451,9 +450,9 @@ class ShiftedPrior(ModelMixin, ConfigMixin):
 
     def _check_caption(self, text_tokens: Tensor, clip_text_emb: Tensor) -> int:
         cfg = self.arch
-        _check_tensor("clip_text_emb", clip_text_emb, (None, cfg.clip_dim), f"(B, clip_dim={cfg.clip_dim})")
+        check_tensor("clip_text_emb", clip_text_emb, (None, cfg.clip_dim), f"(B, clip_dim={cfg.clip_dim})")
         b = clip_text_emb.shape[0]
-        _check_tensor(
+        check_tensor(
             "text_tokens", text_tokens, (b, cfg.text_len, cfg.text_dim),
             f"(B={b}, text_len={cfg.text_len}, text_dim={cfg.text_dim})",
         )
@@ -461,16 +460,16 @@ class ShiftedPrior(ModelMixin, ConfigMixin):
 
     def _check_tail(self, x_t: Tensor, timesteps: Tensor, cluster_idx: Optional[Tensor]) -> int:
         cfg = self.arch
-        _check_tensor("x_t", x_t, (None, cfg.clip_dim), f"(B, clip_dim={cfg.clip_dim})")
+        check_tensor("x_t", x_t, (None, cfg.clip_dim), f"(B, clip_dim={cfg.clip_dim})")
         n = x_t.shape[0]
-        _check_tensor("timesteps", timesteps, (n,), f"(B={n},)")
+        check_tensor("timesteps", timesteps, (n,), f"(B={n},)")
         if cfg.has_cluster_token:
             if cluster_idx is None:
                 raise ValueError(
                     f"cluster_idx: required (shape (B={n},)) because vocab_size={cfg.vocab_size}; "
                     "pass vocab_size=None for the baseline network"
                 )
-            _check_tensor("cluster_idx", cluster_idx, (n,), f"(B={n},)")
+            check_tensor("cluster_idx", cluster_idx, (n,), f"(B={n},)")
         return n
 
     # ---- embeddings --------------------------------------------------------------------------
@@ -604,86 +603,9 @@ class ShiftedPrior(ModelMixin, ConfigMixin):
                 h, _, _ = self._run_block(block, h, kv, None if groups == 1 else mask[final_rows], final_rows)
         return self.out_proj(h.reshape(n, cfg.width))  # (B, K, W) -> (B*K, D)
 
-    # ---- sampling ----------------------------------------------------------------------------
+    # ---- the unconditional caption of guidance -------------------------------------------------
 
-    def denoiser(
-        self,
-        text_tokens: Tensor,
-        clip_text_emb: Tensor,
-        cluster_idx: Optional[Tensor],
-        *,
-        guidance_scale: float = 1.0,
-        null_text_tokens: Optional[Tensor] = None,
-        null_clip_text_emb: Optional[Tensor] = None,
-    ) -> Callable[[Tensor, Tensor], Tensor]:
-        """A sampler denoiser (x_t, timesteps) -> x0_hat with cached caption prefixes.
-
-        guidance_scale != 1: x0_hat = x0_uncond + g * (x0_cond - x0_uncond) with the unconditional
-        caption = `null_text_tokens` ((L, E) or (1, L, E), broadcast) and, if given,
-        `null_clip_text_emb` ((D,) or (1, D)); cond and uncond run as one doubled batch.
-        The prefix is computed here, once, under the caller's grad mode. x_t may have batch B*K
-        (K samples per caption, `repeat_interleave` order).
-        """
-        cfg = self.arch
-        b = self._check_caption(text_tokens, clip_text_emb)
-        # a bf16/fp16 network samples from fp32 inputs: captions and x_t go in its dtype, x0_hat comes back in x_t's
-        dtype = self.final_emb.dtype if not torch.is_autocast_enabled() else clip_text_emb.dtype
-        text_tokens, clip_text_emb = text_tokens.to(dtype), clip_text_emb.to(dtype)
-        if cfg.has_cluster_token:
-            if cluster_idx is None:
-                raise ValueError(f"cluster_idx: required (shape (B={b},)) because vocab_size={cfg.vocab_size}")
-            _check_tensor("cluster_idx", cluster_idx, (b,), f"(B={b},)")
-        guided = float(guidance_scale) != 1.0
-
-        if not guided:
-            prefix = self.encode_prefix(text_tokens, clip_text_emb)
-        else:
-            if null_text_tokens is None:
-                raise ValueError(
-                    "null_text_tokens: required when guidance_scale != 1 (the text tokens of the empty caption)"
-                )
-            _require_tensor("null_text_tokens", null_text_tokens)
-            null_tokens = null_text_tokens[None] if null_text_tokens.dim() == 2 else null_text_tokens
-            _check_tensor(
-                "null_text_tokens", null_tokens, (1, cfg.text_len, cfg.text_dim),
-                f"(text_len={cfg.text_len}, text_dim={cfg.text_dim}) or (1, {cfg.text_len}, {cfg.text_dim})",
-                given=null_text_tokens,
-            )
-            null_tokens = null_tokens.to(text_tokens)
-            if null_clip_text_emb is not None:
-                _require_tensor("null_clip_text_emb", null_clip_text_emb)
-                null_clip = null_clip_text_emb[None] if null_clip_text_emb.dim() == 1 else null_clip_text_emb
-                _check_tensor(
-                    "null_clip_text_emb", null_clip, (1, cfg.clip_dim),
-                    f"(clip_dim={cfg.clip_dim},) or (1, {cfg.clip_dim})",
-                    given=null_clip_text_emb,
-                )
-                null_clip = null_clip.to(clip_text_emb)
-            # batch 2B: [cond | uncond]; the empty caption is encoded once, not once per prompt
-            prefix = PrefixCache.cat_for_sampling([
-                self.encode_prefix(text_tokens, clip_text_emb),
-                self._null_prefix(null_tokens, clip_text_emb if null_clip_text_emb is None else null_clip, b),
-            ], cfg.tail_len)
-
-        def denoise(x_t: Tensor, timesteps: Tensor) -> Tensor:
-            n = x_t.shape[0]
-            if timesteps.dim() == 0:
-                timesteps = timesteps.expand(n)
-            if n % b:
-                raise ValueError(f"x_t: batch {n} must be a multiple of the caption batch {b}")
-            idx = cluster_idx
-            if idx is not None and n != b:
-                idx = idx.repeat_interleave(n // b)
-            if not guided:
-                return self.forward_cached(prefix, x_t.to(dtype), timesteps, idx).to(x_t.dtype)
-            idx2 = None if idx is None else torch.cat([idx, idx])
-            x0 = self.forward_cached(prefix, torch.cat([x_t, x_t]).to(dtype), torch.cat([timesteps, timesteps]), idx2)
-            x0_cond, x0_uncond = x0.to(x_t.dtype).chunk(2, dim=0)
-            return classifier_free_guidance(x0_cond, x0_uncond, guidance_scale)
-
-        return denoise
-
-    def _null_prefix(self, null_tokens: Tensor, clip_text_emb: Tensor, batch: int) -> PrefixCache:
+    def encode_null_prefix(self, null_tokens: Tensor, clip_text_emb: Tensor, batch: int) -> PrefixCache:
         """Cache of the unconditional captions [null text (1, L) | CLIP emb (1 or B, D)], batch `batch`.
 
         The L null-text positions are computed once; with a per-prompt CLIP embedding only that last

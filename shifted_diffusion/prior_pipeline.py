@@ -1,37 +1,44 @@
-"""A trained prior in one folder, loaded in one call: caption -> CLIP image embedding.
+"""The prior as a diffusers pipeline: caption -> CLIP image embedding.
 
-Folder layout (written by ``save_prior``; ``train.py`` writes ``<output_dir>/prior``)::
+    from shifted_diffusion import ShiftedDiffusionPriorPipeline
+    pipe = ShiftedDiffusionPriorPipeline.from_pretrained("runs/prior/prior")    # or DiffusionPipeline.from_pretrained
+    out = pipe(["a red double-decker bus"], num_images_per_prompt=4, num_inference_steps=8, guidance_scale=2.0)
+    out.image_embeds, out.negative_image_embeds    # (4, D) each: what a decoder's own guidance needs
 
-    config.json                 prior / schedule / encoder settings (+ the training config)
-    model.safetensors           prior weights (the EMA weights when training used EMA)
-    vocab.safetensors           the cluster vocabulary (absent for the baseline prior)
-    null_embeddings.safetensors encodings of the empty caption (unconditional branch of guidance)
-
-A checkpoint of the original release (a ``.pt``/``.pth``/``.bin`` file) loads too, through the
-converter, with its ``mean.pth`` / ``std.pth`` vocabulary beside it.
+Components (``save_pretrained`` writes each in its subfolder, config + safetensors, and ``model_index.json``):
+``prior`` (ShiftedPrior), ``vocabulary`` (ClusterVocab, or StandardNormalShift for the baseline), ``scheduler``
+(ShiftedDiffusionScheduler), ``unconditional`` (UnconditionalInputs: what guidance's unconditional branch
+feeds the network). The text encoders (open_clip CLIPs, T5 or the CLIP token states) are named in the
+pipeline's ``encoders`` config and loaded on first use, or handed over with ``set_encoders``.
+``load_prior(path)`` reads this folder, the older ``shifted-diffusion-prior/1`` folder and original checkpoints.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import os
+import shutil
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
+import diffusers
+import numpy as np
 import torch
-from safetensors.torch import save_file
+from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput
 
-from .cuda_graph import GraphedCall
-from .files import InvalidFileError, read_json, read_safetensors, sniff
 from .checks import check_count, check_finite, check_scale
+from .cuda_graph import GraphedCall
+from .files import partial_folder, replace_folder
+from .guidance import UnconditionalInputs, guided_denoiser
 from .prior import PriorConfig, ShiftedPrior
 from .sampling import sample_ancestral, sample_ddim
 from .schedule import DiffusionSchedule, ScheduleConfig
+from .scheduler import ShiftedDiffusionScheduler
 from .vocab import ClusterVocab, StandardNormalShift
 
-FORMAT = "shifted-diffusion-prior/1"
 PAPER_ENCODERS = {
     "clip_models": ["ViT-B-16:openai", "ViT-B-32:openai", "RN101:openai"],
     "t5_model": "t5-11b",
@@ -40,243 +47,13 @@ PAPER_ENCODERS = {
 }
 
 
-def save_prior(
-    directory,
-    prior: ShiftedPrior,
-    shift: Union[ClusterVocab, StandardNormalShift],
-    schedule_config: ScheduleConfig,
-    encoders: dict,
-    null_clip_text: torch.Tensor,
-    null_text_tokens: torch.Tensor,
-    extra: Optional[dict] = None,
-    state_dict: Optional[dict] = None,
-) -> Path:
-    """Write a prior folder; ``state_dict`` overrides the module's weights (e.g. the EMA weights).
+@dataclass
+class ShiftedDiffusionPriorPipelineOutput(BaseOutput):
+    """image_embeds (B * n, D): samples for the prompts, prompt-major; negative_image_embeds (B * n, D): samples
+    for the negative prompts (default: the empty caption), the unconditional input of a decoder's guidance."""
 
-    Local encoder folders / files in ``encoders`` are stored as absolute paths (resolved against the working
-    directory), so that the prior loads from any working directory; hub names are stored as given. The folder
-    is built under a temporary name and renamed into place: an interrupted save leaves the previous folder."""
-    import shutil
-
-    from .encoders import resolve_encoder_paths
-    from .files import partial_folder, replace_folder
-
-    directory = Path(directory)
-    encoders = resolve_encoder_paths(encoders)
-    partial = partial_folder(directory)
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    weights = state_dict if state_dict is not None else prior.state_dict()
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in weights.items()}, str(partial / "model.safetensors"))
-    if isinstance(shift, ClusterVocab):
-        shift.save(partial / "vocab.safetensors")
-    save_file(
-        {"null_clip_text": null_clip_text.float().cpu().contiguous(), "null_text_tokens": null_text_tokens.float().cpu().contiguous()},
-        str(partial / "null_embeddings.safetensors"),
-    )
-    config = {
-        "format": FORMAT,
-        "prior": prior.arch.to_dict(),
-        "schedule": schedule_config.to_dict(),
-        "encoders": encoders,
-        "baseline": not isinstance(shift, ClusterVocab),
-        **(extra or {}),
-    }
-    (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    replace_folder(partial, directory)
-    return directory
-
-
-class PriorPipeline:
-    """Prior + vocabulary + schedule (+ text encoders, loaded on first use of ``generate``)."""
-
-    max_cuda_graphs = 4  # captured sampling graphs kept (``sample(cuda_graph=True)``): the most recently used
-
-    def __init__(
-        self,
-        prior: ShiftedPrior,
-        shift: Union[ClusterVocab, StandardNormalShift],
-        schedule: DiffusionSchedule,
-        *,
-        null_clip_text: Optional[torch.Tensor] = None,
-        null_text_tokens: Optional[torch.Tensor] = None,
-        encoders: Optional[dict] = None,
-        clip=None,
-        text_encoder=None,
-        uncond_drops_clip: Optional[bool] = None,
-    ):
-        check_shift_fits_prior(shift, prior.arch)
-        self.prior = prior.eval()
-        self.shift = shift
-        self.schedule = schedule
-        self.encoders = dict(encoders or PAPER_ENCODERS)
-        self.clip = clip
-        self.text_encoder = text_encoder
-        self.null_clip_text = null_clip_text
-        self.null_text_tokens = null_text_tokens
-        self._respaced: dict = {}
-        self._graphs: "OrderedDict[tuple, GraphedCall]" = OrderedDict()
-        # the unconditional branch of guidance replaces the CLIP sentence embedding too when the prior was
-        # trained to drop it (empty_clip_prob > 0) or has no text tokens (else guidance would change nothing)
-        self.uncond_drops_clip = prior.arch.text_len == 0 if uncond_drops_clip is None else uncond_drops_clip
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.prior.parameters()).device
-
-    @property
-    def clip_dim(self) -> int:
-        return self.prior.arch.clip_dim
-
-    def to(self, device=None, dtype=None) -> "PriorPipeline":
-        self.prior.to(device=device, dtype=dtype)
-        self.shift.to(device=device)
-        self.clear_cuda_graphs()
-        return self
-
-    # ---- text ------------------------------------------------------------------------------
-
-    def load_encoders(self, device=None, dtype=None) -> None:
-        """Build the CLIP and word-level text encoders named in the config (once)."""
-        from .encoders import MultiCLIP, build_text_encoder
-        from .train_config import parse_clip_specs
-
-        device = device or self.device
-        _check_local_encoders(self.encoders)
-        if self.clip is None:
-            self.clip = MultiCLIP(parse_clip_specs(self.encoders["clip_models"]), device=device, dtype=dtype)
-        if self.text_encoder is None:
-            self.text_encoder = build_text_encoder(
-                self.encoders["t5_model"], max_length=self.encoders.get("text_max_length", 80),
-                masked=self.encoders.get("t5_masked", False), device=device,
-            )
-
-    @torch.no_grad()
-    def encode_prompts(self, prompts: Sequence[str]):
-        """(clip_text_emb (B, D), text_tokens (B, L, E)) on the prior's device."""
-        self.load_encoders()
-        clip_text = self.clip.encode_text(list(prompts)).to(self.device, torch.float32)
-        tokens = self.text_encoder.encode(list(prompts)).to(self.device, torch.float32)
-        return clip_text, tokens
-
-    def null_embeddings(self):
-        """Encodings of the empty caption (computed with the encoders if the folder had none)."""
-        if self.null_clip_text is None or self.null_text_tokens is None:
-            clip_text, tokens = self.encode_prompts([""])
-            self.null_clip_text, self.null_text_tokens = clip_text[0], tokens[0]
-        return self.null_clip_text.to(self.device), self.null_text_tokens.to(self.device)
-
-    # ---- sampling ----------------------------------------------------------------------------
-
-    def respaced(self, num_steps: Union[int, str]) -> DiffusionSchedule:
-        """The schedule respaced to ``num_steps`` (cached); on CUDA its tables live on the GPU (float64:
-        they stay on the CPU elsewhere, e.g. MPS has no float64), as a CUDA-graph capture needs."""
-        steps, device = str(num_steps), self.device
-        if (steps, device) not in self._respaced:
-            schedule = self.schedule if steps == str(self.schedule.num_steps) else self.schedule.respace(steps)
-            self._respaced[steps, device] = schedule.to(device) if device.type == "cuda" else schedule
-        return self._respaced[steps, device]
-
-    @torch.no_grad()
-    def sample(
-        self,
-        clip_text_emb: torch.Tensor,
-        text_tokens: torch.Tensor,
-        *,
-        num_images_per_prompt: int = 1,
-        num_steps: Union[int, str] = 8,
-        guidance_scale: float = 1.0,
-        sampler: str = "ancestral",
-        variance: str = "fixed_large",
-        eta: float = 0.0,
-        noise_temperature: float = 1.0,
-        clamp_std: Optional[float] = None,
-        generator: Optional[torch.Generator] = None,
-        progress: bool = False,
-        cuda_graph: bool = False,
-    ) -> torch.Tensor:
-        """Image embeddings (B * num_images_per_prompt, D), prompt-major order. The shift is the
-        caption's cluster, argmax_k cos(c, mu_k), not the cluster nearest x0_hat.
-
-        ``cuda_graph`` (prior on a CUDA device): the whole call (prefix encoding, every step, the noise)
-        is captured as one CUDA graph the first time this batch shape meets these settings, and replayed
-        on later calls (the ``max_cuda_graphs`` most recent kept; ``clear_cuda_graphs`` frees them). Same
-        result as the eager call for the same seed; ``generator`` must then be a CUDA generator (any one,
-        a fresh one per call too) or None (the default CUDA generator); ``progress`` is not shown. Weights
-        moved or re-created (``prior.half()``) get a new graph; updated in place, the graph sees them."""
-        if sampler not in ("ancestral", "ddim"):
-            raise ValueError(f"unknown sampler {sampler!r}; expected 'ancestral' or 'ddim'")
-        guidance_scale = check_scale("guidance_scale", guidance_scale)
-        check_count("num_images_per_prompt", num_images_per_prompt)
-        if isinstance(num_steps, int):
-            check_count("num_steps", num_steps)
-        check_finite(clip_text_emb, "clip_text_emb (the prompts' CLIP text embeddings)", "the text encoders")
-        check_finite(text_tokens, "text_tokens (the prompts' word-level encodings)", "the text encoders")
-        clip_text_emb = clip_text_emb.to(self.device, torch.float32)
-        text_tokens = text_tokens.to(self.device, torch.float32)
-        cluster_idx = self.shift.assign(clip_text_emb)
-        null_clip, null_tokens = self.null_embeddings() if guidance_scale != 1.0 else (None, None)
-        if guidance_scale != 1.0 and self.prior.arch.text_len == 0 and not self.uncond_drops_clip:
-            raise ValueError("guidance needs an unconditional branch: this prior has no text tokens, so set "
-                             "uncond_drops_clip=True (its CLIP sentence embedding is then replaced by that of '')")
-        shift_mean, shift_std = self.shift.shift(cluster_idx.repeat_interleave(num_images_per_prompt), check=False)
-        inputs = dict(
-            text_tokens=text_tokens, clip_text_emb=clip_text_emb,
-            cluster_idx=cluster_idx if self.prior.arch.has_cluster_token else None,
-            shift_mean=shift_mean.float(), shift_std=shift_std.float(),
-            null_text_tokens=null_tokens, null_clip_text_emb=null_clip if self.uncond_drops_clip else None,
-        )
-        settings = dict(schedule=self.respaced(num_steps), guidance_scale=guidance_scale, sampler=sampler,
-                        variance=variance, eta=eta, noise_temperature=noise_temperature, clamp_std=clamp_std)
-        if not cuda_graph:
-            return self._checked(self._sample(**inputs, **settings, generator=generator, progress=progress), settings)
-        # a graph reads the weights at their addresses and bakes in autocast: both are part of its key
-        weights = tuple((t.data_ptr(), t.dtype) for t in (*self.prior.parameters(), *self.prior.buffers()))
-        autocast = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda")
-        key = (self.prior, self.device, weights, autocast, str(num_steps), guidance_scale, sampler, variance, eta,
-               noise_temperature, clamp_std,
-               *((name, None if x is None else (tuple(x.shape), x.dtype)) for name, x in inputs.items()))
-        graphed = self._graphs.pop(key, None)
-        if graphed is None:
-            graphed = GraphedCall(functools.partial(self._sample, **settings), inputs)
-        self._graphs[key] = graphed  # most recent last
-        while len(self._graphs) > self.max_cuda_graphs:
-            self._graphs.pop(next(iter(self._graphs)))
-        return self._checked(graphed(generator=generator, **inputs), settings)
-
-    def _checked(self, embeddings: torch.Tensor, settings: dict) -> torch.Tensor:
-        """The sampled embeddings, refused when any value is NaN / inf (the cause named)."""
-        cause = (f"guidance_scale={settings['guidance_scale']} is too large" if settings["guidance_scale"] > 1.0
-                 else "the prior's weights hold NaN / inf or overflow in their dtype")
-        check_finite(embeddings, "the prior's sampled image embeddings", cause)
-        return embeddings
-
-    def _sample(self, text_tokens, clip_text_emb, cluster_idx, shift_mean, shift_std, null_text_tokens,
-                null_clip_text_emb, *, schedule, guidance_scale, sampler, variance, eta, noise_temperature,
-                clamp_std, generator, progress=False) -> torch.Tensor:
-        """The sampling itself, on device tensors only (what a CUDA graph captures)."""
-        denoise = self.prior.denoiser(
-            text_tokens, clip_text_emb, cluster_idx, guidance_scale=guidance_scale,
-            null_text_tokens=null_text_tokens, null_clip_text_emb=null_clip_text_emb,
-        )
-        kwargs = dict(noise_temperature=noise_temperature, clamp_std=clamp_std, generator=generator, progress=progress)
-        if sampler == "ddim":
-            return sample_ddim(denoise, schedule, shift_mean, shift_std, eta=eta, **kwargs)
-        return sample_ancestral(denoise, schedule, shift_mean, shift_std, variance=variance, **kwargs)
-
-    def clear_cuda_graphs(self) -> None:
-        """Free the captured sampling graphs (and the GPU memory their buffers hold)."""
-        self._graphs.clear()
-
-    def generate(self, prompts: Sequence[str], **kwargs) -> torch.Tensor:
-        """Encode the prompts and sample their image embeddings (see ``sample``)."""
-        clip_text, tokens = self.encode_prompts(prompts)
-        return self.sample(clip_text, tokens, **kwargs)
-
-
-PRIOR_FOLDER_EXPECTED = ("a prior folder written by train.py (config.json, model.safetensors, "
-                         "null_embeddings.safetensors[, vocab.safetensors]) or an original ClipPrior checkpoint "
-                         "file (.pt / .pth / .bin, with mean.pth / std.pth beside it)")
+    image_embeds: Union[torch.Tensor, np.ndarray]
+    negative_image_embeds: Union[torch.Tensor, np.ndarray]
 
 
 def check_shift_fits_prior(shift, config: PriorConfig, where: str = "") -> None:
@@ -294,116 +71,339 @@ def check_shift_fits_prior(shift, config: PriorConfig, where: str = "") -> None:
                              f"{config.vocab_size}: they were not trained together{where}")
 
 
-def load_prior(path, device=None, dtype=None, *, clip=None, text_encoder=None, **original_options) -> PriorPipeline:
-    """A PriorPipeline from a prior folder (``train.py`` output) or an original-release checkpoint file
-    (``original_options``: text_len / vocab_size / dim_head of that network when not the release's 80 / 1024 / 64).
+class ShiftedDiffusionPriorPipeline(DiffusionPipeline):
+    """Caption -> CLIP image embedding with a shifted (or baseline) diffusion prior."""
 
-    ``dtype`` (e.g. torch.bfloat16): the network's weights for sampling (inputs, vocabulary and outputs stay
-    float32); on a GPU bf16 weights sample ~1.35x faster than float32 weights under autocast.
+    model_cpu_offload_seq = "prior"
+    max_cuda_graphs = 4  # captured sampling graphs kept (``sample(cuda_graph=True)``): the most recently used
 
-    Nothing is unpickled as code: the folder's files are safetensors / JSON, an original checkpoint is read with
-    ``torch.load(weights_only=True)``. A file or folder of another kind is refused with what it is."""
+    def __init__(self, prior: ShiftedPrior, vocabulary: Union[ClusterVocab, StandardNormalShift],
+                 scheduler: ShiftedDiffusionScheduler, unconditional: UnconditionalInputs,
+                 encoders: Optional[dict] = None, training: Optional[dict] = None):
+        super().__init__()
+        check_shift_fits_prior(vocabulary, prior.arch)
+        arch = prior.arch
+        if (unconditional.config.text_len, unconditional.config.clip_dim) != (arch.text_len, arch.clip_dim):
+            raise ValueError(f"unconditional inputs are for text_len {unconditional.config.text_len}, clip_dim "
+                             f"{unconditional.config.clip_dim}; the prior has {arch.text_len}, {arch.clip_dim}")
+        self.register_modules(prior=prior.eval(), vocabulary=vocabulary, scheduler=scheduler,
+                              unconditional=unconditional)
+        self.register_to_config(encoders=dict(encoders or PAPER_ENCODERS), training=dict(training or {}))
+        self.clip, self.text_encoder = None, None
+        self._respaced: dict = {}
+        self._graphs: "OrderedDict[tuple, GraphedCall]" = OrderedDict()
+
+    # ---- loading and saving ----------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "ShiftedDiffusionPriorPipeline":
+        """Only safetensors weights are read (``use_safetensors=True`` unless given)."""
+        kwargs.setdefault("use_safetensors", True)
+        pipeline = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        folder = Path(pretrained_model_name_or_path)
+        if folder.is_dir():  # local encoder paths stored relative to a training run's working directory
+            from .encoders import resolve_encoder_paths
+
+            folder = folder.resolve()
+            pipeline.register_to_config(encoders=resolve_encoder_paths(pipeline.encoders, bases=[folder, *folder.parents]))
+        return pipeline
+
+    def save_pretrained(self, save_directory, **kwargs) -> None:
+        """diffusers' save_pretrained (safetensors), built under a temporary name and renamed into place:
+        an interrupted save leaves the previous folder."""
+        save_directory = Path(save_directory)
+        partial = partial_folder(save_directory)
+        shutil.rmtree(partial, ignore_errors=True)
+        kwargs.setdefault("safe_serialization", True)
+        super().save_pretrained(str(partial), **kwargs)
+        replace_folder(partial, save_directory)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.prior.parameters()).device
+
+    @property
+    def clip_dim(self) -> int:
+        return self.prior.arch.clip_dim
+
+    @property
+    def encoders(self) -> dict:
+        return dict(self.config.encoders)
+
+    def to(self, device=None, dtype=None) -> "ShiftedDiffusionPriorPipeline":
+        """The network to ``device`` / ``dtype`` (bf16 weights sample faster on a GPU); the vocabulary and the
+        unconditional inputs stay float32."""
+        moves = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+        if moves:
+            self.prior.to(**moves)
+        if device is not None:
+            self.vocabulary.to(device=device)
+            self.unconditional.to(device=device)
+        self.clear_cuda_graphs()
+        return self
+
+    # ---- text --------------------------------------------------------------------------------------
+
+    def set_encoders(self, clip=None, text_encoder=None) -> "ShiftedDiffusionPriorPipeline":
+        """Use these (already built) encoders instead of loading the ones named in ``encoders``."""
+        self.clip = clip if clip is not None else self.clip
+        self.text_encoder = text_encoder if text_encoder is not None else self.text_encoder
+        return self
+
+    def load_encoders(self, device=None, dtype=None) -> None:
+        """Build the CLIP and word-level text encoders named in the config (once)."""
+        from .encoders import MultiCLIP, build_text_encoder
+        from .train_config import parse_clip_specs
+
+        device = device or self.device
+        encoders = self.encoders
+        _check_local_encoders(encoders)
+        if self.clip is None:
+            self.clip = MultiCLIP(parse_clip_specs(encoders["clip_models"]), device=device, dtype=dtype)
+        if self.text_encoder is None:
+            self.text_encoder = build_text_encoder(
+                encoders["t5_model"], max_length=encoders.get("text_max_length", 80),
+                masked=encoders.get("t5_masked", False), device=device,
+            )
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: Sequence[str]):
+        """(clip_text_embeds (B, D), text_tokens (B, L, E)) on the prior's device, float32."""
+        self.load_encoders()
+        clip_text = self.clip.encode_text(list(prompts)).to(self.device, torch.float32)
+        tokens = self.text_encoder.encode(list(prompts)).to(self.device, torch.float32)
+        return clip_text, tokens
+
+    # ---- sampling ------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: Union[str, List[str]],
+        negative_prompt: Optional[Union[str, List[str]]] = None,
+        num_images_per_prompt: int = 1,
+        num_inference_steps: Union[int, str] = 8,
+        guidance_scale: float = 1.0,
+        generator: Optional[torch.Generator] = None,
+        latents: Optional[torch.Tensor] = None,
+        output_type: str = "pt",
+        return_dict: bool = True,
+        **sampling,
+    ):
+        """Image embeddings for the prompts and for the negative prompts (default: the empty caption, one
+        sample shared by every row). ``sampling``: the options of ``sample`` (sampler, eta, variance,
+        noise_temperature, clamp_std, cuda_graph, progress). ``output_type``: "pt" or "np"."""
+        if output_type not in ("pt", "np"):
+            raise ValueError(f"output_type: expected 'pt' or 'np', got {output_type!r}")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("prompt: expected a string or a non-empty list of strings")
+        common = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, generator=generator,
+                      **sampling)
+        image_embeds = self.sample(*self.encode_prompt(prompts), num_images_per_prompt=num_images_per_prompt,
+                                   latents=latents, **common)
+        if negative_prompt is None:
+            negative = self.sample(*self.encode_prompt([""]), **common).expand_as(image_embeds).clone()
+        else:
+            negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+            if len(negatives) != len(prompts):
+                raise ValueError(f"negative_prompt: {len(negatives)} given for {len(prompts)} prompts")
+            negative = self.sample(*self.encode_prompt(negatives), num_images_per_prompt=num_images_per_prompt, **common)
+        if output_type == "np":
+            image_embeds, negative = image_embeds.cpu().numpy(), negative.cpu().numpy()
+        if not return_dict:
+            return (image_embeds, negative)
+        return ShiftedDiffusionPriorPipelineOutput(image_embeds=image_embeds, negative_image_embeds=negative)
+
+    def respaced(self, num_inference_steps: Union[int, str]) -> DiffusionSchedule:
+        """The schedule respaced to ``num_inference_steps`` (cached); on CUDA its tables live on the GPU
+        (float64: they stay on the CPU elsewhere, e.g. MPS has no float64), as a CUDA-graph capture needs."""
+        steps, device = str(num_inference_steps), self.device
+        if (steps, device) not in self._respaced:
+            schedule = self.scheduler.schedule
+            schedule = schedule if steps == str(schedule.num_steps) else schedule.respace(steps)
+            self._respaced[steps, device] = schedule.to(device) if device.type == "cuda" else schedule
+        return self._respaced[steps, device]
+
+    @torch.no_grad()
+    def sample(
+        self,
+        clip_text_embeds: torch.Tensor,
+        text_tokens: torch.Tensor,
+        *,
+        num_images_per_prompt: int = 1,
+        num_inference_steps: Union[int, str] = 8,
+        guidance_scale: float = 1.0,
+        sampler: Optional[str] = None,
+        variance: Optional[str] = None,
+        eta: Optional[float] = None,
+        noise_temperature: float = 1.0,
+        clamp_std: Optional[float] = None,
+        generator: Optional[torch.Generator] = None,
+        latents: Optional[torch.Tensor] = None,
+        progress: bool = False,
+        cuda_graph: bool = False,
+    ) -> torch.Tensor:
+        """Image embeddings (B * num_images_per_prompt, D), prompt-major, from encoded captions. The shift is
+        the caption's cluster, argmax_k cos(c, mu_k), throughout (not the cluster nearest x0_hat).
+
+        ``sampler`` / ``variance`` / ``eta``: default the scheduler's config. ``clamp_std``: clamp x0_hat to
+        mu +- clamp_std * s_k with the *raw* cluster stds s_k (the original's ``clip`` of 3), not the scaled
+        std_scale * s_k of the noise. ``latents``: the start x_T (B * n, D) instead of a draw from N(mu, Sigma).
+        ``cuda_graph`` (prior on a CUDA device): the whole call is captured as one CUDA graph the first time this
+        batch shape meets these settings and replayed afterwards (same result as eager for the same seed;
+        ``generator`` a CUDA generator, a fresh one per call too, or None)."""
+        sampler = sampler or self.scheduler.config.sampler
+        variance = variance or self.scheduler.config.variance_type
+        eta = self.scheduler.config.eta if eta is None else eta
+        if sampler not in ("ancestral", "ddim"):
+            raise ValueError(f"unknown sampler {sampler!r}; expected 'ancestral' or 'ddim'")
+        guidance_scale = check_scale("guidance_scale", guidance_scale)
+        check_count("num_images_per_prompt", num_images_per_prompt)
+        if isinstance(num_inference_steps, int):
+            check_count("num_inference_steps", num_inference_steps)
+        if clamp_std is not None:
+            clamp_std = check_scale("clamp_std", clamp_std)
+        check_finite(clip_text_embeds, "clip_text_embeds (the prompts' CLIP text embeddings)", "the text encoders")
+        check_finite(text_tokens, "text_tokens (the prompts' word-level encodings)", "the text encoders")
+        clip_text_embeds = clip_text_embeds.to(self.device, torch.float32)
+        text_tokens = text_tokens.to(self.device, torch.float32)
+        cluster_idx = self.vocabulary.assign(clip_text_embeds)
+        null_tokens, null_clip = self.unconditional.inputs() if guidance_scale != 1.0 else (None, None)
+        if guidance_scale != 1.0 and self.prior.arch.text_len == 0 and null_clip is None:
+            raise ValueError("guidance needs an unconditional branch: this prior has no text tokens, so its "
+                             "unconditional inputs must replace the CLIP text embedding (clip_text='empty_caption')")
+        rows = cluster_idx.repeat_interleave(num_images_per_prompt)
+        shift_mean, shift_std = self.vocabulary.shift(rows, check=False)
+        if latents is not None:
+            if tuple(latents.shape) != tuple(shift_mean.shape):
+                raise ValueError(f"latents: expected shape {tuple(shift_mean.shape)} (prompts x num_images_per_prompt, "
+                                 f"clip_dim), got {tuple(latents.shape)}")
+            latents = latents.to(self.device, torch.float32)
+        inputs = dict(
+            text_tokens=text_tokens, clip_text_emb=clip_text_embeds,
+            cluster_idx=cluster_idx if self.prior.arch.has_cluster_token else None,
+            shift_mean=shift_mean.float(), shift_std=shift_std.float(), x_start=latents,
+            null_text_tokens=null_tokens, null_clip_text_emb=null_clip,
+        )
+        settings = dict(schedule=self.respaced(num_inference_steps), guidance_scale=guidance_scale, sampler=sampler,
+                        variance=variance, eta=eta, noise_temperature=noise_temperature, clamp_std=clamp_std,
+                        std_scale=float(self.vocabulary.std_scale))
+        if not cuda_graph:
+            return self._checked(self._sample(**inputs, **settings, generator=generator, progress=progress), settings)
+        # a graph reads the weights at their addresses and bakes in autocast: both are part of its key
+        weights = tuple((t.data_ptr(), t.dtype) for t in (*self.prior.parameters(), *self.prior.buffers()))
+        autocast = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda")
+        key = (self.prior, self.device, weights, autocast, str(num_inference_steps),
+               *((k, v) for k, v in settings.items() if k != "schedule"),
+               *((name, None if x is None else (tuple(x.shape), x.dtype)) for name, x in inputs.items()))
+        graphed = self._graphs.pop(key, None)
+        if graphed is None:
+            graphed = GraphedCall(functools.partial(self._sample, **settings), inputs)
+        self._graphs[key] = graphed  # most recent last
+        while len(self._graphs) > self.max_cuda_graphs:
+            self._graphs.pop(next(iter(self._graphs)))
+        return self._checked(graphed(generator=generator, **inputs), settings)
+
+    def _checked(self, embeddings: torch.Tensor, settings: dict) -> torch.Tensor:
+        """The sampled embeddings, refused when any value is NaN / inf (the cause named)."""
+        cause = (f"guidance_scale={settings['guidance_scale']} is too large" if settings["guidance_scale"] > 1.0
+                 else "the prior's weights hold NaN / inf or overflow in their dtype")
+        check_finite(embeddings, "the prior's sampled image embeddings", cause)
+        return embeddings
+
+    def _sample(self, text_tokens, clip_text_emb, cluster_idx, shift_mean, shift_std, x_start, null_text_tokens,
+                null_clip_text_emb, *, schedule, guidance_scale, sampler, variance, eta, noise_temperature,
+                clamp_std, std_scale, generator, progress=False) -> torch.Tensor:
+        """The sampling itself, on device tensors only (what a CUDA graph captures)."""
+        denoise = guided_denoiser(
+            self.prior, text_tokens, clip_text_emb, cluster_idx, guidance_scale=guidance_scale,
+            null_text_tokens=null_text_tokens, null_clip_text_emb=null_clip_text_emb,
+        )
+        kwargs = dict(noise_temperature=noise_temperature, clamp_std=clamp_std, clamp_unit=shift_std / std_scale,
+                      generator=generator, x_start=x_start, progress=progress)
+        if sampler == "ddim":
+            return sample_ddim(denoise, schedule, shift_mean, shift_std, eta=eta, **kwargs)
+        return sample_ancestral(denoise, schedule, shift_mean, shift_std, variance=variance, **kwargs)
+
+    def clear_cuda_graphs(self) -> None:
+        """Free the captured sampling graphs (and the GPU memory their buffers hold)."""
+        self._graphs.clear()
+
+
+# with the package imported, DiffusionPipeline.from_pretrained(folder) finds the class named in model_index.json
+setattr(diffusers, ShiftedDiffusionPriorPipeline.__name__, ShiftedDiffusionPriorPipeline)
+
+
+def build_pipeline(prior: ShiftedPrior, shift: Union[ClusterVocab, StandardNormalShift], schedule_config: ScheduleConfig,
+                   encoders: dict, null_clip_text: torch.Tensor, null_text_tokens: torch.Tensor, *,
+                   uncond_clip_text: str = "prompt", training: Optional[dict] = None) -> ShiftedDiffusionPriorPipeline:
+    """A pipeline from the parts a training run has (encoder paths stored resolved, so it loads anywhere)."""
+    from .encoders import resolve_encoder_paths
+
+    unconditional = UnconditionalInputs.from_encodings(
+        null_text_tokens.float().cpu().reshape(prior.arch.text_len, prior.arch.text_dim), null_clip_text.float().cpu(),
+        clip_text=uncond_clip_text)
+    return ShiftedDiffusionPriorPipeline(prior, shift, ShiftedDiffusionScheduler.from_schedule_config(schedule_config),
+                                         unconditional.to(prior.device), encoders=resolve_encoder_paths(encoders),
+                                         training=training)
+
+
+def save_prior(directory, prior: ShiftedPrior, shift, schedule_config: ScheduleConfig, encoders: dict,
+               null_clip_text: torch.Tensor, null_text_tokens: torch.Tensor, extra: Optional[dict] = None,
+               state_dict: Optional[dict] = None) -> Path:
+    """Write a training run's prior as a pipeline folder; ``state_dict`` overrides the network's weights (e.g. the
+    EMA weights); ``extra`` (the training config, step, validation) is stored as the pipeline's ``training``."""
+    extra = dict(extra or {})
+    drops_clip = extra.get("train", {}).get("empty_clip_prob", 0.0) > 0 or prior.arch.text_len == 0
+    network = prior
+    if state_dict is not None:
+        network = ShiftedPrior.from_prior_config(prior.arch)
+        network.load_state_dict(state_dict)
+    pipeline = build_pipeline(network.float().cpu(), shift.cpu(), schedule_config, encoders, null_clip_text,
+                              null_text_tokens, uncond_clip_text="empty_caption" if drops_clip else "prompt",
+                              training=extra)
+    pipeline.save_pretrained(directory)
+    return Path(directory)
+
+
+def read_prior_info(path) -> dict:
+    """What a prior folder records without loading it: {"training": the run's settings, step and validation (as
+    ``save_prior`` stored them), "encoders", "prior": the network's config}; the older folder format too."""
+    from .files import read_json
+
+    path = Path(path)
+    if (path / "model_index.json").is_file():
+        index = read_json(path / "model_index.json", "the prior pipeline's index")
+        network = read_json(path / "prior" / "config.json", "the prior network's config")
+        return {"training": index.get("training", {}), "encoders": index.get("encoders", {}),
+                "prior": {k: v for k, v in network.items() if not k.startswith("_")}}
+    config = read_json(path / "config.json", "the prior's settings")
+    training = {k: v for k, v in config.items() if k not in ("format", "prior", "schedule", "encoders", "baseline")}
+    return {"training": training, "encoders": config.get("encoders", {}), "prior": config.get("prior", {})}
+
+
+def load_prior(path, device=None, dtype=None, *, clip=None, text_encoder=None,
+               **original_options) -> ShiftedDiffusionPriorPipeline:
+    """A pipeline from a pipeline folder, an older ``shifted-diffusion-prior/1`` folder or an original-release
+    checkpoint file (``original_options``: text_len / vocab_size / dim_head of that network when not the release's
+    80 / 1024 / 64). ``dtype`` (e.g. torch.bfloat16): the network's weights for sampling. Nothing is unpickled as
+    code; a file or folder of another kind is refused with what it is."""
+    from . import prior_legacy
+
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"prior not found: {os.fspath(path)} (expected {PRIOR_FOLDER_EXPECTED})")
+        raise FileNotFoundError(f"prior not found: {os.fspath(path)} (expected {prior_legacy.PRIOR_FOLDER_EXPECTED})")
     if path.is_file():
-        _check_checkpoint_file(path)
-        pipeline = _load_original(path, device, clip=clip, text_encoder=text_encoder, **original_options)
-        return pipeline if dtype is None else pipeline.to(dtype=dtype)
-    config_path = path / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{os.fspath(path)} has no config.json: not a prior folder written by train.py")
-    config = _read_prior_config(config_path)
-    prior = _read_prior_weights(path / "model.safetensors", config["prior"], config_path)
-    shift, vocab_where = _read_shift(path, config, prior.arch)
-    check_shift_fits_prior(shift, prior.arch, vocab_where)
-    nulls = _read_null_embeddings(path / "null_embeddings.safetensors", prior.arch)
-    pipeline = PriorPipeline(
-        prior, shift, DiffusionSchedule.from_config(_schedule_config(config["schedule"], config_path)),
-        null_clip_text=nulls["null_clip_text"], null_text_tokens=nulls["null_text_tokens"],
-        encoders=_stored_encoders(config["encoders"], path), clip=clip, text_encoder=text_encoder,
-        uncond_drops_clip=config.get("train", {}).get("empty_clip_prob", 0.0) > 0 or prior.arch.text_len == 0,
-    )
+        pipeline = prior_legacy.load_original(path, clip=clip, text_encoder=text_encoder, **original_options)
+    elif (path / "model_index.json").is_file():
+        pipeline = ShiftedDiffusionPriorPipeline.from_pretrained(path).set_encoders(clip=clip, text_encoder=text_encoder)
+    elif (path / "config.json").is_file():
+        pipeline = prior_legacy.load_legacy_folder(path, clip=clip, text_encoder=text_encoder)
+    else:
+        raise FileNotFoundError(f"{os.fspath(path)} has neither model_index.json nor config.json: expected "
+                                f"{prior_legacy.PRIOR_FOLDER_EXPECTED}")
     return pipeline.to(device=device, dtype=dtype)
-
-
-def _check_checkpoint_file(path: Path) -> None:
-    """Refuse a file given as a prior that is not a checkpoint, saying what it is and what was expected."""
-    kind = sniff(path)
-    if kind == "safetensors" and path.name == "model.safetensors" and (path.parent / "config.json").is_file():
-        raise ValueError(f"{os.fspath(path)} is the weights file of a prior folder: pass the folder "
-                         f"{os.fspath(path.parent)} instead")
-    if kind not in ("zip", "pickle", "safetensors"):
-        raise InvalidFileError(f"{os.fspath(path)} is {kind}, not a prior: expected {PRIOR_FOLDER_EXPECTED}")
-
-
-def _read_prior_config(config_path: Path) -> dict:
-    """config.json of a prior folder, its format and required keys checked."""
-    config = read_json(config_path, "the prior's settings, written by train.py")
-    if config.get("format") != FORMAT:
-        raise ValueError(f"{config_path}: unknown format {config.get('format')!r}, expected {FORMAT!r}")
-    for key, kind in (("prior", dict), ("schedule", dict), ("encoders", dict), ("baseline", bool)):
-        if not isinstance(config.get(key), kind):
-            raise InvalidFileError(f"{config_path}: key {key!r} must be a JSON {'object' if kind is dict else 'boolean'}"
-                                   f"; got {config.get(key)!r}")
-    return config
-
-
-def _read_prior_weights(weights_path: Path, prior_settings: dict, config_path: Path) -> ShiftedPrior:
-    """The network described by config.json's "prior" with the weights of model.safetensors."""
-    try:
-        prior = ShiftedPrior.from_prior_config(PriorConfig.from_dict(prior_settings))
-    except (TypeError, ValueError) as err:
-        raise InvalidFileError(f"{config_path}: invalid \"prior\" settings: {err}") from None
-    state = read_safetensors(weights_path, "the prior's weights")
-    try:
-        prior.load_state_dict(state)
-    except RuntimeError as err:
-        raise InvalidFileError(f"{weights_path}: the weights do not fit the network of {config_path}: {err}") from None
-    return prior
-
-
-def check_finite_weights(state: dict, source) -> None:
-    """Refuse a state dict holding NaN / inf, naming the file and the first bad tensor."""
-    for name, tensor in state.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise InvalidFileError(f"{os.fspath(source)}: tensor {name!r} holds NaN or inf values")
-
-
-def _read_shift(path: Path, config: dict, prior_config: PriorConfig):
-    """(vocabulary or baseline shift, a description naming the files) of a prior folder."""
-    vocab_path = path / "vocab.safetensors"
-    if config["baseline"] != (not vocab_path.is_file()):
-        raise ValueError(f"{os.fspath(path)}: config says baseline={config['baseline']} but vocab.safetensors "
-                         f"is {'present' if vocab_path.is_file() else 'missing'}")
-    if not vocab_path.is_file():
-        return StandardNormalShift(prior_config.clip_dim), f"{os.fspath(path / 'config.json')}: baseline prior"
-    shift = ClusterVocab.load(vocab_path)
-    return shift, f"{os.fspath(vocab_path)} vs \"prior\" in {os.fspath(path / 'config.json')}"
-
-
-def _read_null_embeddings(nulls_path: Path, prior_config: PriorConfig) -> dict:
-    """null_clip_text (clip_dim,) and null_text_tokens (text_len, text_dim) of a prior folder, checked."""
-    nulls = read_safetensors(nulls_path, "the encodings of the empty caption")
-    expected = {"null_clip_text": (prior_config.clip_dim,),
-                "null_text_tokens": (prior_config.text_len, prior_config.text_dim)}
-    for key, shape in expected.items():
-        if key not in nulls:
-            raise InvalidFileError(f"{os.fspath(nulls_path)}: no tensor {key!r} (has {sorted(nulls)})")
-        got = tuple(nulls[key].shape)
-        # a prior without text tokens may store (0,) or (0, E') for its empty token block
-        if got != shape and not (prior_config.text_len == 0 and nulls[key].numel() == 0):
-            raise InvalidFileError(f"{os.fspath(nulls_path)}: {key} has shape {got}, the prior expects {shape}")
-    check_finite_weights(nulls, nulls_path)
-    return nulls
-
-
-def _schedule_config(settings: dict, config_path: Path) -> ScheduleConfig:
-    """ScheduleConfig from config.json's "schedule"."""
-    try:
-        return ScheduleConfig(**settings)
-    except (TypeError, ValueError) as err:
-        raise InvalidFileError(f"{config_path}: invalid \"schedule\" settings: {err}") from None
 
 
 def _check_local_encoders(encoders: dict) -> None:
@@ -423,30 +423,3 @@ def _check_local_encoders(encoders: dict) -> None:
                                     f"or put the encoders back there")
 
 
-def _stored_encoders(encoders: dict, folder: Path) -> dict:
-    """The stored encoder settings with local paths absolute: folders saved with paths relative to the training
-    run's working directory are found from the current one, else from the prior folder or one above it."""
-    from .encoders import resolve_encoder_paths
-
-    folder = folder.resolve()
-    return resolve_encoder_paths(encoders, bases=[folder, *folder.parents])
-
-
-def _load_original(path: Path, device, *, clip=None, text_encoder=None, **options) -> PriorPipeline:
-    """The original release: a ClipPrior state dict, mean.pth / std.pth beside it (std_scale 5)."""
-    from .convert import load_original_checkpoint
-
-    prior = load_original_checkpoint(path, **options)
-    mean_path, std_path = path.parent / "mean.pth", path.parent / "std.pth"
-    if mean_path.is_file() and std_path.is_file():
-        shift = ClusterVocab.from_original(mean_path, std_path, dim=prior.arch.clip_dim)
-        if shift.num_clusters > prior.arch.vocab_size:  # the release's files may hold extra rows: it read [:1024]
-            shift = ClusterVocab(shift.means[: prior.arch.vocab_size], shift.stds[: prior.arch.vocab_size], shift.std_scale)
-    elif prior.arch.has_cluster_token:
-        raise FileNotFoundError(f"{os.fspath(path)} is a shifted prior but mean.pth / std.pth are not beside it")
-    else:
-        shift = StandardNormalShift(prior.arch.clip_dim)
-    check_shift_fits_prior(shift, prior.arch, f"{os.fspath(mean_path)} vs {os.fspath(path)} loaded with "
-                                                f"vocab_size={prior.arch.vocab_size}; pass vocab_size= to load_prior")
-    pipeline = PriorPipeline(prior, shift, DiffusionSchedule.from_config(ScheduleConfig()), clip=clip, text_encoder=text_encoder)
-    return pipeline.to(device) if device is not None else pipeline

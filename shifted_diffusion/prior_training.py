@@ -22,7 +22,7 @@ from .cache import EmbeddingDataset, load_image_embeddings, load_manifest, preco
 from .loss import LossConfig, ShiftedDiffusionLoss
 from .metrics import blockwise_cosine
 from .prior import PriorConfig, ShiftedPrior
-from .prior_pipeline import PriorPipeline, save_prior
+from .prior_pipeline import ShiftedDiffusionPriorPipeline, build_pipeline, save_prior
 from .schedule import DiffusionSchedule, ScheduleConfig
 from .train_config import TrainConfig, parse_clip_specs
 from .vocab import ClusterVocab, StandardNormalShift
@@ -114,14 +114,14 @@ def cache_bytes(cache_dir: Path) -> int:
 
 
 @torch.no_grad()
-def validate(pipeline: PriorPipeline, dataset: EmbeddingDataset, cfg: TrainConfig, device) -> dict:
+def validate(pipeline: ShiftedDiffusionPriorPipeline, dataset: EmbeddingDataset, cfg: TrainConfig, device) -> dict:
     """cosine(generated, ground-truth image embedding) per CLIP block and their mean, on held-out pairs."""
     count = min(len(dataset), cfg.num_validation_samples)
     if count == 0:
         return {}
     batch = to_device(torch.utils.data.default_collate([dataset[i] for i in range(count)]), device)
     generated = pipeline.sample(
-        batch["clip_text"], batch["text_tokens"], num_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale,
+        batch["clip_text"], batch["text_tokens"], num_inference_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale,
         generator=torch.Generator(device=device).manual_seed(cfg.seed),
     )
     per_block, mean = blockwise_cosine(generated.float().cpu(), batch["clip_image"].float().cpu(), dataset.block_sizes)
@@ -254,7 +254,8 @@ def train_prior(cfg: TrainConfig) -> Path:
 
     def run_validation(step: int) -> dict:
         unwrapped.eval()
-        pipeline = PriorPipeline(unwrapped, shift, schedule, null_clip_text=null_clip_text, null_text_tokens=null_text_tokens)
+        pipeline = build_pipeline(unwrapped, shift, schedule_config, encoder_settings(cfg), null_clip_text, null_text_tokens,
+                                  uncond_clip_text="empty_caption" if cfg.empty_clip_prob > 0 else "prompt")
         metrics = {f"val/{k}": v for k, v in validate(pipeline, val_set, cfg, device).items()}
         if ema is not None:
             with EmaWeights(ema, unwrapped):

@@ -33,7 +33,8 @@ def _noise(like: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Te
 
 
 def clamp_x0(x0_hat, shift_mean, shift_std, num_std: Optional[float]):
-    """Clamp x0_hat to mu +- num_std * std (per dim); None leaves it unchanged."""
+    """Clamp x0_hat to mu +- num_std * std (per dim); None leaves it unchanged. The samplers' ``clamp_unit``
+    chooses the std (default the shift std; the pipeline passes the raw cluster stds s_k, as the original)."""
     if num_std is None:
         return x0_hat
     return torch.maximum(torch.minimum(x0_hat, shift_mean + num_std * shift_std), shift_mean - num_std * shift_std)
@@ -49,6 +50,57 @@ def _table(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.to(device=like.device, dtype=like.dtype)
 
 
+def ancestral_tables(schedule: DiffusionSchedule, variance: str, like: torch.Tensor) -> dict:
+    """Per-step coefficients of the ancestral step, cast to ``like``'s device and dtype once."""
+    return {"coef1": _table(schedule.posterior_mean_coef1, like), "coef2": _table(schedule.posterior_mean_coef2, like),
+            "noise_scale": _table(schedule.reverse_variance(variance).sqrt(), like)}
+
+
+def ancestral_step(tables: dict, i: int, x_t, x0_hat, shift_mean, shift_std, *, noise_temperature: float = 1.0,
+                   generator=None) -> torch.Tensor:
+    """x_{t-1} = mu + c1 (x0_hat - mu) + c2 (x_t - mu) + sqrt(v_t) * temperature * std * z (no noise at i = 0)."""
+    mean = shift_mean + tables["coef1"][i] * (x0_hat - shift_mean) + tables["coef2"][i] * (x_t - shift_mean)
+    if i == 0:
+        return mean
+    return mean + tables["noise_scale"][i] * noise_temperature * shift_std * _noise(x_t, generator)
+
+
+def ddim_tables(schedule: DiffusionSchedule, eta: float, like: torch.Tensor) -> dict:
+    """Per-step coefficients of the DDIM step, cast to ``like``'s device and dtype once."""
+    alphas_cumprod, alphas_cumprod_prev = schedule.alphas_cumprod, schedule.alphas_cumprod_prev
+    sigma = eta * ((1 - alphas_cumprod_prev) / (1 - alphas_cumprod) * (1 - alphas_cumprod / alphas_cumprod_prev)).sqrt()
+    return {"sqrt_ab": _table(alphas_cumprod.sqrt(), like), "sqrt_one_minus_ab": _table((1 - alphas_cumprod).sqrt(), like),
+            "sqrt_ab_prev": _table(alphas_cumprod_prev.sqrt(), like),
+            "direction": _table((1 - alphas_cumprod_prev - sigma**2).clamp(min=0).sqrt(), like),
+            "noise_scale": _table(sigma, like), "eta": float(eta)}
+
+
+def ddim_step(tables: dict, i: int, x_t, x0_hat, shift_mean, shift_std, *, noise_temperature: float = 1.0,
+              generator=None) -> torch.Tensor:
+    """y_{t-1} = sqrt(abar_{t-1}) y0_hat + sqrt(1 - abar_{t-1} - s_t^2) std eps_hat + s_t * temperature * std * z
+    on y = x - mu; std * eps_hat = (x_t - mu - sqrt(abar_t)(x0_hat - mu)) / sqrt(1 - abar_t) (std cancels)."""
+    std_eps_hat = (x_t - shift_mean - tables["sqrt_ab"][i] * (x0_hat - shift_mean)) / tables["sqrt_one_minus_ab"][i]
+    y_prev = tables["sqrt_ab_prev"][i] * (x0_hat - shift_mean) + tables["direction"][i] * std_eps_hat
+    if i > 0 and tables["eta"] > 0:
+        y_prev = y_prev + tables["noise_scale"][i] * noise_temperature * shift_std * _noise(x_t, generator)
+    return shift_mean + y_prev
+
+
+def _walk(step, tables, denoiser, schedule, x_t, shift_mean, shift_std, *, clamp_std, clamp_unit, noise_temperature,
+          generator, callback, progress, desc) -> torch.Tensor:
+    timesteps = schedule.timesteps.to(x_t.device)
+    batch = x_t.shape[0]
+    unit = shift_std if clamp_unit is None else clamp_unit
+    for i in tqdm(range(schedule.num_steps - 1, -1, -1), disable=not progress, desc=desc):
+        t = timesteps[i].expand(batch)
+        x0_hat = clamp_x0(denoiser(x_t, t), shift_mean, unit, clamp_std)
+        x_t = step(tables, i, x_t, x0_hat, shift_mean, shift_std, noise_temperature=noise_temperature,
+                   generator=generator)
+        if callback is not None:
+            callback(i, t, x_t, x0_hat)
+    return x_t
+
+
 def sample_ancestral(
     denoiser: Denoiser,
     schedule: DiffusionSchedule,
@@ -58,28 +110,19 @@ def sample_ancestral(
     variance: str = "fixed_large",
     noise_temperature: float = 1.0,
     clamp_std: Optional[float] = None,
+    clamp_unit: Optional[torch.Tensor] = None,
     generator: Optional[torch.Generator] = None,
     x_start: Optional[torch.Tensor] = None,
     callback: Optional[Callback] = None,
     progress: bool = False,
 ) -> torch.Tensor:
-    """x_{t-1} = mu + c1 (x0_hat - mu) + c2 (x_t - mu) + sqrt(v_t) * temperature * std * z."""
+    """The ancestral chain x_T -> x_0 (``ancestral_step`` at every step)."""
     x_t = x_start if x_start is not None else sample_start(
         shift_mean, shift_std, noise_temperature=noise_temperature, generator=generator
     )
-    coef1 = _table(schedule.posterior_mean_coef1, x_t)
-    coef2 = _table(schedule.posterior_mean_coef2, x_t)
-    noise_scale = _table(schedule.reverse_variance(variance).sqrt(), x_t) * noise_temperature
-    timesteps = schedule.timesteps.to(x_t.device)
-    batch = x_t.shape[0]
-    for i in tqdm(range(schedule.num_steps - 1, -1, -1), disable=not progress, desc="prior sampling"):
-        t = timesteps[i].expand(batch)
-        x0_hat = clamp_x0(denoiser(x_t, t), shift_mean, shift_std, clamp_std)
-        mean = shift_mean + coef1[i] * (x0_hat - shift_mean) + coef2[i] * (x_t - shift_mean)
-        x_t = mean + noise_scale[i] * shift_std * _noise(x_t, generator) if i > 0 else mean
-        if callback is not None:
-            callback(i, t, x_t, x0_hat)
-    return x_t
+    return _walk(ancestral_step, ancestral_tables(schedule, variance, x_t), denoiser, schedule, x_t, shift_mean,
+                 shift_std, clamp_std=clamp_std, clamp_unit=clamp_unit, noise_temperature=noise_temperature, generator=generator,
+                 callback=callback, progress=progress, desc="prior sampling")
 
 
 def sample_ddim(
@@ -91,36 +134,17 @@ def sample_ddim(
     eta: float = 0.0,
     noise_temperature: float = 1.0,
     clamp_std: Optional[float] = None,
+    clamp_unit: Optional[torch.Tensor] = None,
     generator: Optional[torch.Generator] = None,
     x_start: Optional[torch.Tensor] = None,
     callback: Optional[Callback] = None,
     progress: bool = False,
 ) -> torch.Tensor:
-    """DDIM (Song et al. 2021) on y = x - mu with noise covariance Sigma:
-    y_{t-1} = sqrt(abar_{t-1}) y0_hat + sqrt(1 - abar_{t-1} - s_t^2) std eps_hat + s_t * temperature * std * z,
-    s_t = eta sqrt((1 - abar_{t-1}) / (1 - abar_t)) sqrt(1 - abar_t / abar_{t-1})."""
+    """DDIM (Song et al. 2021) on y = x - mu with noise covariance Sigma (``ddim_step`` at every step)."""
     x_t = x_start if x_start is not None else sample_start(
         shift_mean, shift_std, noise_temperature=noise_temperature, generator=generator
     )
-    alphas_cumprod = schedule.alphas_cumprod
-    alphas_cumprod_prev = schedule.alphas_cumprod_prev
-    sigma = eta * ((1 - alphas_cumprod_prev) / (1 - alphas_cumprod) * (1 - alphas_cumprod / alphas_cumprod_prev)).sqrt()
-    sqrt_ab = _table(alphas_cumprod.sqrt(), x_t)
-    sqrt_one_minus_ab = _table((1 - alphas_cumprod).sqrt(), x_t)
-    sqrt_ab_prev = _table(alphas_cumprod_prev.sqrt(), x_t)
-    direction = _table((1 - alphas_cumprod_prev - sigma**2).clamp(min=0).sqrt(), x_t)
-    noise_scale = _table(sigma, x_t) * noise_temperature
-    timesteps = schedule.timesteps.to(x_t.device)
-    batch = x_t.shape[0]
-    for i in tqdm(range(schedule.num_steps - 1, -1, -1), disable=not progress, desc="prior sampling (ddim)"):
-        t = timesteps[i].expand(batch)
-        x0_hat = clamp_x0(denoiser(x_t, t), shift_mean, shift_std, clamp_std)
-        # std * eps_hat = (x_t - mu - sqrt(abar_t)(x0_hat - mu)) / sqrt(1 - abar_t): std cancels (zero stds are fine)
-        std_eps_hat = (x_t - shift_mean - sqrt_ab[i] * (x0_hat - shift_mean)) / sqrt_one_minus_ab[i]
-        y_prev = sqrt_ab_prev[i] * (x0_hat - shift_mean) + direction[i] * std_eps_hat
-        if i > 0 and eta > 0:
-            y_prev = y_prev + noise_scale[i] * shift_std * _noise(x_t, generator)
-        x_t = shift_mean + y_prev
-        if callback is not None:
-            callback(i, t, x_t, x0_hat)
-    return x_t
+    return _walk(ddim_step, ddim_tables(schedule, eta, x_t), denoiser, schedule, x_t, shift_mean, shift_std,
+                 clamp_std=clamp_std, clamp_unit=clamp_unit, noise_temperature=noise_temperature, generator=generator,
+                 callback=callback,
+                 progress=progress, desc="prior sampling (ddim)")

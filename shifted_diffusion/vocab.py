@@ -72,7 +72,8 @@ class ClusterVocab(ModelMixin, ConfigMixin):
         self.register_buffer("means", means)
         self.register_buffer("stds", stds)
         self.std_scale = float(std_scale)
-        self.register_to_config(num_clusters=int(means.shape[0]), dim=int(means.shape[1]))
+        # the whole config again: diffusers maps positional (means, stds) onto the first config names
+        self.register_to_config(std_scale=self.std_scale, num_clusters=int(means.shape[0]), dim=int(means.shape[1]))
 
     @staticmethod
     def _validate(means, stds, std_scale) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -148,3 +148,34 @@ def make_caption_image_folder(root) -> Path:
 def caption_image_folder(tmp_path_factory) -> Path:
     """The image folder of make_caption_image_folder (read-only for tests)."""
     return make_caption_image_folder(tmp_path_factory.mktemp("caption_images"))
+
+
+# ---------------------------------------------------------------------------------------------- older prior folders
+
+
+def write_legacy_prior(directory, prior, shift, schedule_config, encoders, null_clip_text, null_text_tokens,
+                       extra=None):
+    """A prior folder in the format train.py wrote before the diffusers pipeline ("shifted-diffusion-prior/1"):
+    config.json, model.safetensors, vocab.safetensors (not for the baseline), null_embeddings.safetensors."""
+    from safetensors.torch import save_file
+
+    from shifted_diffusion.vocab import ClusterVocab
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in prior.state_dict().items()},
+              str(directory / "model.safetensors"))
+    if isinstance(shift, ClusterVocab):
+        shift.save(directory / "vocab.safetensors")
+    save_file({"null_clip_text": null_clip_text.float().cpu().contiguous(),
+               "null_text_tokens": null_text_tokens.float().cpu().contiguous()},
+              str(directory / "null_embeddings.safetensors"))
+    config = {"format": "shifted-diffusion-prior/1", "prior": prior.arch.to_dict(), "schedule": schedule_config.to_dict(),
+              "encoders": encoders, "baseline": not isinstance(shift, ClusterVocab), **(extra or {})}
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return directory
+
+
+@pytest.fixture
+def legacy_prior_writer():
+    return write_legacy_prior

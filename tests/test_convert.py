@@ -174,13 +174,13 @@ def test_load_prior_reads_an_original_release_folder(tmp_path):
     torch.save(means.flatten(), tmp_path / "mean.pth")
     torch.save(torch.rand(config.vocab_size + 2, config.clip_dim, generator=g).flatten(), tmp_path / "std.pth")
     pipeline = load_prior(tmp_path / "prior.pt", text_len=config.text_len, vocab_size=config.vocab_size)
-    assert pipeline.shift.num_clusters == config.vocab_size  # the extra rows are dropped, as the release did
-    torch.testing.assert_close(pipeline.shift.means, means[: config.vocab_size])
+    assert pipeline.vocabulary.num_clusters == config.vocab_size  # the extra rows are dropped, as the release did
+    torch.testing.assert_close(pipeline.vocabulary.means, means[: config.vocab_size])
     inp = _inputs(config)
     with torch.no_grad():
         torch.testing.assert_close(_run_ours(pipeline.prior, inp), _run_reference(ref, inp), atol=1e-5, rtol=1e-5)
     expected_idx = torch.nn.functional.normalize(inp["clip_text_emb"], dim=-1) @ torch.nn.functional.normalize(
         means[: config.vocab_size], dim=-1).T
-    torch.testing.assert_close(pipeline.shift.assign(inp["clip_text_emb"]), expected_idx.argmax(1))
-    out = pipeline.sample(inp["clip_text_emb"], inp["text_tokens"], num_steps=3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(pipeline.vocabulary.assign(inp["clip_text_emb"]), expected_idx.argmax(1))
+    out = pipeline.sample(inp["clip_text_emb"], inp["text_tokens"], num_inference_steps=3, generator=torch.Generator().manual_seed(0))
     assert out.shape == (3, config.clip_dim)

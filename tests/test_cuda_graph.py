@@ -10,6 +10,7 @@ import torch
 
 import shifted_diffusion.prior_pipeline as prior_pipeline
 from shifted_diffusion.cuda_graph import GraphedCall
+from shifted_diffusion.guidance import guided_denoiser
 from shifted_diffusion.sampling import sample_ancestral
 from shifted_diffusion.schedule import DiffusionSchedule, ScheduleConfig
 
@@ -34,7 +35,7 @@ def test_graphed_call_rejects_cpu_inputs():
         GraphedCall(lambda x, generator: x * 2, {"x": torch.ones(2)})
     clip_text, tokens = captions(2)
     with pytest.raises(ValueError, match="CUDA device"):
-        pipeline().sample(clip_text, tokens, num_steps=2, cuda_graph=True)
+        pipeline().sample(clip_text, tokens, num_inference_steps=2, cuda_graph=True)
 
 
 class EagerStandIn:
@@ -60,22 +61,22 @@ def test_pipeline_graph_cache(monkeypatch):
     EagerStandIn.captures = []
     pipe = pipeline()
     clip_text, tokens = captions(3, seed=5)
-    got = pipe.sample(clip_text, tokens, num_steps=4, guidance_scale=2.0, generator=torch.Generator().manual_seed(7),
+    got = pipe.sample(clip_text, tokens, num_inference_steps=4, guidance_scale=2.0, generator=torch.Generator().manual_seed(7),
                       cuda_graph=True)
 
     # independent of the pipeline's plumbing: the caption's cluster, its shift, the guided denoiser, the sampler
-    idx = pipe.shift.assign(clip_text)
-    mean, std = pipe.shift.shift(idx)
-    den = pipe.prior.denoiser(tokens, clip_text, idx, guidance_scale=2.0, null_text_tokens=pipe.null_text_tokens)
+    idx = pipe.vocabulary.assign(clip_text)
+    mean, std = pipe.vocabulary.shift(idx)
+    den = guided_denoiser(pipe.prior, tokens, clip_text, idx, guidance_scale=2.0, null_text_tokens=pipe.unconditional.null_text_tokens)
     with torch.no_grad():
-        want = sample_ancestral(den, pipe.schedule.respace(4), mean, std, generator=torch.Generator().manual_seed(7))
+        want = sample_ancestral(den, pipe.scheduler.schedule.respace(4), mean, std, generator=torch.Generator().manual_seed(7))
     torch.testing.assert_close(got, want)
 
     # same signature, new prompts, a fresh generator object: replayed on the new inputs, not captured again
     other_clip, other_tokens = captions(3, seed=6)
-    again = pipe.sample(other_clip, other_tokens, num_steps=4, guidance_scale=2.0,
+    again = pipe.sample(other_clip, other_tokens, num_inference_steps=4, guidance_scale=2.0,
                         generator=torch.Generator().manual_seed(7), cuda_graph=True)
-    eager = pipe.sample(other_clip, other_tokens, num_steps=4, guidance_scale=2.0,
+    eager = pipe.sample(other_clip, other_tokens, num_inference_steps=4, guidance_scale=2.0,
                         generator=torch.Generator().manual_seed(7))
     assert len(EagerStandIn.captures) == 1
     torch.testing.assert_close(again, eager)
@@ -84,12 +85,12 @@ def test_pipeline_graph_cache(monkeypatch):
     # a new batch size, step count or guidance scale is a new graph; the oldest beyond max_cuda_graphs goes
     for n, steps, scale in ((2, 4, 2.0), (3, 2, 2.0), (3, 4, 1.0), (3, 4, 3.0)):
         clip_text, tokens = captions(n, seed=8)
-        out = pipe.sample(clip_text, tokens, num_steps=steps, guidance_scale=scale, cuda_graph=True)
+        out = pipe.sample(clip_text, tokens, num_inference_steps=steps, guidance_scale=scale, cuda_graph=True)
         assert out.shape == (n, pipe.clip_dim)
     assert len(EagerStandIn.captures) == 5 and len(pipe._graphs) == pipe.max_cuda_graphs
     assert EagerStandIn.captures[0] not in pipe._graphs.values()
     pipe.prior.double()  # weights re-created: a new graph, not a replay reading freed memory
-    pipe.sample(clip_text, tokens, num_steps=4, guidance_scale=3.0, cuda_graph=True)
+    pipe.sample(clip_text, tokens, num_inference_steps=4, guidance_scale=3.0, cuda_graph=True)
     assert len(EagerStandIn.captures) == 6
     pipe.clear_cuda_graphs()
     assert not pipe._graphs
@@ -108,7 +109,7 @@ def test_graphed_sampling_equals_eager(custom_generator):
     def seed(s):
         return generator.manual_seed(s) if custom_generator else torch.cuda.manual_seed(s)
 
-    kwargs = dict(num_images_per_prompt=2, num_steps=6, guidance_scale=3.0, generator=generator)
+    kwargs = dict(num_images_per_prompt=2, num_inference_steps=6, guidance_scale=3.0, generator=generator)
     seed(11)
     eager = pipe.sample(clip_text, tokens, **kwargs)
     after_eager = torch.randn(4, device="cuda", generator=generator)

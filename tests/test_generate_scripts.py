@@ -115,14 +115,22 @@ def test_img2img_clip_mismatch_and_missing_input(decoder_dir, tmp_path, clip_dir
 
 
 class StandInPrior:
-    """The PriorPipeline interface: .generate(prompts, ...) -> (P * N, D), prompt-major; .clip_dim."""
+    """The prior pipeline's interface: (prompts, ...) -> output with image_embeds (P * N, D), prompt-major, and
+    negative_image_embeds (the sample for "", every row); .clip_dim."""
 
     def __init__(self, clip_dim=CLIP_DIM):
         self.clip_dim = clip_dim
         self.calls = []
 
-    def generate(self, prompts, *, num_images_per_prompt=1, num_steps=8, guidance_scale=1.0, generator=None):
-        self.calls.append((list(prompts), num_images_per_prompt, num_steps, guidance_scale))
+    def __call__(self, prompts, *, num_images_per_prompt=1, num_inference_steps=8, guidance_scale=1.0, generator=None):
+        image_embeds = self.generate(prompts, num_images_per_prompt=num_images_per_prompt,
+                                     num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+        negative = self.generate([""], num_images_per_prompt=1, num_inference_steps=num_inference_steps,
+                                 guidance_scale=guidance_scale).expand_as(image_embeds)
+        return types.SimpleNamespace(image_embeds=image_embeds, negative_image_embeds=negative)
+
+    def generate(self, prompts, *, num_images_per_prompt=1, num_inference_steps=8, guidance_scale=1.0):
+        self.calls.append((list(prompts), num_images_per_prompt, num_inference_steps, guidance_scale))
         rows = []
         for prompt in prompts:
             g = torch.Generator().manual_seed(sum(map(ord, prompt)) + 1)
@@ -144,7 +152,7 @@ def test_sft_text_to_image_with_prior_negative(decoder_dir, tmp_path, stand_in_p
     prior, prior_dir = stand_in_prior
     prompts = ["A red circle!", "two  blue/squares"]
     written = sft_test.main(["--prior", str(prior_dir), "--decoder", str(decoder_dir), "--prompt", prompts[0],
-                             "--prompt", prompts[1], "--num_images", "2", "--prior_steps", "4",
+                             "--prompt", prompts[1], "--num_images", "2", "--prior_num_inference_steps", "4",
                              "--prior_guidance_scale", "2.0", "--num_inference_steps", "2", "--guidance_scale", "3",
                              "--output_dir", str(tmp_path / "out"), "--seed", "0",
                              "--save_negative", str(tmp_path / "negative.safetensors")])
@@ -178,7 +186,6 @@ def test_sft_prompts_file_and_empty_negative(decoder_dir, tmp_path, stand_in_pri
         assert [p.name for p in written] == ["000_first_prompt_0.png", "001_second_prompt_0.png"]
         with Image.open(written[0]) as image:
             assert image.size == (16, 16)
-    assert all(call[0] != [""] for call in prior.calls)  # no prior sample for "" was needed
 
 
 def test_sft_bad_inputs(decoder_dir, tmp_path, monkeypatch, stand_in_prior):
@@ -217,7 +224,7 @@ def test_sft_with_a_real_tiny_prior_folder(decoder_dir, clip_dirs, tmp_path, bas
     save_prior(tmp_path / "prior", ShiftedPrior.from_prior_config(config), shift, ScheduleConfig(), encoders,
                torch.randn(CLIP_DIM), torch.randn(8, 16))
     written = sft_test.main(["--prior", str(tmp_path / "prior"), "--decoder", str(decoder_dir), "--prompt",
-                             "a red circle", "--num_images", "2", "--prior_steps", "4", "--prior_guidance_scale", "2",
+                             "a red circle", "--num_images", "2", "--prior_num_inference_steps", "4", "--prior_guidance_scale", "2",
                              "--num_inference_steps", "2", "--output_dir", str(tmp_path / "out")])
     assert [p.name for p in written] == ["000_a_red_circle_0.png", "000_a_red_circle_1.png", "grid.png"]
     with Image.open(written[0]) as a, Image.open(written[1]) as b:
@@ -276,7 +283,7 @@ SFT_BAD_FLAGS = [
     (["--num_images", "0"], "--num_images: expected an integer >= 1, got 0"),
     (["--num_images", "-1"], "--num_images: expected an integer >= 1, got -1"),
     (["--batch_size", "0"], "--batch_size: expected an integer >= 1, got 0"),
-    (["--prior_steps", "0"], "--prior_steps: expected an integer >= 1, got 0"),
+    (["--prior_num_inference_steps", "0"], "--prior_num_inference_steps: expected an integer >= 1, got 0"),
     (["--num_inference_steps", "0"], "--num_inference_steps: expected an integer >= 1, got 0"),
     (["--guidance_scale", "nan"], "--guidance_scale: expected a finite number >= 0.0, got nan"),
     (["--guidance_scale", "-2"], "--guidance_scale: expected a finite number >= 0.0, got -2.0"),

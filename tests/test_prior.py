@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from shifted_diffusion.guidance import guided_denoiser
 from shifted_diffusion.prior import PrefixCache, PriorConfig, ShiftedPrior, timestep_sinusoid
 
 TINY = PriorConfig.preset("tiny")
@@ -105,9 +106,9 @@ def test_bf16_network_denoiser_takes_fp32_inputs():
     model = _model(TINY, seed=6)
     inp = _inputs(TINY, batch=2, seed=7)
     with torch.no_grad():
-        ref = model.denoiser(inp["text_tokens"], inp["clip_text_emb"], inp["cluster_idx"])(inp["x_t"], inp["timesteps"])
+        ref = guided_denoiser(model, inp["text_tokens"], inp["clip_text_emb"], inp["cluster_idx"])(inp["x_t"], inp["timesteps"])
         model_bf16 = _model(TINY, seed=6).to(torch.bfloat16)
-        den = model_bf16.denoiser(inp["text_tokens"], inp["clip_text_emb"], inp["cluster_idx"], guidance_scale=2.0,
+        den = guided_denoiser(model_bf16, inp["text_tokens"], inp["clip_text_emb"], inp["cluster_idx"], guidance_scale=2.0,
                                   null_text_tokens=torch.zeros(TINY.text_len, TINY.text_dim))
         out = den(inp["x_t"], inp["timesteps"])
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
@@ -222,12 +223,12 @@ def test_denoiser_guidance_matches_two_plain_forwards(null_clip):
         uncond = _forward(model, uncond_inp)
         expected = uncond + scale * (cond - uncond)
 
-        guided = model.denoiser(
+        guided = guided_denoiser(model, 
             inp["text_tokens"], inp["clip_text_emb"], inp["cluster_idx"], guidance_scale=scale,
             null_text_tokens=null_tokens, null_clip_text_emb=null_clip_emb,
         )
         got = guided(inp["x_t"], inp["timesteps"])
-        plain = model.denoiser(inp["text_tokens"], inp["clip_text_emb"], inp["cluster_idx"])
+        plain = guided_denoiser(model, inp["text_tokens"], inp["clip_text_emb"], inp["cluster_idx"])
         got_plain = plain(inp["x_t"], inp["timesteps"])
         # several samples per caption (repeat_interleave order), guided
         x_rep = torch.cat([inp["x_t"], inp["x_t"] + 0.5], dim=1).view(6, TINY.clip_dim)
@@ -259,9 +260,9 @@ def test_denoiser_builds_prefixes_once_and_the_empty_caption_once(null_clip):
     null_clip_emb = torch.randn(TINY.clip_dim) if null_clip else None
     with torch.no_grad():
         cond = _forward(model, inp)
-        den1 = model.denoiser(inp["text_tokens"], inp["clip_text_emb"], inp["cluster_idx"],
+        den1 = guided_denoiser(model, inp["text_tokens"], inp["clip_text_emb"], inp["cluster_idx"],
                               guidance_scale=1.0, null_text_tokens=null_tokens)
-        den3 = model.denoiser(inp["text_tokens"], inp["clip_text_emb"], inp["cluster_idx"],
+        den3 = guided_denoiser(model, inp["text_tokens"], inp["clip_text_emb"], inp["cluster_idx"],
                               guidance_scale=3.0, null_text_tokens=null_tokens, null_clip_text_emb=null_clip_emb)
         for _ in range(3):
             out1 = den1(inp["x_t"], inp["timesteps"])
@@ -280,7 +281,7 @@ def test_guidance_without_text_tokens_matches_plain_forwards():
     with torch.no_grad():
         cond = _forward(model, inp)
         uncond = _forward(model, dict(inp, clip_text_emb=null_clip.expand(3, -1)))
-        got = model.denoiser(inp["text_tokens"], inp["clip_text_emb"], inp["cluster_idx"], guidance_scale=2.0,
+        got = guided_denoiser(model, inp["text_tokens"], inp["clip_text_emb"], inp["cluster_idx"], guidance_scale=2.0,
                              null_text_tokens=inp["text_tokens"][0], null_clip_text_emb=null_clip)(
             inp["x_t"], inp["timesteps"])
     assert (cond - uncond).abs().max() > 1e-3
@@ -353,9 +354,9 @@ def test_shape_errors_name_the_tensor():
     with pytest.raises(ValueError, match=r"x_t: batch 3 must be a multiple of the prefix batch 2"):
         model.forward_cached(prefix, torch.randn(3, 64), torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match=r"null_text_tokens: required"):
-        model.denoiser(inp["text_tokens"], inp["clip_text_emb"], inp["cluster_idx"], guidance_scale=2.0)
+        guided_denoiser(model, inp["text_tokens"], inp["clip_text_emb"], inp["cluster_idx"], guidance_scale=2.0)
     with pytest.raises(ValueError, match=r"null_text_tokens: expected shape .*got \(8, 31\)"):
-        model.denoiser(inp["text_tokens"], inp["clip_text_emb"], inp["cluster_idx"], guidance_scale=2.0,
+        guided_denoiser(model, inp["text_tokens"], inp["clip_text_emb"], inp["cluster_idx"], guidance_scale=2.0,
                        null_text_tokens=torch.zeros(8, 31))
     # the baseline network ignores cluster_idx entirely
     base = _model(TINY_BASELINE)

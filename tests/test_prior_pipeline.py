@@ -1,17 +1,20 @@
 """PriorPipeline.sample: the caption's cluster drives the shift (not the cluster nearest x0_hat, the
 original's defect), guidance's unconditional branch, save/load round trip."""
 
+import json
+
 import pytest
 import torch
 
 import shifted_diffusion.prior_pipeline as prior_pipeline
 from shifted_diffusion.prior import PriorConfig, ShiftedPrior
-from shifted_diffusion.prior_pipeline import PriorPipeline, load_prior, save_prior
+from shifted_diffusion.prior_pipeline import build_pipeline, load_prior, save_prior
 from shifted_diffusion.sampling import sample_ddim
 from shifted_diffusion.schedule import DiffusionSchedule, ScheduleConfig
 from shifted_diffusion.vocab import ClusterVocab
 
 CONFIG = PriorConfig.preset("tiny", vocab_size=5)
+ENCODERS = {"clip_models": ["x"], "t5_model": "none"}
 
 
 def pipeline(**kwargs):
@@ -19,9 +22,9 @@ def pipeline(**kwargs):
     g = torch.Generator().manual_seed(1)
     vocab = ClusterVocab(torch.randn(5, CONFIG.clip_dim, generator=g), torch.rand(5, CONFIG.clip_dim, generator=g) + 0.1,
                          std_scale=2.0)
-    nulls = dict(null_clip_text=torch.randn(CONFIG.clip_dim, generator=g),
-                 null_text_tokens=torch.randn(CONFIG.text_len, CONFIG.text_dim, generator=g))
-    return PriorPipeline(ShiftedPrior.from_prior_config(CONFIG), vocab, DiffusionSchedule.from_config(ScheduleConfig()), **nulls, **kwargs)
+    null_clip, null_tokens = torch.randn(CONFIG.clip_dim, generator=g), torch.randn(CONFIG.text_len, CONFIG.text_dim, generator=g)
+    return build_pipeline(ShiftedPrior.from_prior_config(CONFIG), vocab, ScheduleConfig(), ENCODERS, null_clip, null_tokens,
+                          **kwargs)
 
 
 def captions(n=4, seed=2):
@@ -39,65 +42,110 @@ def test_shift_is_the_captions_cluster(monkeypatch):
 
     monkeypatch.setattr(prior_pipeline, "sample_ancestral", spy)
     clip_text, tokens = captions()
-    pipe.sample(clip_text, tokens, num_images_per_prompt=3, num_steps=8)
+    pipe.sample(clip_text, tokens, num_images_per_prompt=3, num_inference_steps=8)
     # independent: nearest mean by cosine, computed here; then std_scale * s_k
-    cos = torch.nn.functional.normalize(clip_text, dim=-1) @ torch.nn.functional.normalize(pipe.shift.means, dim=-1).T
+    cos = torch.nn.functional.normalize(clip_text, dim=-1) @ torch.nn.functional.normalize(pipe.vocabulary.means, dim=-1).T
     k = cos.argmax(1).repeat_interleave(3)
-    torch.testing.assert_close(seen["shift_mean"], pipe.shift.means[k])
-    torch.testing.assert_close(seen["shift_std"], 2.0 * pipe.shift.stds[k])
+    torch.testing.assert_close(seen["shift_mean"], pipe.vocabulary.means[k])
+    torch.testing.assert_close(seen["shift_std"], 2.0 * pipe.vocabulary.stds[k])
     assert seen["steps"] == 8
 
 
-def test_guidance_unconditional_branch(monkeypatch):
+def test_guidance_unconditional_branch_follows_the_saved_rule(monkeypatch):
+    """The unconditional inputs come from the pipeline's UnconditionalInputs component, and its rule is saved."""
     calls = {}
-    original = ShiftedPrior.denoiser
+    original = prior_pipeline.guided_denoiser
 
-    def spy(self, *args, **kwargs):
+    def spy(prior, *args, **kwargs):
         calls.update(kwargs)
-        return original(self, *args, **kwargs)
+        return original(prior, *args, **kwargs)
 
-    monkeypatch.setattr(ShiftedPrior, "denoiser", spy)
+    monkeypatch.setattr(prior_pipeline, "guided_denoiser", spy)
     clip_text, tokens = captions(2)
-    pipeline().sample(clip_text, tokens, num_steps=2, guidance_scale=3.0)
+    pipe = pipeline()
+    pipe.sample(clip_text, tokens, num_inference_steps=2, guidance_scale=3.0)
     assert calls["guidance_scale"] == 3.0 and calls["null_clip_text_emb"] is None  # tokens dropped, CLIP kept
-    pipeline(uncond_drops_clip=True).sample(clip_text, tokens, num_steps=2, guidance_scale=3.0)
-    assert calls["null_clip_text_emb"] is not None
+    assert torch.equal(calls["null_text_tokens"], pipe.unconditional.null_text_tokens)
+    dropping = pipeline(uncond_clip_text="empty_caption")
+    dropping.sample(clip_text, tokens, num_inference_steps=2, guidance_scale=3.0)
+    assert torch.equal(calls["null_clip_text_emb"], dropping.unconditional.null_clip_text)
 
 
 def test_clip_only_prior_cannot_guide_without_dropping_clip():
     config = PriorConfig.preset("tiny", text_len=0, vocab_size=None)
     from shifted_diffusion.vocab import StandardNormalShift
 
-    pipe = PriorPipeline(ShiftedPrior.from_prior_config(config), StandardNormalShift(config.clip_dim),
-                         DiffusionSchedule.from_config(ScheduleConfig()), null_clip_text=torch.zeros(config.clip_dim),
-                         null_text_tokens=torch.zeros(0, config.text_dim), uncond_drops_clip=False)
+    def build(rule):
+        return build_pipeline(ShiftedPrior.from_prior_config(config), StandardNormalShift(config.clip_dim), ScheduleConfig(),
+                              ENCODERS, torch.zeros(config.clip_dim), torch.zeros(0, config.text_dim), uncond_clip_text=rule)
+
     clip_text = torch.randn(2, config.clip_dim)
     with pytest.raises(ValueError, match="unconditional branch"):
-        pipe.sample(clip_text, torch.zeros(2, 0, config.text_dim), num_steps=2, guidance_scale=2.0)
-    pipe.uncond_drops_clip = True
-    assert pipe.sample(clip_text, torch.zeros(2, 0, config.text_dim), num_steps=2, guidance_scale=2.0).shape == (2, 64)
+        build("prompt").sample(clip_text, torch.zeros(2, 0, config.text_dim), num_inference_steps=2, guidance_scale=2.0)
+    out = build("empty_caption").sample(clip_text, torch.zeros(2, 0, config.text_dim), num_inference_steps=2,
+                                        guidance_scale=2.0)
+    assert out.shape == (2, 64)
 
 
-def test_save_load_round_trip_samples_identically(tmp_path):
-    pipe = pipeline()
-    save_prior(tmp_path / "p", pipe.prior, pipe.shift, ScheduleConfig(), {"clip_models": ["x"], "t5_model": "none"},
-               pipe.null_clip_text, pipe.null_text_tokens)
-    loaded = load_prior(tmp_path / "p")
+@pytest.mark.parametrize("loader", ["pipeline", "diffusion_pipeline", "load_prior"])
+def test_save_pretrained_round_trip_samples_identically(tmp_path, loader):
+    """save_pretrained writes model_index.json + one folder per component (safetensors); the pipeline's own
+    from_pretrained, diffusers' DiffusionPipeline.from_pretrained and load_prior all sample bit-identically."""
+    from diffusers import DiffusionPipeline
+
+    from shifted_diffusion import ShiftedDiffusionPriorPipeline
+
+    pipe = pipeline(uncond_clip_text="empty_caption")
+    pipe.save_pretrained(tmp_path / "p")
+    index = json.loads((tmp_path / "p" / "model_index.json").read_text())
+    assert index["_class_name"] == "ShiftedDiffusionPriorPipeline" and index["encoders"] == ENCODERS
+    assert {k: index[k][1] for k in ("prior", "vocabulary", "scheduler", "unconditional")} == {
+        "prior": "ShiftedPrior", "vocabulary": "ClusterVocab", "scheduler": "ShiftedDiffusionScheduler",
+        "unconditional": "UnconditionalInputs"}
+    assert not list((tmp_path / "p").rglob("*.bin")) and not list((tmp_path / "p").rglob("*.pkl"))
+    load = {"pipeline": ShiftedDiffusionPriorPipeline.from_pretrained, "diffusion_pipeline": DiffusionPipeline.from_pretrained,
+            "load_prior": load_prior}[loader]
+    loaded = load(tmp_path / "p")
+    assert type(loaded) is ShiftedDiffusionPriorPipeline and loaded.unconditional.config.clip_text == "empty_caption"
     clip_text, tokens = captions(2)
-    a = pipe.sample(clip_text, tokens, num_steps=4, guidance_scale=2.0, generator=torch.Generator().manual_seed(0))
-    b = loaded.sample(clip_text, tokens, num_steps=4, guidance_scale=2.0, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(a, b)
+    a = pipe.sample(clip_text, tokens, num_inference_steps=4, guidance_scale=2.0, generator=torch.Generator().manual_seed(0))
+    b = loaded.sample(clip_text, tokens, num_inference_steps=4, guidance_scale=2.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)
+
+
+def test_older_prior_folder_loads_and_samples_identically(tmp_path, legacy_prior_writer):
+    """A folder in the previous format (shifted-diffusion-prior/1) loads through load_prior into the pipeline."""
+    pipe = pipeline()
+    legacy_prior_writer(tmp_path / "old", pipe.prior, pipe.vocabulary, ScheduleConfig(), ENCODERS,
+                        pipe.unconditional.null_clip_text, pipe.unconditional.null_text_tokens)
+    loaded = load_prior(tmp_path / "old")
+    clip_text, tokens = captions(2)
+    a = pipe.sample(clip_text, tokens, num_inference_steps=4, guidance_scale=2.0, generator=torch.Generator().manual_seed(0))
+    b = loaded.sample(clip_text, tokens, num_inference_steps=4, guidance_scale=2.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and loaded.unconditional.config.clip_text == "prompt"
+
+
+def test_save_prior_writes_the_pipeline_folder_with_the_ema_weights(tmp_path):
+    pipe = pipeline()
+    other = {k: torch.randn_like(v) for k, v in pipe.prior.state_dict().items()}
+    save_prior(tmp_path / "p", pipe.prior, pipe.vocabulary, ScheduleConfig(), ENCODERS, pipe.unconditional.null_clip_text,
+               pipe.unconditional.null_text_tokens, extra={"global_step": 7, "train": {"empty_clip_prob": 0.1}},
+               state_dict=other)
+    loaded = load_prior(tmp_path / "p")
+    for key, value in loaded.prior.state_dict().items():
+        assert torch.equal(value, other[key]), key
+    assert loaded.config.training["global_step"] == 7 and loaded.unconditional.config.clip_text == "empty_caption"
 
 
 def test_load_in_bfloat16_samples_float32_close_to_float32(tmp_path):
     pipe = pipeline()
-    save_prior(tmp_path / "p", pipe.prior, pipe.shift, ScheduleConfig(), {"clip_models": ["x"], "t5_model": "none"},
-               pipe.null_clip_text, pipe.null_text_tokens)
+    pipe.save_pretrained(tmp_path / "p")
     low = load_prior(tmp_path / "p", dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in low.prior.parameters())
+    assert low.vocabulary.means.dtype == torch.float32
     clip_text, tokens = captions(3)
-    a = pipe.sample(clip_text, tokens, num_steps=4, guidance_scale=2.0, generator=torch.Generator().manual_seed(0))
-    b = low.sample(clip_text, tokens, num_steps=4, guidance_scale=2.0, generator=torch.Generator().manual_seed(0))
+    a = pipe.sample(clip_text, tokens, num_inference_steps=4, guidance_scale=2.0, generator=torch.Generator().manual_seed(0))
+    b = low.sample(clip_text, tokens, num_inference_steps=4, guidance_scale=2.0, generator=torch.Generator().manual_seed(0))
     assert b.dtype == torch.float32 and b.shape == a.shape
     cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
     assert (cos > 0.99).all(), cos
@@ -114,11 +162,12 @@ def test_ddim_is_finite_where_a_cluster_std_is_zero():
 # ---------------------------------------------------------------------------------------------- reliability
 
 
-def saved_prior(directory, pipe=None, encoders=None):
-    """Save pipeline() (or ``pipe``) to ``directory`` with placeholder encoder settings; returns the folder."""
+def saved_prior(writer, directory, pipe=None, encoders=None):
+    """pipeline() (or ``pipe``) written by ``writer`` (the legacy_prior_writer fixture: the older folder format, whose
+    files the reliability tests damage) to ``directory`` with placeholder encoder settings; returns the folder."""
     pipe = pipe or pipeline()
-    return save_prior(directory, pipe.prior, pipe.shift, ScheduleConfig(),
-                      encoders or {"clip_models": ["x"], "t5_model": "none"}, pipe.null_clip_text, pipe.null_text_tokens)
+    return writer(directory, pipe.prior, pipe.vocabulary, ScheduleConfig(), encoders or ENCODERS,
+                  pipe.unconditional.null_clip_text, pipe.unconditional.null_text_tokens)
 
 
 def _shown(error) -> str:
@@ -152,17 +201,17 @@ def test_load_prior_of_a_non_checkpoint_file_says_what_it_is(tmp_path, name, con
     assert str(path) in message and kind in message
     assert "weights_only" not in _shown(info.value)  # neither in the message nor in a chained exception
     if kind != "truncated":
-        assert "prior folder written by train.py" in message and "original ClipPrior checkpoint" in message
+        assert "prior pipeline folder" in message and "original ClipPrior checkpoint" in message
 
 
-def test_load_prior_of_a_pickled_module_is_refused_without_unpickling_it(tmp_path):
+def test_load_prior_of_a_pickled_module_is_refused_without_unpickling_it(tmp_path, legacy_prior_writer):
     path = tmp_path / "prior.pt"
     torch.save(torch.nn.Linear(2, 2), path)  # pickles a class: never unpickled
     with pytest.raises(ValueError, match=r"prior\.pt: .*pickles Python objects \(torch\.nn\.modules\.linear\.Linear\)") as info:
         load_prior(path)
     assert "weights_only" not in _shown(info.value)
     with pytest.raises(ValueError, match="pass the folder"):  # the weights file of a prior folder, not the folder
-        load_prior(saved_prior(tmp_path / "p") / "model.safetensors")
+        load_prior(saved_prior(legacy_prior_writer, tmp_path / "p") / "model.safetensors")
 
 
 def _truncate(path):
@@ -181,17 +230,17 @@ def _truncate(path):
     ("vocab.safetensors", lambda p: p.write_text("hello"), r"vocab\.safetensors: expected a shifted-diffusion vocab"),
     ("null_embeddings.safetensors", _truncate, r"null_embeddings\.safetensors: unreadable safetensors file"),
 ])
-def test_damaged_prior_folder_file_is_named(tmp_path, name, damage, expected):
-    folder = saved_prior(tmp_path / "p")
+def test_damaged_prior_folder_file_is_named(tmp_path, name, damage, expected, legacy_prior_writer):
+    folder = saved_prior(legacy_prior_writer, tmp_path / "p")
     damage(folder / name)
     with pytest.raises(ValueError, match=expected):
         load_prior(folder)
 
 
-def test_null_embeddings_of_the_wrong_shape_or_missing_are_named(tmp_path):
+def test_null_embeddings_of_the_wrong_shape_or_missing_are_named(tmp_path, legacy_prior_writer):
     from safetensors.torch import save_file
 
-    folder = saved_prior(tmp_path / "p")
+    folder = saved_prior(legacy_prior_writer, tmp_path / "p")
     save_file({"null_clip_text": torch.zeros(CONFIG.clip_dim + 1), "null_text_tokens": torch.zeros(CONFIG.text_len, CONFIG.text_dim)},
               str(folder / "null_embeddings.safetensors"))
     with pytest.raises(ValueError, match=rf"null_embeddings\.safetensors: null_clip_text has shape \({CONFIG.clip_dim + 1},\)"):
@@ -205,18 +254,18 @@ def test_null_embeddings_of_the_wrong_shape_or_missing_are_named(tmp_path):
 def test_guidance_scale_must_be_finite_and_non_negative(scale):
     clip_text, tokens = captions(2)
     with pytest.raises(ValueError, match=r"guidance_scale: expected a finite number >= 0.0, got " + str(scale)):
-        pipeline().sample(clip_text, tokens, num_steps=2, guidance_scale=scale)
+        pipeline().sample(clip_text, tokens, num_inference_steps=2, guidance_scale=scale)
 
 
 def test_overflowing_guidance_is_refused_with_the_stage_and_cause():
     clip_text, tokens = captions(2)
     pipe = pipeline()
     with pytest.raises(FloatingPointError, match=r"prior's sampled image embeddings: \d+ of 128 .*guidance_scale=1e\+30"):
-        pipe.sample(clip_text, tokens, num_steps=4, guidance_scale=1e30)
+        pipe.sample(clip_text, tokens, num_inference_steps=4, guidance_scale=1e30)
     # a scale of 0 (unconditional) is allowed and equals sampling with the null caption at scale 1
-    a = pipe.sample(clip_text, tokens, num_steps=4, guidance_scale=0.0, generator=torch.Generator().manual_seed(0))
-    null = pipe.null_text_tokens.expand(2, -1, -1)
-    b = pipe.sample(clip_text, null, num_steps=4, guidance_scale=1.0, generator=torch.Generator().manual_seed(0))
+    a = pipe.sample(clip_text, tokens, num_inference_steps=4, guidance_scale=0.0, generator=torch.Generator().manual_seed(0))
+    null = pipe.unconditional.null_text_tokens.expand(2, -1, -1)
+    b = pipe.sample(clip_text, null, num_inference_steps=4, guidance_scale=1.0, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(a, b)
 
 
@@ -230,33 +279,39 @@ def test_non_finite_samples_are_counted(monkeypatch):
     monkeypatch.setattr(prior_pipeline, "sample_ancestral", broken)
     clip_text, tokens = captions(3)
     with pytest.raises(FloatingPointError, match=r"2 of 192 values are NaN or inf \(shape \(3, 64\)\).*weights"):
-        pipeline().sample(clip_text, tokens, num_steps=2)
+        pipeline().sample(clip_text, tokens, num_inference_steps=2)
 
 
-def test_vocabulary_size_must_match_the_prior(tmp_path):
+def test_vocabulary_size_must_match_the_prior(tmp_path, legacy_prior_writer):
+    from shifted_diffusion import ShiftedDiffusionPriorPipeline
+
     g = torch.Generator().manual_seed(0)
     vocab = ClusterVocab(torch.randn(6, CONFIG.clip_dim, generator=g), torch.rand(6, CONFIG.clip_dim, generator=g) + 0.1)
     pipe = pipeline()
     with pytest.raises(ValueError, match="the vocabulary has 6 clusters but the prior's vocab_size is 5"):
-        PriorPipeline(pipe.prior, vocab, pipe.schedule)
-    pipe.shift = vocab  # save_prior writes what it is given; load_prior refuses it, naming both files
-    folder = saved_prior(tmp_path / "p", pipe)
+        ShiftedDiffusionPriorPipeline(pipe.prior, vocab, pipe.scheduler, pipe.unconditional)
+    pipe.save_pretrained(tmp_path / "new")
+    vocab.save_pretrained(tmp_path / "new" / "vocabulary")  # a vocabulary trained with another prior
+    with pytest.raises(ValueError, match="6 clusters but the prior's vocab_size is 5"):
+        load_prior(tmp_path / "new")
+    folder = saved_prior(legacy_prior_writer, tmp_path / "p", pipe)
+    vocab.save(folder / "vocab.safetensors")  # the older folder: both files named
     with pytest.raises(ValueError, match=r"6 clusters but the prior's vocab_size is 5.*vocab\.safetensors vs \"prior\" in .*config\.json"):
         load_prior(folder)
     from shifted_diffusion.vocab import StandardNormalShift
 
     with pytest.raises(ValueError, match="cluster token .*vocab_size 5.*no cluster vocabulary"):
-        PriorPipeline(pipe.prior, StandardNormalShift(CONFIG.clip_dim), pipe.schedule)
+        ShiftedDiffusionPriorPipeline(pipe.prior, StandardNormalShift(CONFIG.clip_dim), pipe.scheduler, pipe.unconditional)
 
 
 def test_encoder_hub_names_are_stored_unchanged(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     encoders = {"clip_models": ["ViT-B-16:openai", "RN101:openai", "hf-hub:org/model"], "t5_model": "t5-11b",
                 "text_max_length": 80, "t5_masked": False}
-    import json
-
-    folder = saved_prior("p", encoders=encoders)
-    assert json.loads((folder / "config.json").read_text())["encoders"] == encoders
+    pipe = pipeline()
+    folder = save_prior("p", pipe.prior, pipe.vocabulary, ScheduleConfig(), encoders, pipe.unconditional.null_clip_text,
+                        pipe.unconditional.null_text_tokens)
+    assert json.loads((folder / "model_index.json").read_text())["encoders"] == encoders
     assert load_prior(folder).encoders == encoders
 
 
@@ -285,19 +340,19 @@ def test_prior_saved_with_relative_encoder_paths_loads_and_samples_from_another_
 
     root, folder, _ = toy_layout
     clip = str((root / "outputs" / "toy_assets" / "clip").resolve())
-    stored = json.loads((folder / "config.json").read_text())["encoders"]
+    stored = json.loads((folder / "model_index.json").read_text())["encoders"]
     assert stored["clip_models"] == [clip] and stored["t5_model"] == "clip-tokens:" + clip
     monkeypatch.chdir(root / "elsewhere")
     pipe = load_prior(folder)
-    a = pipe.generate(["a red circle", "a blue square"], num_steps=2, guidance_scale=2.0,
-                      generator=torch.Generator().manual_seed(0))
+    a = pipe(["a red circle", "a blue square"], num_inference_steps=2, guidance_scale=2.0,
+             generator=torch.Generator().manual_seed(0)).image_embeds
     assert a.shape == (2, 32) and torch.isfinite(a).all()
     # the same as sampling on the embeddings of the encoders built here from the absolute path
     from shifted_diffusion.encoders import MultiCLIP, build_text_encoder
 
     clip_text = MultiCLIP([(clip, "")]).encode_text(["a red circle", "a blue square"])
     tokens = build_text_encoder("clip-tokens:" + clip, max_length=8).encode(["a red circle", "a blue square"])
-    b = pipe.sample(clip_text, tokens, num_steps=2, guidance_scale=2.0, generator=torch.Generator().manual_seed(0))
+    b = pipe.sample(clip_text, tokens, num_inference_steps=2, guidance_scale=2.0, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(a, b)
 
 
@@ -305,23 +360,23 @@ def test_prior_folder_with_the_old_relative_paths_still_loads(toy_layout, monkey
     import json
 
     root, folder, relative = toy_layout
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "encoders": relative}))  # as written before the fix
+    config = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**config, "encoders": relative}))  # as written before the fix
     clip = str((root / "outputs" / "toy_assets" / "clip").resolve())
     for cwd in (root, root / "elsewhere"):  # from the training folder, and from one the path is not relative to
         monkeypatch.chdir(cwd)
         pipe = load_prior(folder)
         assert pipe.encoders["clip_models"] == [clip] and pipe.encoders["t5_model"] == "clip-tokens:" + clip
-    assert pipe.generate(["a red circle"], num_steps=2).shape == (1, 32)
+    assert pipe(["a red circle"], num_inference_steps=2).image_embeds.shape == (1, 32)
 
 
 def test_encoder_path_found_nowhere_is_named(toy_layout, monkeypatch):
     import json
 
     root, folder, _ = toy_layout
-    config = json.loads((folder / "config.json").read_text())
+    config = json.loads((folder / "model_index.json").read_text())
     gone = str(root / "gone" / "clip")  # e.g. a run folder copied to another machine without its assets
-    (folder / "config.json").write_text(json.dumps({**config, "encoders": {**config["encoders"], "clip_models": [gone]}}))
+    (folder / "model_index.json").write_text(json.dumps({**config, "encoders": {**config["encoders"], "clip_models": [gone]}}))
     pipe = load_prior(folder)
     with pytest.raises(FileNotFoundError, match=r"encoder settings \(clip_models\) name .*gone/clip, which does not exist"):
-        pipe.generate(["a red circle"], num_steps=2)
+        pipe(["a red circle"], num_inference_steps=2)

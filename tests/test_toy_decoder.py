@@ -171,7 +171,7 @@ def test_sft_test_defaults_use_the_toy_prior_and_example_captions(toy, tmp_path,
         sft_test.main(["--toy_fast", "--toy_root", toy["toy_root"], "--toy_decoder", str(toy["decoder"])])
     tiny_prior(tmp_path / sft_test.TOY_PRIOR, toy["clip"], baseline=False)
     written = sft_test.main(["--toy_fast", "--toy_root", toy["toy_root"], "--toy_decoder", str(toy["decoder"]),
-                             "--num_inference_steps", "2", "--prior_steps", "2"])
+                             "--num_inference_steps", "2", "--prior_num_inference_steps", "2"])
     prompts = sft_test.TOY_EXAMPLE_PROMPTS
     assert [p.name for p in written] == [f"{i:03d}_{sft_test.sanitize(p)}_0.png" for i, p in enumerate(prompts)] \
         + ["grid.png"]

@@ -29,26 +29,28 @@ def test_end_to_end_cache_vocab_train_load_sample(caption_image_folder, tiny_ope
     prior_dir = train.main(args(caption_image_folder, tiny_open_clip_dir, out, "--max_train_steps", "3",
                                 "--checkpointing_steps", "2", "--validation_steps", "2"))
     assert prior_dir == out / "prior"
-    config = json.loads((prior_dir / "config.json").read_text())
-    assert config["prior"]["clip_dim"] == 32 and config["prior"]["text_len"] == 8 and config["prior"]["vocab_size"] == 3
+    network = json.loads((prior_dir / "prior" / "config.json").read_text())
+    assert network["_class_name"] == "ShiftedPrior"
+    assert network["clip_dim"] == 32 and network["text_len"] == 8 and network["vocab_size"] == 3
+    config = json.loads((prior_dir / "model_index.json").read_text())["training"]
     assert config["train"]["max_train_steps"] == 3 and config["global_step"] == 3
     assert "val_ema/cos_gt" in config["validation"] and -1 <= config["validation"]["val/cos_gt"] <= 1
     assert (out / "checkpoint-2").is_dir() and (out / "train_config.json").is_file()
-    vocab = ClusterVocab.load(prior_dir / "vocab.safetensors")
+    vocab = ClusterVocab.from_pretrained(prior_dir / "vocabulary")
     assert vocab.num_clusters == 3 and vocab.dim == 32
 
     pipeline = load_prior(prior_dir)
-    embeddings = pipeline.generate(["a red square", "blue"], num_images_per_prompt=2, num_steps=4, guidance_scale=2.0,
-                                   generator=torch.Generator().manual_seed(0))
+    embeddings = pipeline(["a red square", "blue"], num_images_per_prompt=2, num_inference_steps=4, guidance_scale=2.0,
+                        generator=torch.Generator().manual_seed(0)).image_embeds
     assert embeddings.shape == (4, 32) and torch.isfinite(embeddings).all()
     # the saved weights load into the network unchanged, and they are the EMA weights, not the raw ones
-    saved = load_file(str(prior_dir / "model.safetensors"))
+    saved = load_file(str(prior_dir / "prior" / "diffusion_pytorch_model.safetensors"))
     for key, value in pipeline.prior.state_dict().items():
         torch.testing.assert_close(value, saved[key])
     raw_dir = train.main(args(caption_image_folder, tiny_open_clip_dir, tmp_path / "raw", "--max_train_steps", "3",
                               "--checkpointing_steps", "0", "--validation_steps", "0", "--no-use_ema"))
-    raw = load_file(str(raw_dir / "model.safetensors"))
-    assert json.loads((raw_dir / "config.json").read_text())["weights"] == "raw" and config["weights"] == "ema"
+    raw = load_file(str(raw_dir / "prior" / "diffusion_pytorch_model.safetensors"))
+    assert json.loads((raw_dir / "model_index.json").read_text())["training"]["weights"] == "raw" and config["weights"] == "ema"
     assert any(not torch.allclose(raw[k], saved[k]) for k in saved)
 
 
@@ -58,21 +60,21 @@ def test_resume_reaches_the_weights_of_an_uninterrupted_run(caption_image_folder
     train.main(args(caption_image_folder, tiny_open_clip_dir, tmp_path / "b", "--max_train_steps", "2", *common))
     resumed = train.main(args(caption_image_folder, tiny_open_clip_dir, tmp_path / "b", "--max_train_steps", "5",
                               "--resume_from_checkpoint", "latest", *common))
-    a, b = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    a, b = load_file(str(straight / "prior" / "diffusion_pytorch_model.safetensors")), load_file(str(resumed / "prior" / "diffusion_pytorch_model.safetensors"))
     assert a.keys() == b.keys()
     for key in a:  # same data order, same per-step randomness, same optimiser and EMA state: exact on CPU
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
     untrained = train.main(args(caption_image_folder, tiny_open_clip_dir, tmp_path / "c", "--max_train_steps", "2", *common))
-    c = load_file(str(untrained / "model.safetensors"))
+    c = load_file(str(untrained / "prior" / "diffusion_pytorch_model.safetensors"))
     assert any(not torch.allclose(a[k], c[k]) for k in a)  # the comparison above could fail
 
 
 def test_baseline_prior_has_no_vocab_and_no_cluster_token(caption_image_folder, tiny_open_clip_dir, tmp_path):
     prior_dir = train.main(args(caption_image_folder, tiny_open_clip_dir, tmp_path / "base", "--baseline",
                                 "--max_train_steps", "1", "--validation_steps", "0", "--checkpointing_steps", "0"))
-    assert not (prior_dir / "vocab.safetensors").exists()
-    assert json.loads((prior_dir / "config.json").read_text())["prior"]["vocab_size"] is None
-    assert load_prior(prior_dir).generate(["a ring"], num_steps=2).shape == (1, 32)
+    assert json.loads((prior_dir / "prior" / "config.json").read_text())["vocab_size"] is None
+    assert json.loads((prior_dir / "model_index.json").read_text())["vocabulary"][1] == "StandardNormalShift"
+    assert load_prior(prior_dir)(["a ring"], num_inference_steps=2).image_embeds.shape == (1, 32)
 
 
 def test_flags_override_yaml_and_booleans_are_real(tmp_path):
@@ -103,7 +105,7 @@ def test_bad_inputs_fail_clearly(caption_image_folder, tiny_open_clip_dir, tmp_p
 def test_prefix_shared_training_runs_through_train_py(caption_image_folder, tiny_open_clip_dir, tmp_path):
     prior_dir = train.main(args(caption_image_folder, tiny_open_clip_dir, tmp_path / "k", "--timesteps_per_caption", "3",
                                 "--max_train_steps", "2", "--validation_steps", "0", "--checkpointing_steps", "0"))
-    config = json.loads((prior_dir / "config.json").read_text())
+    config = json.loads((prior_dir / "model_index.json").read_text())["training"]
     assert config["train"]["timesteps_per_caption"] == 3 and config["global_step"] == 2
 
 
@@ -217,7 +219,7 @@ def test_kill_9_during_a_save_loses_nothing(caption_image_folder, tiny_open_clip
     latest = find_checkpoint(run, "latest")
     assert latest.name == resumed_from
     resumed = train.main(args(caption_image_folder, tiny_open_clip_dir, run, *common, "--resume_from_checkpoint", "latest"))
-    a, b = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    a, b = load_file(str(straight / "prior" / "diffusion_pytorch_model.safetensors")), load_file(str(resumed / "prior" / "diffusion_pytorch_model.safetensors"))
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
     assert [p.name for p in list_checkpoints(run)] == ["checkpoint-6"]  # the limit holds again, leftovers removed

@@ -19,7 +19,6 @@ The metric part takes embeddings in (``score_embeddings``), so it can be checked
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,7 +179,7 @@ def sample_prior(pipeline, data: ToyEvalData, *, num_steps, samples_per_caption:
         stop = start + captions_per_batch
         out.append(pipeline.sample(
             data.clip_text[start:stop].to(device), data.text_tokens[start:stop].to(device),
-            num_images_per_prompt=samples_per_caption, num_steps=num_steps, guidance_scale=guidance_scale,
+            num_images_per_prompt=samples_per_caption, num_inference_steps=num_steps, guidance_scale=guidance_scale,
             generator=generator,
         ).float().cpu())
     return torch.cat(out)
@@ -199,14 +198,14 @@ def evaluate_toy_prior(
     device=None,
 ) -> dict:
     """{"baseline": bool, "steps": {"4": metrics, ...}, "reference": oracle metrics, "num_captions": C, ...}
-    for a prior folder trained on the toy world (split settings read from its config.json["train"])."""
-    from ..prior_pipeline import load_prior
+    for a prior folder trained on the toy world (split settings read from its training record)."""
+    from ..prior_pipeline import load_prior, read_prior_info
 
     prior_dir = Path(prior_dir)
-    config = json.loads((prior_dir / "config.json").read_text())
-    train = config.get("train")
+    info = read_prior_info(prior_dir)
+    train = info["training"].get("train")
     if not train:
-        raise ValueError(f"{prior_dir}/config.json has no 'train' settings: cannot recover the held-out split")
+        raise ValueError(f"{prior_dir} records no training settings ('train'): cannot recover the held-out split")
     if cache_dir is None:
         cache_dir = train.get("cache_dir") or Path(train["output_dir"]) / "embeddings"
     data = load_eval_data(world_folder, cache_dir, val_fraction=train["val_fraction"], split_seed=train["seed"],
@@ -227,14 +226,14 @@ def evaluate_toy_prior(
         metrics["sample_seconds"] = round(seconds, 3)
         results[str(num_steps)] = metrics
     return {
-        "baseline": bool(config["baseline"]),
+        "baseline": info["prior"].get("vocab_size") is None,
         "steps": results,
         "reference": reference,
         "num_captions": data.num_captions,
         "samples_per_caption": int(samples_per_caption),
         "num_bank_images": int(data.bank.shape[0]),
         "guidance_scale": float(guidance_scale),
-        "global_step": config.get("global_step"),
+        "global_step": info["training"].get("global_step"),
     }
 
 
