@@ -18,6 +18,8 @@ Times, in one run and on one device:
     copies/casts, other elementwise) and its top kernels, next to the wall time.
 Prints (and optionally writes) one JSON object with ours, reference, ratios (ours speed / reference
 speed) and the device name. Nothing here is asserted; tests/test_prior_speed_smoke.py runs it tiny.
+Run from a checkout with the package installed (``pip install -e .``); the original network is read from
+tests/reference_prior.py.
 """
 
 from __future__ import annotations
@@ -38,9 +40,6 @@ from typing import Any, Callable, Dict, Optional
 import torch
 import torch.nn.functional as F
 
-if importlib.util.find_spec("shifted_diffusion") is None:  # run as a script from a checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from shifted_diffusion.convert import convert_original_state_dict
 from shifted_diffusion.cuda_graph import GraphedCall
 from shifted_diffusion.guidance import classifier_free_guidance, guided_denoiser
@@ -52,10 +51,16 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_BATCH = {"tiny": 16, "small": 64, "large": 64}
 
 
+# The original network is test code (tests/reference_prior.py, not in the package): read from this checkout.
+REFERENCE_FILE = Path(__file__).resolve().parents[1] / "tests" / "reference_prior.py"
+
+
 def load_reference_module():
-    """benchmarks/reference_prior.py, loaded by path (works from the script and from tests)."""
-    path = Path(__file__).resolve().with_name("reference_prior.py")
-    spec = importlib.util.spec_from_file_location("_reference_prior", path)
+    """tests/reference_prior.py, loaded by path as a file of this checkout (needs x_transformers==0.28.4)."""
+    if not REFERENCE_FILE.is_file():
+        raise SystemExit(f"prior_speed: {REFERENCE_FILE} not found: run this benchmark from a checkout of the "
+                         "repository (the reference network is test code, not part of the installed package)")
+    spec = importlib.util.spec_from_file_location("_reference_prior", REFERENCE_FILE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -3,10 +3,15 @@
 Also the shared fixtures of the encoder / data / cache tests: two tiny random open_clip folders (written with
 ``encoders.save_open_clip``), a tiny random T5 encoder folder (ByT5 byte tokenizer: no download) and a small
 image folder in the Hugging Face ``imagefolder`` convention with ``CAPTION_FOLDER_EXPECTED`` its expected parse.
+And the original prior's network (``reference_prior``: tests/reference_prior.py, loaded here by path, the
+only way tests reach it: no test imports another file of tests/).
 """
 
+import functools
+import importlib.util
 import json
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -179,3 +184,34 @@ def write_legacy_prior(directory, prior, shift, schedule_config, encoders, null_
 @pytest.fixture
 def legacy_prior_writer():
     return write_legacy_prior
+
+
+# ---------------------------------------------------------------------------------------------- reference prior
+
+REFERENCE_PRIOR_FILE = Path(__file__).resolve().with_name("reference_prior.py")
+
+
+@functools.lru_cache(maxsize=None)
+def _reference_prior_module():
+    """tests/reference_prior.py as a module (by path: it is a file of the tests, not of the package)."""
+    spec = importlib.util.spec_from_file_location("_reference_prior", REFERENCE_PRIOR_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def reference_prior():
+    """Builder of the original ClipPrior network (real x_transformers 0.28.4 trunk) for a PriorConfig:
+    ``reference_prior(config, seed=0)`` has every parameter randomised from ``seed`` and is in eval mode;
+    ``seed=None`` keeps the default initialisation (e.g. on the meta device). Skips without x_transformers."""
+    pytest.importorskip("x_transformers")
+    module = _reference_prior_module()
+
+    def build(config, seed: Optional[int] = 0):
+        ref = module.ReferenceClipPrior.from_config(config)
+        if seed is None:
+            return ref
+        return module.randomize_(ref, torch.Generator().manual_seed(seed)).eval()
+
+    return build

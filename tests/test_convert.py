@@ -2,21 +2,18 @@
 
 import pytest
 import torch
-from repo_modules import load_repo_module
 
-pytest.importorskip("x_transformers")
-
-from shifted_diffusion.convert import (  # noqa: E402
+from shifted_diffusion.convert import (
     convert_original_state_dict,
     infer_config_from_original,
     load_original_checkpoint,
 )
-from shifted_diffusion.prior import PriorConfig, ShiftedPrior  # noqa: E402
+from shifted_diffusion.prior import PriorConfig, ShiftedPrior
 
 pytestmark = pytest.mark.reference
 
-
-ref_mod = load_repo_module("benchmarks/reference_prior.py")
+# `reference_prior` (tests/conftest.py) builds the original network; every test here takes it, so a machine
+# without x_transformers skips them.
 
 CONFIGS = {
     "tiny_vocab": PriorConfig.preset("tiny"),
@@ -24,12 +21,6 @@ CONFIGS = {
     # inner attention width (3 * 64) != width (96), 3 blocks: catches q/k/v split and layer-order slips
     "odd_heads": PriorConfig(width=96, depth=3, heads=3, clip_dim=40, text_dim=24, text_len=5, vocab_size=7),
 }
-
-
-def _reference(config, seed=0):
-    ref = ref_mod.ReferenceClipPrior.from_config(config)
-    ref_mod.randomize_(ref, torch.Generator().manual_seed(seed))
-    return ref.eval()
 
 
 def _inputs(config, batch=3, seed=1):
@@ -51,8 +42,8 @@ def _run_ours(model, inp):
     return model(inp["x_t"], inp["timesteps"], inp["cluster_idx"], inp["text_tokens"], inp["clip_text_emb"])
 
 
-def test_randomized_reference_has_no_default_weights():
-    ref = _reference(CONFIGS["tiny_vocab"])
+def test_randomized_reference_has_no_default_weights(reference_prior):
+    ref = reference_prior(CONFIGS["tiny_vocab"])
     sd = ref.state_dict()
     norm_gains = [k for k in sd if k.endswith(".g") or k.endswith(".gamma")]
     assert len(norm_gains) == 2 * 2 + 4  # 2 RMSNorms per block x 2 blocks + 4 LayerNorms
@@ -61,9 +52,9 @@ def test_randomized_reference_has_no_default_weights():
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_converted_model_matches_reference(name):
+def test_converted_model_matches_reference(reference_prior, name):
     config = CONFIGS[name]
-    ref = _reference(config)
+    ref = reference_prior(config)
     model = ShiftedPrior.from_prior_config(config).eval()
     model.load_state_dict(convert_original_state_dict(ref.state_dict()), strict=True)
     inp = _inputs(config)
@@ -79,9 +70,9 @@ def test_converted_model_matches_reference(name):
     torch.testing.assert_close(cached, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_input_gradients_match_reference():
+def test_input_gradients_match_reference(reference_prior):
     config = CONFIGS["tiny_vocab"]
-    ref = _reference(config, seed=3)
+    ref = reference_prior(config, seed=3)
     model = ShiftedPrior.from_prior_config(config)
     model.load_state_dict(convert_original_state_dict(ref.state_dict()))
     grads, outs = [], []
@@ -99,16 +90,16 @@ def test_input_gradients_match_reference():
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_infer_config(name):
+def test_infer_config(reference_prior, name):
     config = CONFIGS[name]
-    sd = _reference(config).state_dict()
+    sd = reference_prior(config).state_dict()
     inferred = infer_config_from_original(sd, text_len=config.text_len, vocab_size=config.vocab_size or 1)
     assert inferred == config
 
 
-def test_load_original_checkpoint_wrapped_and_prefixed(tmp_path):
+def test_load_original_checkpoint_wrapped_and_prefixed(reference_prior, tmp_path):
     config = CONFIGS["tiny_vocab"]
-    ref = _reference(config, seed=5)
+    ref = reference_prior(config, seed=5)
     wrapped = {"state_dict": {f"module.{k}": v for k, v in ref.state_dict().items()}, "epoch": 3}
     path = tmp_path / "prior.pth"
     torch.save(wrapped, path)
@@ -119,18 +110,18 @@ def test_load_original_checkpoint_wrapped_and_prefixed(tmp_path):
         torch.testing.assert_close(_run_ours(model, inp), _run_reference(ref, inp), atol=1e-5, rtol=1e-5)
 
 
-def test_learnable_vocab_keys_dropped_and_size_inferred():
+def test_learnable_vocab_keys_dropped_and_size_inferred(reference_prior):
     config = CONFIGS["tiny_vocab"]
-    sd = dict(_reference(config).state_dict())
+    sd = dict(reference_prior(config).state_dict())
     sd["vocab.mean.weight"] = torch.randn(11, config.clip_dim)
     sd["vocab.log_std.weight"] = torch.randn(11, config.clip_dim)
     assert infer_config_from_original(sd, text_len=config.text_len).vocab_size == 11
     assert not any(k.startswith("vocab.") for k in convert_original_state_dict(sd))
 
 
-def test_bad_state_dicts_raise():
+def test_bad_state_dicts_raise(reference_prior):
     config = CONFIGS["tiny_vocab"]
-    sd = dict(_reference(config).state_dict())
+    sd = dict(reference_prior(config).state_dict())
     with pytest.raises(ValueError, match="unexpected keys.*bogus"):
         convert_original_state_dict({**sd, "bogus.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match="t5_proj.0.beta"):
@@ -143,12 +134,12 @@ def test_bad_state_dicts_raise():
         infer_config_from_original(sigma)
 
 
-def test_full_size_presets_match_reference_parameter_count():
+def test_full_size_presets_match_reference_parameter_count(reference_prior):
     for preset in ("small", "large"):
         config = PriorConfig.preset(preset)
         with torch.device("meta"):
             ours = ShiftedPrior.from_prior_config(config)
-            ref = ref_mod.ReferenceClipPrior.from_config(config)
+            ref = reference_prior(config, seed=None)
         n_ours = sum(p.numel() for p in ours.parameters())
         n_ref = sum(p.numel() for p in ref.parameters())
         assert n_ours == n_ref
@@ -161,13 +152,13 @@ def test_full_size_presets_match_reference_parameter_count():
         assert {k: tuple(v.shape) for k, v in converted.items()} == ours_shapes
 
 
-def test_load_prior_reads_an_original_release_folder(tmp_path):
+def test_load_prior_reads_an_original_release_folder(reference_prior, tmp_path):
     """load_prior(<ckpt file>) with the original's flattened mean.pth / std.pth beside it: the caption's
     cluster (argmax cosine to the means) drives the shift, and the network is the converted one."""
     from shifted_diffusion.prior_pipeline import load_prior
 
     config = CONFIGS["tiny_vocab"]
-    ref = _reference(config, seed=3)
+    ref = reference_prior(config, seed=3)
     torch.save({"state_dict": {f"module.{k}": v for k, v in ref.state_dict().items()}}, tmp_path / "prior.pt")
     g = torch.Generator().manual_seed(4)
     means = torch.randn(config.vocab_size + 2, config.clip_dim, generator=g)  # extra rows, as in the release

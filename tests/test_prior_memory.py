@@ -1,14 +1,14 @@
-"""benchmarks/prior_memory.py: the saved-tensor counter against hand-counted cases, and the report at
-tiny size (gradient checkpointing keeps far fewer activations; the parts add up)."""
+"""shifted_diffusion.train_memory (benchmarks/prior_memory.py's counting): the saved-tensor counter against
+hand-counted cases, and the report at tiny size (gradient checkpointing keeps far fewer activations; the
+parts add up)."""
 
 import json
 
 import pytest
 import torch
-from repo_modules import load_repo_module
 from torch.utils.checkpoint import checkpoint
 
-memory = load_repo_module("benchmarks/prior_memory.py")
+from shifted_diffusion import train_memory as memory
 
 
 def test_saved_tensor_bytes_counts_distinct_storages_without_parameters():
@@ -30,11 +30,10 @@ def test_saved_tensor_bytes_counts_distinct_storages_without_parameters():
     assert saved.total == 48
 
 
-def test_prior_memory_tiny_report(tmp_path):
-    out = tmp_path / "memory.json"
-    report = memory.main(["--preset", "tiny", "--batch", "16", "--dtype", "fp32", "--device", "cpu",
-                          "--json", str(out)])
-    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+def test_prior_memory_tiny_report():
+    report = memory.memory_report("tiny", batch=16, dtype="fp32", device="cpu")
+    assert json.loads(json.dumps(report)) == report  # JSON-ready as it is
+    assert (report["preset"], report["batch"], report["dtype"]) == ("tiny", 16, "float32")
     plain, ckpt = report["plain"], report["grad_checkpointing"]
     assert plain["parameters"] == ckpt["parameters"] > 0
     assert plain["weights_and_adamw_mib"] == pytest.approx(12 * plain["parameters"] / 2**20, abs=0.06)
@@ -44,3 +43,5 @@ def test_prior_memory_tiny_report(tmp_path):
         low, high = entry["estimated_peak_range_mib"]
         assert high - low == pytest.approx(entry["gradients_mib"], abs=0.11)
     assert 0 < ckpt["activations_per_caption_mib"] < 0.5 * plain["activations_per_caption_mib"]
+    with pytest.raises(ValueError, match="batch must be >= 1, got 0"):
+        memory.memory_report("tiny", batch=0, device="cpu")

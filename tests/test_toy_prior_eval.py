@@ -1,15 +1,13 @@
-"""Toy-world prior evaluation: the benchmark end to end at --fast size, and the metrics checked against
-hand computations (a neighbour bank with known attributes) and against known inputs (ground truth in,
-random embeddings in)."""
+"""Toy-world prior evaluation: the benchmark's work (``toy.prior_quality``) end to end at --fast size, and the
+metrics checked against hand computations (a neighbour bank with known attributes) and against known inputs
+(ground truth in, random embeddings in)."""
 
 import dataclasses
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from repo_modules import load_repo_module
 
 from shifted_diffusion.cache import EmbeddingDataset, load_image_embeddings, load_image_records
 from shifted_diffusion.toy import load_attributes
@@ -21,22 +19,19 @@ from shifted_diffusion.toy.prior_eval import (
     oracle_embeddings,
     score_embeddings,
 )
+from shifted_diffusion.toy.prior_quality import run_prior_quality
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("4", "8", "16", "64")
-
-
-def load_benchmark():
-    return load_repo_module("benchmarks/toy_prior_quality.py")
 
 
 @pytest.fixture(scope="module")
 def fast_run(tmp_path_factory):
-    """The benchmark at --fast size, run once: (results read back from the JSON file, work folder)."""
+    """The benchmark's work (``run_prior_quality``, the flags of benchmarks/toy_prior_quality.py) at --fast size,
+    run once: (results read back from the JSON file, work folder)."""
     tmp = tmp_path_factory.mktemp("toy_prior_quality")
     out = tmp / "results.json"
-    returned = load_benchmark().main(["--fast", "--out", str(out), "--output_dir", str(tmp / "run"),
-                                      "--toy_root", str(tmp / "assets"), "--seed", "3"])
+    returned = run_prior_quality(["--fast", "--out", str(out), "--output_dir", str(tmp / "run"),
+                                  "--toy_root", str(tmp / "assets"), "--seed", "3"])
     results = json.loads(out.read_text())
     assert results["shifted"] == json.loads(json.dumps(returned["shifted"]))
     return results, tmp
@@ -61,6 +56,8 @@ def test_benchmark_writes_both_priors_at_every_step_count(fast_run):
     assert shifted["global_step"] == baseline["global_step"] == config["max_train_steps"]
     differing = {k for k in shifted["train"] if shifted["train"][k] != baseline["train"][k]}
     assert differing == {"baseline", "output_dir"}
+    assert shifted["argv"][:2] == ["--config", "shifted_diffusion/toy/prior_toy.yaml"]  # the packaged toy preset
+    assert shifted["train"]["std_scale"] == 2.0  # the toy preset's, not TrainConfig's 5.0
     assert shifted["prior"]["vocab_size"] == 8 and baseline["prior"]["vocab_size"] is None
     # the same held-out captions for both: the oracle reference is computed once, from the cache
     assert results["reference"]["diversity"] == results["shifted"]["4"]["diversity_real"]

@@ -1,5 +1,5 @@
-"""train.py end to end on a generated folder with tiny encoders: cache -> vocab -> steps -> prior folder,
-exact resume, and clear errors on bad input."""
+"""train.py's job (``run_prior_job``) end to end on a generated folder with tiny encoders: cache -> vocab ->
+steps -> prior folder, exact resume, and clear errors on bad input; train.py itself in a child process."""
 
 import json
 from pathlib import Path
@@ -8,17 +8,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import train
 from shifted_diffusion.checkpoints import CheckpointError, find_checkpoint, list_checkpoints
 from shifted_diffusion.prior_pipeline import load_prior
 from shifted_diffusion.train_config import TrainConfig, parse_config
+from shifted_diffusion.toy.prior_job import run_prior_job
 from shifted_diffusion.vocab import ClusterVocab
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def args(folder, clip_dir, out, *extra):
     return [
         "--train_data_dir", str(folder), "--clip_models", str(clip_dir), "--t5_model", f"clip-tokens:{clip_dir}",
-        "--text_max_length", "8", "--config", str(Path(train.__file__).parent / "configs" / "prior_tiny.yaml"),
+        "--text_max_length", "8", "--config", str(ROOT / "configs" / "prior_tiny.yaml"),
         "--vocab_size", "3", "--train_batch_size", "2", "--val_fraction", "0.2", "--output_dir", str(out),
         "--num_validation_samples", "4", "--kmeans_iters", "5", *extra,
     ]
@@ -26,7 +28,7 @@ def args(folder, clip_dir, out, *extra):
 
 def test_end_to_end_cache_vocab_train_load_sample(caption_image_folder, tiny_open_clip_dir, tmp_path):
     out = tmp_path / "run"
-    prior_dir = train.main(args(caption_image_folder, tiny_open_clip_dir, out, "--max_train_steps", "3",
+    prior_dir = run_prior_job(args(caption_image_folder, tiny_open_clip_dir, out, "--max_train_steps", "3",
                                 "--checkpointing_steps", "2", "--validation_steps", "2"))
     assert prior_dir == out / "prior"
     network = json.loads((prior_dir / "prior" / "config.json").read_text())
@@ -47,7 +49,7 @@ def test_end_to_end_cache_vocab_train_load_sample(caption_image_folder, tiny_ope
     saved = load_file(str(prior_dir / "prior" / "diffusion_pytorch_model.safetensors"))
     for key, value in pipeline.prior.state_dict().items():
         torch.testing.assert_close(value, saved[key])
-    raw_dir = train.main(args(caption_image_folder, tiny_open_clip_dir, tmp_path / "raw", "--max_train_steps", "3",
+    raw_dir = run_prior_job(args(caption_image_folder, tiny_open_clip_dir, tmp_path / "raw", "--max_train_steps", "3",
                               "--checkpointing_steps", "0", "--validation_steps", "0", "--no-use_ema"))
     raw = load_file(str(raw_dir / "prior" / "diffusion_pytorch_model.safetensors"))
     assert json.loads((raw_dir / "model_index.json").read_text())["training"]["weights"] == "raw" and config["weights"] == "ema"
@@ -56,21 +58,21 @@ def test_end_to_end_cache_vocab_train_load_sample(caption_image_folder, tiny_ope
 
 def test_resume_reaches_the_weights_of_an_uninterrupted_run(caption_image_folder, tiny_open_clip_dir, tmp_path):
     common = ["--checkpointing_steps", "2", "--validation_steps", "0", "--lr_scheduler", "constant_with_warmup"]
-    straight = train.main(args(caption_image_folder, tiny_open_clip_dir, tmp_path / "a", "--max_train_steps", "5", *common))
-    train.main(args(caption_image_folder, tiny_open_clip_dir, tmp_path / "b", "--max_train_steps", "2", *common))
-    resumed = train.main(args(caption_image_folder, tiny_open_clip_dir, tmp_path / "b", "--max_train_steps", "5",
+    straight = run_prior_job(args(caption_image_folder, tiny_open_clip_dir, tmp_path / "a", "--max_train_steps", "5", *common))
+    run_prior_job(args(caption_image_folder, tiny_open_clip_dir, tmp_path / "b", "--max_train_steps", "2", *common))
+    resumed = run_prior_job(args(caption_image_folder, tiny_open_clip_dir, tmp_path / "b", "--max_train_steps", "5",
                               "--resume_from_checkpoint", "latest", *common))
     a, b = load_file(str(straight / "prior" / "diffusion_pytorch_model.safetensors")), load_file(str(resumed / "prior" / "diffusion_pytorch_model.safetensors"))
     assert a.keys() == b.keys()
     for key in a:  # same data order, same per-step randomness, same optimiser and EMA state: exact on CPU
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
-    untrained = train.main(args(caption_image_folder, tiny_open_clip_dir, tmp_path / "c", "--max_train_steps", "2", *common))
+    untrained = run_prior_job(args(caption_image_folder, tiny_open_clip_dir, tmp_path / "c", "--max_train_steps", "2", *common))
     c = load_file(str(untrained / "prior" / "diffusion_pytorch_model.safetensors"))
     assert any(not torch.allclose(a[k], c[k]) for k in a)  # the comparison above could fail
 
 
 def test_baseline_prior_has_no_vocab_and_no_cluster_token(caption_image_folder, tiny_open_clip_dir, tmp_path):
-    prior_dir = train.main(args(caption_image_folder, tiny_open_clip_dir, tmp_path / "base", "--baseline",
+    prior_dir = run_prior_job(args(caption_image_folder, tiny_open_clip_dir, tmp_path / "base", "--baseline",
                                 "--max_train_steps", "1", "--validation_steps", "0", "--checkpointing_steps", "0"))
     assert json.loads((prior_dir / "prior" / "config.json").read_text())["vocab_size"] is None
     assert json.loads((prior_dir / "model_index.json").read_text())["vocabulary"][1] == "StandardNormalShift"
@@ -88,22 +90,34 @@ def test_flags_override_yaml_and_booleans_are_real(tmp_path):
         parse_config(["--config", str(preset)])
 
 
+def test_toy_preset_ships_inside_the_package():
+    """The toy preset resolves from the installed package (configs/ is not installed) and parses as settings."""
+    import shifted_diffusion
+    from shifted_diffusion.toy.prior_job import TOY_CONFIG, toy_defaults
+
+    assert TOY_CONFIG.is_file() and Path(shifted_diffusion.__file__).resolve().parent in TOY_CONFIG.parents
+    cfg = parse_config(["--max_train_steps", "7"], defaults=toy_defaults())
+    assert (cfg.model_preset, cfg.vocab_size, cfg.std_scale, cfg.max_train_steps) == ("tiny", 64, 2.0, 7)
+    assert cfg.train_data_dir is None  # filled in with the generated world by toy_config
+    assert parse_config(["--config", str(TOY_CONFIG)]) == parse_config([], defaults=toy_defaults()) != TrainConfig()
+
+
 def test_bad_inputs_fail_clearly(caption_image_folder, tiny_open_clip_dir, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(Exception, match="(?i)no images|empty"):
-        train.main(args(empty, tiny_open_clip_dir, tmp_path / "e", "--max_train_steps", "1"))
+        run_prior_job(args(empty, tiny_open_clip_dir, tmp_path / "e", "--max_train_steps", "1"))
     wrong_vocab = tmp_path / "wrong.safetensors"
     ClusterVocab(torch.zeros(2, 5), torch.ones(2, 5)).save(wrong_vocab)
     with pytest.raises(ValueError, match="dim 5.*dim 32"):
-        train.main(args(caption_image_folder, tiny_open_clip_dir, tmp_path / "v", "--max_train_steps", "1",
+        run_prior_job(args(caption_image_folder, tiny_open_clip_dir, tmp_path / "v", "--max_train_steps", "1",
                         "--vocab_path", str(wrong_vocab)))
     with pytest.raises(FileNotFoundError, match="prior not found"):
         load_prior(tmp_path / "nowhere")
 
 
 def test_prefix_shared_training_runs_through_train_py(caption_image_folder, tiny_open_clip_dir, tmp_path):
-    prior_dir = train.main(args(caption_image_folder, tiny_open_clip_dir, tmp_path / "k", "--timesteps_per_caption", "3",
+    prior_dir = run_prior_job(args(caption_image_folder, tiny_open_clip_dir, tmp_path / "k", "--timesteps_per_caption", "3",
                                 "--max_train_steps", "2", "--validation_steps", "0", "--checkpointing_steps", "0"))
     config = json.loads((prior_dir / "model_index.json").read_text())["training"]
     assert config["train"]["timesteps_per_caption"] == 3 and config["global_step"] == 2
@@ -119,7 +133,7 @@ def test_compiled_training_matches_eager_and_saves_plain_names(caption_image_fol
     monkeypatch.setattr(ShiftedPrior, "compile", lambda self, *a, **k: compiled.append(1) or original_compile(self))
     weights = {}
     for name, extra in (("eager", ()), ("compiled", ("--compile",))):
-        prior_dir = train.main(args(caption_image_folder, tiny_open_clip_dir, tmp_path / name, "--max_train_steps",
+        prior_dir = run_prior_job(args(caption_image_folder, tiny_open_clip_dir, tmp_path / name, "--max_train_steps",
                                     "2", "--validation_steps", "0", "--checkpointing_steps", "0", "--no-use_ema",
                                     *extra))
         files = sorted(prior_dir.glob("*.safetensors"))
@@ -153,7 +167,7 @@ def test_logged_loss_is_the_mean_over_each_accumulation_window(caption_image_fol
 
     monkeypatch.setattr(ShiftedDiffusionLoss, "__call__", spy_call)
     monkeypatch.setattr(Accelerator, "log", spy_log)
-    train.main(args(caption_image_folder, tiny_open_clip_dir, tmp_path / "log", "--max_train_steps", "5",
+    run_prior_job(args(caption_image_folder, tiny_open_clip_dir, tmp_path / "log", "--max_train_steps", "5",
                     "--gradient_accumulation_steps", "2", "--logging_steps", "2", "--validation_steps", "0",
                     "--checkpointing_steps", "0", "--no-use_ema", "--report_to", "none"))
     assert len(micro_losses) == 10 and len({round(v, 6) for v in micro_losses}) > 1
@@ -203,22 +217,21 @@ def test_kill_9_during_a_save_loses_nothing(caption_image_folder, tiny_open_clip
     import subprocess
     import sys
 
-    repo = Path(train.__file__).resolve().parent
     common = ["--checkpointing_steps", "2", "--checkpoints_total_limit", "1", "--validation_steps", "0",
               "--max_train_steps", "6", "--report_to", "none", "--cache_dir", str(tmp_path / "cache")]
-    straight = train.main(args(caption_image_folder, tiny_open_clip_dir, tmp_path / "a", *common))
+    straight = run_prior_job(args(caption_image_folder, tiny_open_clip_dir, tmp_path / "a", *common))
     run = tmp_path / "b"
     script = tmp_path / "killer.py"
     script.write_text(KILLER)
     env = {**os.environ, "KILL_AT": point, "KILL_STEP": "4", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     child = subprocess.run([sys.executable, str(script), *args(caption_image_folder, tiny_open_clip_dir, run, *common)],
-                           cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert child.returncode == -9, child.stderr[-3000:]
     assert not (run / "prior").exists()
     latest = find_checkpoint(run, "latest")
     assert latest.name == resumed_from
-    resumed = train.main(args(caption_image_folder, tiny_open_clip_dir, run, *common, "--resume_from_checkpoint", "latest"))
+    resumed = run_prior_job(args(caption_image_folder, tiny_open_clip_dir, run, *common, "--resume_from_checkpoint", "latest"))
     a, b = load_file(str(straight / "prior" / "diffusion_pytorch_model.safetensors")), load_file(str(resumed / "prior" / "diffusion_pytorch_model.safetensors"))
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
@@ -241,29 +254,29 @@ def test_resume_never_unpickles_and_names_mismatches(caption_image_folder, tiny_
     common = ["--checkpointing_steps", "2", "--validation_steps", "0", "--report_to", "none",
               "--cache_dir", str(tmp_path / "cache")]
     run = tmp_path / "run"
-    train.main(args(caption_image_folder, tiny_open_clip_dir, run, "--max_train_steps", "2", *common))
+    run_prior_job(args(caption_image_folder, tiny_open_clip_dir, run, "--max_train_steps", "2", *common))
     pickles = ["custom_checkpoint_0.pkl", "random_states_0.pkl", "optimizer.bin", "scheduler.bin", "scaler.pt",
                "sampler.bin", "pytorch_model.bin", "model.safetensors"]
     for name in pickles:
         (run / "checkpoint-2" / name).write_bytes(pickle.dumps(Payload()))
-    train.main(args(caption_image_folder, tiny_open_clip_dir, run, "--max_train_steps", "3", *common,
+    run_prior_job(args(caption_image_folder, tiny_open_clip_dir, run, "--max_train_steps", "3", *common,
                     "--resume_from_checkpoint", "latest"))
     theirs = tmp_path / "theirs" / "checkpoint-2"
     theirs.mkdir(parents=True)
     for name in pickles:
         (theirs / name).write_bytes(pickle.dumps(Payload()))
     with pytest.raises(CheckpointError, match="pickle files .*unpickling can run code"):
-        train.main(args(caption_image_folder, tiny_open_clip_dir, tmp_path / "x", "--max_train_steps", "3", *common,
+        run_prior_job(args(caption_image_folder, tiny_open_clip_dir, tmp_path / "x", "--max_train_steps", "3", *common,
                         "--resume_from_checkpoint", str(theirs)))
     assert not (tmp_path / "pwned").exists()
 
     wide = tmp_path / "wide"
     shutil.copytree(run / "checkpoint-2", wide / "checkpoint-2")
     with pytest.raises(CheckpointError, match=r"128, 128\) in the checkpoint but \(48, 128\).*model_width=None \(checkpoint\) vs 48 \(now\)"):
-        train.main(args(caption_image_folder, tiny_open_clip_dir, wide, "--max_train_steps", "3", *common,
+        run_prior_job(args(caption_image_folder, tiny_open_clip_dir, wide, "--max_train_steps", "3", *common,
                         "--model_width", "48", "--resume_from_checkpoint", "latest"))
     with pytest.raises(CheckpointError, match="is not a complete checkpoint"):
-        train.main(args(caption_image_folder, tiny_open_clip_dir, tmp_path / "y", "--max_train_steps", "3",
+        run_prior_job(args(caption_image_folder, tiny_open_clip_dir, tmp_path / "y", "--max_train_steps", "3",
                         "--resume_from_checkpoint", str(caption_image_folder)))
     assert not (tmp_path / "y").exists()  # refused before any work
 
@@ -288,7 +301,7 @@ def test_resume_never_unpickles_and_names_mismatches(caption_image_folder, tiny_
 def test_settings_are_checked_before_any_work(caption_image_folder, tiny_open_clip_dir, tmp_path, flag, value, message):
     out = tmp_path / "out"
     with pytest.raises(ValueError, match=message):
-        train.main(args(caption_image_folder, tiny_open_clip_dir, out, flag, value))
+        run_prior_job(args(caption_image_folder, tiny_open_clip_dir, out, flag, value))
     assert not out.exists()
 
 
@@ -296,7 +309,7 @@ def test_garbage_vocab_path_is_refused_before_any_work(caption_image_folder, tin
     garbage = tmp_path / "vocab.safetensors"
     garbage.write_bytes(b"not a vocabulary")
     with pytest.raises(ValueError, match=f"vocab_path {garbage}: not a vocabulary file"):
-        train.main(args(caption_image_folder, tiny_open_clip_dir, tmp_path / "out", "--vocab_path", str(garbage)))
+        run_prior_job(args(caption_image_folder, tiny_open_clip_dir, tmp_path / "out", "--vocab_path", str(garbage)))
     assert not (tmp_path / "out").exists()
 
 
@@ -314,6 +327,6 @@ def test_non_finite_loss_stops_the_run_naming_the_step(caption_image_folder, tin
     monkeypatch.setattr(ShiftedDiffusionLoss, "__call__", poisoned)
     out = tmp_path / "nan"
     with pytest.raises(FloatingPointError, match="step 4: the training loss is nan"):
-        train.main(args(caption_image_folder, tiny_open_clip_dir, out, "--max_train_steps", "6", "--logging_steps", "2",
+        run_prior_job(args(caption_image_folder, tiny_open_clip_dir, out, "--max_train_steps", "6", "--logging_steps", "2",
                         "--checkpointing_steps", "2", "--validation_steps", "0", "--report_to", "none"))
     assert not (out / "prior").exists() and [p.name for p in list_checkpoints(out)] == ["checkpoint-2"]

@@ -1,8 +1,9 @@
-"""Reference prior with the original ClipPrior's structure and state-dict names.
+"""Reference prior with the original ClipPrior's structure and state-dict names: a numerical reference.
 
-Test/benchmark only: the trunk is the real `x_transformers==0.28.4` Decoder, as in the original
-release; the wrapper around it is written from the design notes (same module names and layouts, so
-its state dict is an "original checkpoint"). Used by tests/test_convert.py and prior_speed.py.
+Test code, not part of the package: the trunk is the real `x_transformers==0.28.4` Decoder (the `test`
+extra), as in the original release; the wrapper around it has the original's module names and layouts, so
+its state dict is an "original checkpoint". Tests reach it through tests/conftest.py's `reference_prior`
+fixture; benchmarks/prior_speed.py loads this file by path from a checkout. Plain Python, no pytest.
 """
 
 from __future__ import annotations
