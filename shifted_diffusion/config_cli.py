@@ -76,10 +76,10 @@ def _default_text(f: dataclasses.Field) -> str:
     return f"(default {default})"
 
 
-def build_parser(cls, description: str = "", epilog: Optional[str] = None) -> argparse.ArgumentParser:
+def build_parser(cls, description: str = "", prog: Optional[str] = None) -> argparse.ArgumentParser:
     """``--config FILE`` (repeatable) and one flag per field of the dataclass ``cls``; every flag's default is
     None, meaning "not given", so it never overrides a YAML value it was not asked to."""
-    parser = argparse.ArgumentParser(description=description, epilog=epilog,
+    parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", action="append", default=[], help="YAML file(s) of settings (keys = flag names); "
                         "later files and flags override earlier ones")
