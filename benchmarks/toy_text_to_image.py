@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if importlib.util.find_spec("shifted_diffusion") is None or importlib.util.find_spec("train_toy_decoder") is None:
+if importlib.util.find_spec("shifted_diffusion") is None or importlib.util.find_spec("train") is None:
     sys.path.insert(0, str(ROOT))  # run as a script from a checkout
 
 from shifted_diffusion.threads import torch_threads  # noqa: E402
@@ -99,7 +99,7 @@ def held_out_set(world_folder, count: int, offset: int) -> dict:
 
 def _clip_hashes(specs) -> list:
     """Weight hashes of CLIP folders (so that a copied folder counts as the same CLIP)."""
-    from train_toy_decoder import clip_identity
+    from shifted_diffusion.toy.decoder_recipe import clip_identity
 
     return [clip_identity(m)["weights_sha1"] if Path(m).is_dir() else str(m) for m, _ in specs]
 
@@ -309,7 +309,7 @@ def run(args) -> dict:
     from shifted_diffusion.toy.reader import ToyAttributeReader, reader_accuracy
     from shifted_diffusion.metrics import frechet_distance
     from shifted_diffusion.toy.world import load_world_config
-    from train_toy_decoder import ensure_toy_decoder
+    from shifted_diffusion.toy.decoder_recipe import ensure_toy_decoder
 
     wall = {}
     start = time.time()

@@ -12,7 +12,7 @@ or on another device than the weights take EMAModel's own step; DeepSpeed ZeRO-3
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Optional, Union
 
 import torch
 from diffusers.training_utils import EMAModel
@@ -41,15 +41,19 @@ class FusedEMA(EMAModel):
 
 
 class EmaWeights:
-    """Swap EMA weights into a module for a block of code (validation, saving)."""
+    """Swap EMA weights into a module (or a list of parameters) for a block of code (validation, saving);
+    the raw weights are back afterwards. With ``ema`` None it changes nothing."""
 
-    def __init__(self, ema: EMAModel, module: torch.nn.Module):
-        self.ema, self.module = ema, module
+    def __init__(self, ema: Optional[EMAModel], weights: Union[torch.nn.Module, Iterable[torch.nn.Parameter]]):
+        self.ema, self.weights = ema, weights
+        self.parameters = list(weights.parameters() if isinstance(weights, torch.nn.Module) else weights)
 
-    def __enter__(self) -> torch.nn.Module:
-        self.ema.store(self.module.parameters())
-        self.ema.copy_to(self.module.parameters())
-        return self.module
+    def __enter__(self):
+        if self.ema is not None:
+            self.ema.store(self.parameters)
+            self.ema.copy_to(self.parameters)
+        return self.weights
 
     def __exit__(self, *exc) -> None:
-        self.ema.restore(self.module.parameters())
+        if self.ema is not None:
+            self.ema.restore(self.parameters)

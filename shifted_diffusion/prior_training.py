@@ -7,17 +7,15 @@ the data order from (seed, epoch), so a resumed run takes exactly the steps of a
 
 from __future__ import annotations
 
-import json
-import math
+import logging
 import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Optional
 
 import torch
-from tqdm.auto import tqdm
 
-from .checkpoints import find_checkpoint, load_checkpoint, save_checkpoint, step_generator
+from . import training
+from .checkpoints import save_checkpoint, step_generator
 from .cache import EmbeddingDataset, load_image_embeddings, load_manifest, precompute
 from .loss import LossConfig, ShiftedDiffusionLoss
 from .metrics import blockwise_cosine
@@ -25,7 +23,10 @@ from .prior import PriorConfig, ShiftedPrior
 from .prior_pipeline import ShiftedDiffusionPriorPipeline, build_pipeline, save_prior
 from .schedule import DiffusionSchedule, ScheduleConfig
 from .train_config import TrainConfig, parse_clip_specs
+from .training import epoch_batches  # noqa: F401  (the shared data order; imported from here before)
 from .vocab import ClusterVocab, StandardNormalShift
+
+logger = logging.getLogger(__name__)
 
 # ---- pieces of the run, each from the config ---------------------------------------------------
 
@@ -79,7 +80,8 @@ def build_shift(cfg: TrainConfig, cache_dir: Path, train_images: torch.Tensor, v
     image_emb = load_image_embeddings(cache_dir)[train_images]
     num_clusters = min(cfg.vocab_size, len(image_emb))
     if num_clusters < cfg.vocab_size:
-        print(f"[vocab] only {len(image_emb)} training images: fitting {num_clusters} clusters instead of {cfg.vocab_size}")
+        logger.info(f"[vocab] only {len(image_emb)} training images: fitting {num_clusters} clusters instead of "
+                    f"{cfg.vocab_size}")
     vocab = ClusterVocab.fit(image_emb, num_clusters, std_scale=cfg.std_scale, iters=cfg.kmeans_iters,
                              seed=cfg.seed, device=device, progress=True)
     vocab.save(vocab_file)
@@ -95,14 +97,6 @@ def prior_config(cfg: TrainConfig, manifest: dict, vocab_size: Optional[int]) ->
         if getattr(cfg, name) is not None:
             overrides[field] = getattr(cfg, name)
     return PriorConfig.preset(cfg.model_preset, **overrides)
-
-
-def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list:
-    """This process's batches of one epoch: a (seed, epoch)-seeded permutation, sharded, full batches only."""
-    perm = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    usable = num_items // (world * batch_size) * world * batch_size  # every process takes the same number of batches
-    mine = perm[:usable][rank::world]
-    return [mine[i:i + batch_size] for i in range(0, len(mine) - batch_size + 1, batch_size)]
 
 
 def to_device(batch: dict, device) -> dict:
@@ -154,27 +148,18 @@ def preflight(cfg: TrainConfig) -> None:
 def train_prior(cfg: TrainConfig) -> Path:
     """Train a prior as configured; returns the ``<output_dir>/prior`` folder."""
     preflight(cfg)
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
+    from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
 
-    from .ema import EmaWeights, FusedEMA
+    from .ema import EmaWeights
 
     output_dir = Path(cfg.output_dir)
-    trackers = None
-    if cfg.report_to != "none":
-        from accelerate.utils import is_tensorboard_available
-
-        if cfg.report_to != "tensorboard" or is_tensorboard_available():
-            trackers = cfg.report_to
-    accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        log_with=trackers, project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-        # the main process embeds the dataset and fits the vocabulary while the others wait at a barrier
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=12))],
-    )
+    # the main process embeds the dataset and fits the vocabulary while the others wait at a barrier
+    accelerator, trackers = training.build_accelerator(
+        output_dir, mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        report_to=cfg.report_to)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    log = accelerator.print
+    log = logger.info
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(output_dir / "train_config.json")
@@ -221,30 +206,19 @@ def train_prior(cfg: TrainConfig) -> Path:
         model.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
         weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon, fused=device.type == "cuda",
     )
-    micro_batches_per_epoch = len(epoch_batches(len(train_set), cfg.train_batch_size, cfg.seed, 0, rank, world))
-    steps_per_epoch = max(micro_batches_per_epoch // cfg.gradient_accumulation_steps, 1)
+    steps_per_epoch = training.steps_per_epoch(len(train_set), cfg.train_batch_size, world,
+                                               cfg.gradient_accumulation_steps)
     max_steps = cfg.max_train_steps if cfg.max_train_steps is not None else cfg.num_train_epochs * steps_per_epoch
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * world,
                                  num_training_steps=max_steps * world)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     unwrapped = accelerator.unwrap_model(model)
-    ema = None
-    if cfg.use_ema:
-        ema = FusedEMA(unwrapped.parameters(), decay=cfg.ema_decay)
-        ema.to(device)
+    ema = training.build_ema(unwrapped.parameters(), cfg.use_ema, cfg.ema_decay, device)
 
-    global_step = 0
-    checkpoint = find_checkpoint(output_dir, cfg.resume_from_checkpoint)
     trained = {"prior": unwrapped}
-    if checkpoint is not None:
-        state = load_checkpoint(accelerator, checkpoint, modules=trained, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                                ema=ema, config=cfg.to_dict())
-        if ema is not None:
-            ema.to(device)  # shadows are restored on the CPU
-        global_step = int(state["global_step"])
-        log(f"[resume] {checkpoint} at step {global_step}")
-    if accelerator.is_main_process and trackers:
-        accelerator.init_trackers("shifted_diffusion_prior", config={k: str(v) for k, v in cfg.to_dict().items()})
+    global_step = training.resume_step(accelerator, output_dir, cfg.resume_from_checkpoint, modules=trained,
+                                       optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema, config=cfg.to_dict())
+    training.init_trackers(accelerator, trackers, "shifted_diffusion_prior", cfg.to_dict())
 
     def write_checkpoint(step: int) -> None:
         path = save_checkpoint(accelerator, output_dir, step, modules=trained, optimizer=optimizer,
@@ -267,16 +241,18 @@ def train_prior(cfg: TrainConfig) -> Path:
 
     # the loop
     model.train()
-    progress = tqdm(total=max_steps, initial=global_step, desc="prior training", disable=not accelerator.is_local_main_process)
-    window_loss, window_count, metrics, start = 0.0, 0, {}, time.time()
+    step_log = training.StepLog(
+        accelerator, max_steps=max_steps, initial_step=global_step, logging_steps=cfg.logging_steps,
+        checkpointing_steps=cfg.checkpointing_steps, desc="prior training",
+        samples_per_step=cfg.train_batch_size * world * cfg.gradient_accumulation_steps,
+        advice=f"Lower learning_rate ({cfg.learning_rate}), use mixed_precision 'no' or 'bf16' (now "
+               f"{cfg.mixed_precision!r}), or check the embedding cache for bad values")
+    metrics = {}
     micro_step = global_step * cfg.gradient_accumulation_steps
     while global_step < max_steps:
-        epoch, offset = divmod(micro_step, micro_batches_per_epoch)
-        batches = epoch_batches(len(train_set), cfg.train_batch_size, cfg.seed, epoch, rank, world)
-        loader = torch.utils.data.DataLoader(
-            train_set, batch_sampler=[b.tolist() for b in batches[offset:]], num_workers=cfg.dataloader_num_workers,
-            pin_memory=device.type == "cuda",
-        )
+        loader = training.epoch_loader(train_set, micro_step, batch_size=cfg.train_batch_size, seed=cfg.seed,
+                                       rank=rank, world=world, num_workers=cfg.dataloader_num_workers,
+                                       pin_memory=device.type == "cuda")
         for batch in loader:
             batch = to_device(batch, device)
             generator = step_generator(cfg.seed, rank, micro_step, device)
@@ -290,46 +266,26 @@ def train_prior(cfg: TrainConfig) -> Path:
                     timesteps_per_caption=cfg.timesteps_per_caption,
                 )
                 loss = losses.mean()
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                training.backward_step(accelerator, loss, model.parameters(), cfg.max_grad_norm, optimizer,
+                                       lr_scheduler)
             micro_step += 1
-            window_loss = window_loss + loss.detach()  # stays on the device: no host sync per step
-            window_count += 1
+            step_log.add(loss)  # stays on the device: no host sync per step
             if not accelerator.sync_gradients:
                 continue
             if ema is not None:
                 ema.step(unwrapped.parameters())
             global_step += 1
-            window_mean, window_loss, window_count = window_loss / window_count, 0.0, 0
-            progress.update(1)
-            if global_step % cfg.logging_steps == 0 or global_step == max_steps:
-                # the loss of this step's accumulation window, averaged over processes: read every logging_steps
-                train_loss = float(accelerator.gather(window_mean[None]).mean())
-                if not math.isfinite(train_loss):
-                    raise FloatingPointError(
-                        f"step {global_step}: the training loss is {train_loss}; stopping (the last checkpoint is kept, "
-                        f"nothing more is saved). Lower learning_rate ({cfg.learning_rate}), use mixed_precision "
-                        f"'no' or 'bf16' (now {cfg.mixed_precision!r}), or check the embedding cache for bad values")
-                progress.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
-                elapsed = time.time() - start
-                accelerator.log({"train/loss": train_loss, "train/lr": lr_scheduler.get_last_lr()[0],
-                                 "train/samples_per_s": cfg.logging_steps * cfg.train_batch_size * world * cfg.gradient_accumulation_steps / max(elapsed, 1e-9)},
-                                step=global_step)
-                start = time.time()
-            if cfg.checkpointing_steps and global_step % cfg.checkpointing_steps == 0:
+            step_log.step(global_step, lr_scheduler.get_last_lr()[0])
+            if training.due(global_step, cfg.checkpointing_steps):
                 write_checkpoint(global_step)
-            if cfg.validation_steps and global_step % cfg.validation_steps == 0:
-                metrics = run_validation(global_step)
+            metrics = training.validate_if_due(accelerator, global_step, cfg.validation_steps, run_validation,
+                                               default=metrics)
             if global_step >= max_steps:
                 break
-    progress.close()
+    step_log.close()
 
     # the prior folder: EMA weights when EMA is on, plus vocabulary, empty-caption encodings, config
-    if len(val_set) and not (cfg.validation_steps and global_step % cfg.validation_steps == 0):
+    if len(val_set) and not training.due(global_step, cfg.validation_steps):
         metrics = run_validation(global_step)  # unless the loop just validated this very step
     accelerator.wait_for_everyone()
     prior_dir = output_dir / "prior"

@@ -1,28 +1,26 @@
 """Configuration of prior training: one frozen dataclass, YAML presets, command-line overrides.
 
-The command line is generated from the dataclass, so a YAML file and a flag set the same fields; the
-flag names are the original release's where it had them (``--train_data_dir``, ``--std_scale``, ...).
-Booleans are real booleans (``--baseline`` / ``--no-baseline``), never ``type=bool``.
+The command line is generated from the dataclass (``config_cli``, shared with the decoder's config), so a
+YAML file and a flag set the same fields; the flag names are the original release's where it had them
+(``--train_data_dir``, ``--std_scale``, ...). Booleans are real booleans (``--baseline`` / ``--no-baseline``).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import typing
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import ClassVar, Optional, Sequence
 
-import yaml
-
+from . import config_cli
 from .checks import check_choice, check_range
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(config_cli.FlagConfig):
     """Everything a prior training run depends on; saved in every checkpoint and in the output folder."""
+
+    SCRIPT: ClassVar[str] = "train.py"
 
     # data
     train_data_dir: Optional[str] = None  # None: the embedded toy world (generated, cached)
@@ -33,7 +31,9 @@ class TrainConfig:
     toy_root: str = "outputs/toy_assets"  # where the toy world and its CLIP are cached
     toy_fast: bool = False  # tiny toy world (tests)
     # encoders (frozen, run once into the cache)
-    clip_models: Sequence[str] = ("ViT-B-16:openai", "ViT-B-32:openai", "RN101:openai")
+    clip_models: Sequence[str] = dataclasses.field(
+        default=("ViT-B-16:openai", "ViT-B-32:openai", "RN101:openai"),
+        metadata={"comma_separated": True, "help": "comma-separated MODEL:PRETRAINED open_clip pairs"})
     t5_model: str = "t5-11b"  # a T5 name/path, "clip-tokens:<open_clip dir>", or "none"
     text_max_length: int = 80
     t5_masked: bool = False
@@ -142,73 +142,17 @@ class TrainConfig:
         if not self.clip_models:
             raise ValueError("--clip_models: expected at least one MODEL:PRETRAINED pair, got none")
 
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["clip_models"] = list(self.clip_models)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown training setting(s) {unknown}; see `python train.py --help`")
-        if "clip_models" in d and isinstance(d["clip_models"], str):
-            d = {**d, "clip_models": [m for m in d["clip_models"].split(",") if m]}
-        if "clip_models" in d:
-            d = {**d, "clip_models": tuple(d["clip_models"])}
-        return cls(**d)
-
-    def save(self, path) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
-
-def _optional_inner(tp):
-    """The X of Optional[X] (or tp itself)."""
-    if typing.get_origin(tp) is typing.Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0] if len(args) == 1 else str
-    return tp
-
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Train a shifted diffusion prior (caption -> CLIP image embedding). "
-        "With no arguments it runs the embedded toy world end to end, offline.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--config", action="append", default=[], help="YAML file(s) of settings; flags override them")
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        tp = _optional_inner(hints[f.name])
-        flag = f"--{f.name}"
-        if tp is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(default {f.default})")
-        elif f.name == "clip_models":
-            parser.add_argument(flag, default=None, help="comma-separated MODEL:PRETRAINED open_clip pairs "
-                                f"(default {','.join(f.default)})")
-        else:
-            parser.add_argument(flag, type=tp if tp in (int, float) else str, default=None, help=f"(default {f.default})")
-    return parser
+    """The flags of ``TrainConfig`` (config_cli.build_parser: one flag per field, ``--config`` YAML files)."""
+    return config_cli.build_parser(
+        TrainConfig, "Train a shifted diffusion prior (caption -> CLIP image embedding). "
+        "With no arguments it runs the embedded toy world, end to end, offline.")
 
 
 def parse_config(argv: Optional[Sequence[str]] = None, defaults: Optional[dict] = None) -> TrainConfig:
     """TrainConfig from (dataclass defaults) < ``defaults`` < YAML files in order < explicit flags."""
-    args = build_parser().parse_args(argv)
-    values: dict[str, Any] = dict(defaults or {})
-    for path in args.config:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"--config {path}: no such file")
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"--config {path}: expected a mapping of settings, got {type(loaded).__name__}")
-        values.update(loaded)
-    values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
-    for name in ("max_train_steps", "checkpoints_total_limit", "vocab_path", "resume_from_checkpoint", "cache_dir"):
-        if isinstance(values.get(name), str) and values[name].lower() in ("none", "null", ""):
-            values[name] = None
-    return TrainConfig.from_dict(values)
+    return config_cli.parse_settings(TrainConfig, argv, defaults, parser=build_parser())
 
 
 def parse_clip_specs(clip_models: Sequence[str]) -> list[tuple[str, str]]:

@@ -1,9 +1,9 @@
-"""finetune.py on tiny random SD components (saved + reloaded through from_pretrained) and tiny open_clips:
-checkpoints, exact resume (UNet + projection + EMA + optimizer), the output folder, bad inputs."""
+"""Decoder training (shifted_diffusion.decoder_training, what finetune.py runs) on tiny random SD components
+(saved + reloaded through from_pretrained) and tiny open_clips: checkpoints, exact resume (UNet + projection +
+EMA + optimizer), the output folder, the shared epoch order and loss log, the config, bad inputs."""
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,12 +13,18 @@ from repo_modules import load_repo_module
 from PIL import Image
 from safetensors.torch import load_file
 
+from shifted_diffusion import decoder_data, decoder_training
+from shifted_diffusion.checkpoints import list_checkpoints
+from shifted_diffusion.decoder_training import DecoderTrainConfig, parse_decoder_config, train_decoder
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import finetune  # noqa: E402
-from shifted_diffusion.checkpoints import list_checkpoints  # noqa: E402
 
 RESOLUTION = 32
+
+
+def run(argv):
+    """What `python finetune.py ARGV` does."""
+    return train_decoder(parse_decoder_config(argv))
 
 
 def load_script(name):
@@ -144,7 +150,7 @@ def test_finetune_checkpoint_resume_and_output_folder(world, tmp_path, capsys):
     from shifted_diffusion.projection import ImageEmbeddingProjection
 
     run_a = tmp_path / "a"
-    finetune.main(base_args(world, run_a, "--use_ema", "--max_train_steps", "3", "--checkpointing_steps", "1",
+    run(base_args(world, run_a, "--use_ema", "--max_train_steps", "3", "--checkpointing_steps", "1",
                             "--checkpoints_total_limit", "2", "--validation_steps", "2",
                             "--validation_num_inference_steps", "2"))
     summary = json.loads((run_a / "train_summary.json").read_text())
@@ -169,7 +175,7 @@ def test_finetune_checkpoint_resume_and_output_folder(world, tmp_path, capsys):
     run_b = tmp_path / "b"
     run_b.mkdir()
     shutil.copytree(ckpt2, run_b / "checkpoint-2")
-    finetune.main(base_args(world, run_b, "--use_ema", "--max_train_steps", "3", "--checkpointing_steps", "1",
+    run(base_args(world, run_b, "--use_ema", "--max_train_steps", "3", "--checkpointing_steps", "1",
                             "--resume_from_checkpoint", "latest", "--validation_steps", "0"))
     assert json.loads((run_b / "train_summary.json").read_text())["steps_this_run"] == 1
     _assert_same_safetensors(ckpt3 / "unet.safetensors", run_b / "checkpoint-3" / "unet.safetensors")
@@ -213,15 +219,15 @@ def test_prediction_target_matches_closed_form():
     latents, noise = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
     timesteps = torch.tensor([0, 500, 999])
     eps_scheduler = DDPMScheduler(prediction_type="epsilon")
-    assert torch.equal(finetune.prediction_target(eps_scheduler, latents, noise, timesteps), noise)
+    assert torch.equal(decoder_training.prediction_target(eps_scheduler, latents, noise, timesteps), noise)
     v_scheduler = DDPMScheduler(prediction_type="v_prediction")
     betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)  # DDPMScheduler's default "linear"
     alphas_cumprod = torch.cumprod(1 - betas, 0)[timesteps].float()[:, None, None, None]
     expected = alphas_cumprod.sqrt() * noise - (1 - alphas_cumprod).sqrt() * latents
-    torch.testing.assert_close(finetune.prediction_target(v_scheduler, latents, noise, timesteps), expected,
+    torch.testing.assert_close(decoder_training.prediction_target(v_scheduler, latents, noise, timesteps), expected,
                                rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="sample"):
-        finetune.prediction_target(DDPMScheduler(prediction_type="sample"), latents, noise, timesteps)
+        decoder_training.prediction_target(DDPMScheduler(prediction_type="sample"), latents, noise, timesteps)
 
 
 def test_condition_dropout_replaces_embedding(world):
@@ -240,7 +246,7 @@ def test_condition_dropout_replaces_embedding(world):
     def loss(embeds, prob):
         batch = {"pixel_values": pixels, "image_embeds": embeds}
         with torch.no_grad():
-            return finetune.diffusion_loss(unet, projection, vae, scheduler, batch, empty,
+            return decoder_training.diffusion_loss(unet, projection, vae, scheduler, batch, empty,
                                            generator=torch.Generator().manual_seed(0), dropout_prob=prob,
                                            random_flip=True, weight_dtype=torch.float32)
 
@@ -259,35 +265,63 @@ def test_embedding_cache_reused_when_it_matches(world, tmp_path):
         cache.precompute(world["images"], tmp_path / "cache", clip, NoTextEncoder(), progress=False,
                          clip_dtype=torch.float32)
     paths = [r.path for r in read_image_folder(world["images"])][::-1][:5]  # another order, a subset
-    cached, readable = finetune.cached_image_embeddings(tmp_path / "cache", clip, paths)
+    cached, readable = decoder_data.cached_image_embeddings(tmp_path / "cache", clip, paths)
     direct = clip.encode_image([Image.open(p).convert("RGB") for p in paths])
     assert bool(readable.all())
     torch.testing.assert_close(cached, direct, rtol=1e-4, atol=1e-5)
-    with_broken, readable = finetune.cached_image_embeddings(tmp_path / "cache", clip,
+    with_broken, readable = decoder_data.cached_image_embeddings(tmp_path / "cache", clip,
                                                              [world["images"] / "broken.png"] + paths)
     assert readable.tolist() == [False] + [True] * 5 and torch.equal(with_broken[1:], cached)
     other_clip = MultiCLIP([(world["clips"][0], "")], device="cpu", dtype=torch.float32)
-    assert finetune.cached_image_embeddings(tmp_path / "cache", other_clip, paths) is None
+    assert decoder_data.cached_image_embeddings(tmp_path / "cache", other_clip, paths) is None
     stranger = make_images(tmp_path / "other", count=1, seed=3) / "img00.png"
-    assert finetune.cached_image_embeddings(tmp_path / "cache", clip, paths + [stranger]) is None
+    assert decoder_data.cached_image_embeddings(tmp_path / "cache", clip, paths + [stranger]) is None
 
 
-def test_epoch_sampler_is_a_function_of_seed_and_epoch():
-    sampler = finetune.EpochShuffleSampler(10, seed=3)
-    sampler.set_epoch(0)
-    first = list(sampler)
-    assert sorted(first) == list(range(10)) and list(sampler) == first
-    sampler.set_epoch(1)
-    assert list(sampler) != first
-    again = finetune.EpochShuffleSampler(10, seed=3)
-    again.set_epoch(1)
-    assert list(again) == list(sampler)
+def test_epoch_order_is_a_function_of_seed_and_epoch_sharded_disjointly():
+    """Both trainers' data order (training.epoch_batches): a permutation fixed by (seed, epoch) alone,
+    split over the processes without overlap, full batches only, the same number on every process."""
+    from shifted_diffusion.training import epoch_batches, epoch_order
+
+    first = epoch_order(10, seed=3, epoch=0)
+    assert sorted(first.tolist()) == list(range(10))
+    torch.manual_seed(123)  # the global generator plays no part
+    assert torch.equal(epoch_order(10, seed=3, epoch=0), first)
+    assert not torch.equal(epoch_order(10, seed=3, epoch=1), first)
+    assert not torch.equal(epoch_order(10, seed=4, epoch=0), first)
+    shards = [epoch_batches(23, 2, seed=5, epoch=2, rank=r, world=3) for r in range(3)]
+    assert [len(b) for b in shards] == [3, 3, 3]  # 23 // (3 x 2) = 3 full batches each, 5 items left out
+    taken = [i for shard in shards for batch in shard for i in batch.tolist()]
+    assert all(len(batch) == 2 for shard in shards for batch in shard)
+    assert len(taken) == len(set(taken)) == 18  # disjoint
+    assert taken != sorted(taken)
+    order = epoch_order(23, seed=5, epoch=2)[:18].tolist()
+    assert sorted(taken) == sorted(order)  # the first 18 of the epoch's permutation
+    assert [b.tolist() for b in epoch_batches(23, 2, seed=5, epoch=2, rank=1, world=3)] == \
+        [b.tolist() for b in shards[1]]
+
+
+def test_epoch_loader_resumes_mid_epoch_at_the_same_batch():
+    from shifted_diffusion.training import epoch_loader
+
+    dataset = list(range(9))  # 4 batches of 2 per epoch
+    def batches(micro_step, count):
+        out = []
+        while len(out) < count:
+            loader = epoch_loader(dataset, micro_step + len(out), batch_size=2, seed=1, rank=0, world=1)
+            out += [b.tolist() for b in loader][: count - len(out)]
+        return out
+
+    straight = batches(0, 10)  # across epochs 0, 1, 2
+    assert batches(6, 4) == straight[6:]
+    assert straight[:4] != straight[4:8]  # each epoch its own order
+    assert sorted(sum(straight[4:8], [])) != list(range(8))  # and not the first 8 items in order
 
 
 def test_training_images_ignore_malformed_captions(tmp_path):
     folder = make_images(tmp_path / "imgs", count=2)
     (folder / "metadata.jsonl").write_text('{"file_name": "img00.png", "caption": "no text column"}\n')
-    assert [p.name for p in finetune.list_training_images(str(folder))] == ["img00.png", "img01.png"]
+    assert [p.name for p in decoder_data.list_training_images(str(folder))] == ["img00.png", "img01.png"]
 
 
 def test_empty_folder_is_a_clear_error(world, tmp_path):
@@ -295,7 +329,7 @@ def test_empty_folder_is_a_clear_error(world, tmp_path):
     args = base_args(world, tmp_path / "out", "--max_train_steps", "1")
     args[args.index("--train_data_dir") + 1] = str(tmp_path / "empty")
     with pytest.raises(SystemExit, match="holds no images"):
-        finetune.main(args)
+        run(args)
 
 
 def test_empty_embedding_dim_mismatch_names_both_dims(world, tmp_path):
@@ -305,7 +339,7 @@ def test_empty_embedding_dim_mismatch_names_both_dims(world, tmp_path):
     args = base_args(world, tmp_path / "out", "--max_train_steps", "1", "--empty_embedding",
                      str(tmp_path / "empty.safetensors"))
     with pytest.raises(ValueError, match=r"dim 10 \(--empty_embedding .*clip_dim=56"):
-        finetune.main(args)
+        run(args)
 
 
 def test_pretrained_projection_dim_mismatch_names_both_dims(world, tmp_path):
@@ -317,20 +351,105 @@ def test_pretrained_projection_dim_mismatch_names_both_dims(world, tmp_path):
     args = base_args(world, tmp_path / "out", "--max_train_steps", "1")
     args[args.index("--pretrained_model_name_or_path") + 1] = str(base)
     with pytest.raises(ValueError, match=r"dim 56 \(--clip_models.*clip_dim=7"):
-        finetune.main(args)
+        run(args)
 
 
 def test_config_presets_parse_and_flags_override(tmp_path):
     for preset in sorted((ROOT / "configs").glob("finetune_*.yaml")):
-        args = finetune.parse_args(["--config", str(preset), "--train_data_dir", "x", "--no-use_ema",
-                                    "--resolution", "256"])
+        args = parse_decoder_config(["--config", str(preset), "--train_data_dir", "x", "--no-use_ema",
+                                     "--resolution", "256"])
         assert args.use_ema is False and args.center_crop is True and args.resolution == 256
         assert args.clip_specs == [("ViT-B-16", "openai"), ("ViT-B-32", "openai"), ("RN101", "openai")]
     (tmp_path / "bad.yaml").write_text("learning_rat: 1.0\n")
     with pytest.raises(SystemExit):
-        finetune.parse_args(["--config", str(tmp_path / "bad.yaml"), "--train_data_dir", "x"])
+        parse_decoder_config(["--config", str(tmp_path / "bad.yaml"), "--train_data_dir", "x"])
     with pytest.raises(SystemExit):
-        finetune.parse_args([])  # no --train_data_dir
+        parse_decoder_config([])  # no --train_data_dir
+
+
+def test_decoder_config_yaml_then_flags_and_real_booleans(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("learning_rate: 0.5\nuse_ema: true\nclip_models: [a:b, c]\nmax_train_steps: null\n"
+                      "logging_steps: 7\n")
+    later = tmp_path / "q.yaml"
+    later.write_text("logging_steps: 3\nvalidation_images: [v1.png]\n")
+    cfg = parse_decoder_config(["--config", str(preset), "--config", str(later), "--train_data_dir", "x",
+                                "--learning_rate", "0.1", "--no-use_ema", "--center_crop"])
+    assert (cfg.learning_rate, cfg.use_ema, cfg.center_crop, cfg.logging_steps) == (0.1, False, True, 3)
+    assert cfg.clip_models == ("a:b", "c") and cfg.clip_specs == [("a", "b"), ("c", "")]
+    assert cfg.max_train_steps is None and cfg.validation_images == ("v1.png",)
+    assert parse_decoder_config(["--train_data_dir", "x"]) == DecoderTrainConfig(train_data_dir="x")
+    assert DecoderTrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg  # the saved form round-trips
+    with pytest.raises(ValueError, match="unknown training setting.*lerning_rate.*finetune.py --help"):
+        DecoderTrainConfig.from_dict({"lerning_rate": 1.0})
+    with pytest.raises(ValueError, match="--logging_steps: expected an integer >= 1"):
+        DecoderTrainConfig(logging_steps=0)
+
+
+def test_logged_loss_is_the_mean_over_each_accumulation_window(world, tmp_path, monkeypatch):
+    """Each logged train/loss is the mean of the micro-batch losses of that optimizer step's accumulation window,
+    summed on the device and read only every --logging_steps (and at the last step)."""
+    from accelerate import Accelerator
+
+    micro_losses, logged, original_loss, original_log = [], [], decoder_training.diffusion_loss, Accelerator.log
+
+    def spy_loss(*a, **k):
+        loss = original_loss(*a, **k)
+        micro_losses.append(loss.item())
+        return loss
+
+    def spy_log(self, values, step=None, **k):
+        if "train/loss" in values:
+            logged.append((step, values["train/loss"]))
+        return original_log(self, values, step=step, **k)
+
+    monkeypatch.setattr(decoder_training, "diffusion_loss", spy_loss)
+    monkeypatch.setattr(Accelerator, "log", spy_log)
+
+    run(base_args(world, tmp_path / "log", "--max_train_steps", "5", "--gradient_accumulation_steps", "2",
+                  "--logging_steps", "2", "--validation_steps", "0", "--checkpointing_steps", "0"))
+    assert len(micro_losses) == 10 and len({round(v, 6) for v in micro_losses}) > 1
+    assert [step for step, _ in logged] == [2, 4, 5]
+    for step, value in logged:
+        window = micro_losses[2 * step - 2: 2 * step]
+        assert value == pytest.approx(sum(window) / 2, rel=1e-5)
+    summary = json.loads((tmp_path / "log" / "train_summary.json").read_text())
+    assert summary["last_train_loss"] == pytest.approx(logged[-1][1])
+
+
+def test_loss_is_read_only_at_logging_and_checkpoint_steps(world, tmp_path, monkeypatch):
+    """No host sync per micro-step: the accumulated loss reaches the host (one gather) only at logging steps,
+    checkpoint steps and the last step."""
+    from shifted_diffusion import training
+
+    reads, original = [], training.StepLog.step
+
+    def spy(self, step, lr):
+        value = original(self, step, lr)
+        reads.append(step) if value is not None else None
+        return value
+
+    monkeypatch.setattr(training.StepLog, "step", spy)
+    run(base_args(world, tmp_path / "reads", "--max_train_steps", "7", "--logging_steps", "3",
+                  "--checkpointing_steps", "5", "--validation_steps", "0"))
+    assert reads == [3, 5, 6, 7]
+
+
+def test_one_state_file_and_the_resolved_config_in_checkpoints_and_output(world, tmp_path):
+    """Both trainers write checkpoints through checkpoints.save_checkpoint: one state file, train_state.json,
+    holding the resolved config, which is also in the output folder."""
+    from shifted_diffusion.checkpoints import STATE_NAME, read_state
+
+    out = tmp_path / "cfg"
+    run(base_args(world, out, "--max_train_steps", "2", "--checkpointing_steps", "2", "--validation_steps", "0",
+                  "--num_tokens", "3"))
+    checkpoint = out / "checkpoint-2"
+    assert STATE_NAME == "train_state.json" and sorted(p.name for p in checkpoint.glob("*.json")) == [STATE_NAME]
+    assert not list(checkpoint.glob("*.pkl")) and not list(checkpoint.glob("*.bin"))
+    saved = read_state(checkpoint)["config"]
+    assert saved["num_tokens"] == 3 and saved["clip_models"] == world["clips"] and saved["max_train_steps"] == 2
+    assert json.loads((out / decoder_training.CONFIG_NAME).read_text()) == saved
+    assert DecoderTrainConfig.from_dict(saved).num_tokens == 3
 
 
 def test_v_prediction_base_trains_and_keeps_its_prediction_type(world, tmp_path):
@@ -339,7 +458,7 @@ def test_v_prediction_base_trains_and_keeps_its_prediction_type(world, tmp_path)
     args = base_args(world, tmp_path / "out", "--max_train_steps", "1", "--validation_steps", "0",
                      "--checkpointing_steps", "0", "--no-random_flip", "--no-projection_layer_norm")
     args[args.index("--pretrained_model_name_or_path") + 1] = str(base)
-    out = finetune.main(args)
+    out = run(args)
     assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
     assert json.loads((out / "image_projection" / "config.json").read_text())["layer_norm"] is False
     assert np.isfinite(json.loads((out / "train_summary.json").read_text())["last_train_loss"])
@@ -358,7 +477,7 @@ def test_v_prediction_base_trains_and_keeps_its_prediction_type(world, tmp_path)
 ])
 def test_flags_are_checked_before_any_work(world, tmp_path, capsys, flag, value, message):
     with pytest.raises(SystemExit) as exit_info:
-        finetune.main(base_args(world, tmp_path / "out", flag, value))
+        run(base_args(world, tmp_path / "out", flag, value))
     assert exit_info.value.code == 2
     assert __import__("re").search(message, capsys.readouterr().err)
     assert not (tmp_path / "out").exists()
@@ -377,23 +496,23 @@ def test_pickle_checkpoint_is_refused_before_any_work(world, tmp_path, capsys):
     for name in ("custom_checkpoint_0.pkl", "random_states_0.pkl", "optimizer.bin", "model.safetensors"):
         (folder / name).write_bytes(pickle.dumps(Payload()))
     with pytest.raises(SystemExit):
-        finetune.main(base_args(world, tmp_path / "out", "--resume_from_checkpoint", str(folder)))
+        run(base_args(world, tmp_path / "out", "--resume_from_checkpoint", str(folder)))
     assert "unpickling can run code" in capsys.readouterr().err
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "out").exists()
 
 
 def test_non_finite_loss_stops_the_run_naming_the_step(world, tmp_path, monkeypatch):
-    calls, original = [], finetune.diffusion_loss
+    calls, original = [], decoder_training.diffusion_loss
 
     def poisoned(*a, **k):
         calls.append(1)
         loss = original(*a, **k)
         return loss * float("nan") if len(calls) >= 2 else loss
 
-    monkeypatch.setattr(finetune, "diffusion_loss", poisoned)
+    monkeypatch.setattr(decoder_training, "diffusion_loss", poisoned)
     out = tmp_path / "nan"
     with pytest.raises(FloatingPointError, match="step 2: the training loss is nan"):
-        finetune.main(base_args(world, out, "--max_train_steps", "3", "--checkpointing_steps", "1",
+        run(base_args(world, out, "--max_train_steps", "3", "--checkpointing_steps", "1",
                                 "--validation_steps", "0"))
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-1"] and not (out / "model_index.json").exists()
 
@@ -412,27 +531,27 @@ def test_embedding_cache_not_reused_after_images_or_clip_weights_change(world, t
     clip = MultiCLIP([(str(clip_dir), "")], device="cpu", dtype=torch.float32)
     with pytest.warns(UserWarning, match="broken.png"):
         cache.precompute(images, tmp_path / "cache", clip, NoTextEncoder(), progress=False, clip_dtype=torch.float32)
-    paths = finetune.list_training_images(str(images))
-    assert finetune.cached_image_embeddings(tmp_path / "cache", clip, paths) is not None
+    paths = decoder_data.list_training_images(str(images))
+    assert decoder_data.cached_image_embeddings(tmp_path / "cache", clip, paths) is not None
 
     Image.new("RGB", (40, 36), (9, 200, 90)).save(images / "img03.png")  # edited after the cache was built
-    with caplog.at_level(logging.WARNING, logger="finetune"):
-        assert finetune.cached_image_embeddings(tmp_path / "cache", clip, paths) is None
+    with caplog.at_level(logging.WARNING, logger="shifted_diffusion.decoder_data"):
+        assert decoder_data.cached_image_embeddings(tmp_path / "cache", clip, paths) is None
     assert "img03.png changed since the cache was built" in caplog.text
 
     torch.manual_seed(7)  # retrained in place: same folder, same config, other weights
     save_open_clip(open_clip.CLIP(**TINY_CLIP_CFGS[0]), TINY_CLIP_CFGS[0], clip_dir)
     retrained = MultiCLIP([(str(clip_dir), "")], device="cpu", dtype=torch.float32)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="finetune"):
-        assert finetune.cached_image_embeddings(tmp_path / "cache", retrained, paths[:1]) is None
+    with caplog.at_level(logging.WARNING, logger="shifted_diffusion.decoder_data"):
+        assert decoder_data.cached_image_embeddings(tmp_path / "cache", retrained, paths[:1]) is None
     assert "other encoder weights" in caplog.text and "open_clip_model.safetensors" in caplog.text
 
 
 def test_sixteen_bit_training_image_is_scaled_not_whitened(tmp_path):
     values = np.repeat(np.linspace(0, 65535, RESOLUTION).round().astype(np.uint16)[None], RESOLUTION, axis=0)
     Image.fromarray(values).save(tmp_path / "g16.png")
-    pixels = finetune.load_training_image(tmp_path / "g16.png", RESOLUTION, center_crop=True)  # same size: no resize
+    pixels = decoder_data.load_training_image(tmp_path / "g16.png", RESOLUTION, center_crop=True)  # same size: no resize
     expected = torch.from_numpy(np.floor(values / 257.0 + 0.5)).float() / 127.5 - 1.0  # round(v / 257) in [-1, 1]
     for channel in range(3):
         torch.testing.assert_close(pixels[channel], expected)
@@ -442,21 +561,21 @@ def test_own_embeddings_file_is_recomputed_after_an_image_changes(world, tmp_pat
     """The embeddings finetune.py saves in --output_dir are reused only for the very same image files."""
     images = tmp_path / "images"
     shutil.copytree(world["images"], images)
-    calls, original = [], finetune.compute_image_embeddings
+    calls, original = [], decoder_data.compute_image_embeddings
 
     def spy(clip, paths, *a, **k):
         calls.append(len(paths))
         return original(clip, paths, *a, **k)
 
-    monkeypatch.setattr(finetune, "compute_image_embeddings", spy)
+    monkeypatch.setattr(decoder_data, "compute_image_embeddings", spy)
     args = base_args(world, tmp_path / "out", "--max_train_steps", "1", "--checkpointing_steps", "0",
                      "--validation_steps", "0", "--num_validation_images", "0")
     args[args.index("--train_data_dir") + 1] = str(images)
-    finetune.main(args)
-    finetune.main(args)
+    run(args)
+    run(args)
     assert calls == [11]  # 10 images + the corrupt one; the second run reused the file
     with Image.open(images / "img03.png") as image:
         edited = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     edited.save(images / "img03.png")
-    finetune.main(args)
+    run(args)
     assert calls == [11, 11]

@@ -1,5 +1,5 @@
-"""The toy decoder (tiny VAE + UNet through finetune.py), the attribute reader, the toy defaults of test.py /
-sft_test.py and benchmarks/toy_text_to_image.py, all at fast size on the fast toy world."""
+"""The toy decoder (tiny VAE + UNet through the decoder trainer), the attribute reader, the toy defaults of
+test.py / sft_test.py and benchmarks/toy_text_to_image.py, all at fast size on the fast toy world."""
 
 import json
 import sys
@@ -14,9 +14,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import sft_test  # noqa: E402
-import train_toy_decoder  # noqa: E402
 
-from shifted_diffusion.toy import ToyWorldConfig, ensure_toy_assets  # noqa: E402
+from shifted_diffusion.toy import ToyWorldConfig, decoder_recipe, ensure_toy_assets  # noqa: E402
 from shifted_diffusion.toy.decoder import foreground_weights, kl_to_standard_normal  # noqa: E402
 from shifted_diffusion.toy.reader import ToyAttributeReader, largest_blob, reader_accuracy  # noqa: E402
 from shifted_diffusion.toy.world import ATTRIBUTES, COLOUR_RGB, render_image, sample_record  # noqa: E402
@@ -31,10 +30,11 @@ benchmark = load_repo_module("benchmarks/toy_text_to_image.py")
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    """Fast toy assets + a fast toy decoder trained through finetune.py (a couple of steps)."""
+    """Fast toy assets + a fast toy decoder trained through decoder_training.train_decoder (a couple of steps)."""
     root = tmp_path_factory.mktemp("toy")
     assets = ensure_toy_assets(root / "assets", fast=True)
-    decoder = train_toy_decoder.main(["--fast", "--toy_root", str(root / "assets"), "--output_dir", str(root / "dec")])
+    decoder = decoder_recipe.train_toy_decoder(["--fast", "--toy_root", str(root / "assets"), "--output_dir",
+                                                str(root / "dec")])
     return {"root": root, "toy_root": str(root / "assets"), "decoder": Path(decoder), **assets}
 
 
@@ -144,9 +144,9 @@ def test_fast_toy_decoder_is_a_standard_pipeline_folder_and_is_cached(toy):
     assert [im.size for im in images] == [(64, 64), (64, 64)]
     weights = decoder_dir / "unet" / "diffusion_pytorch_model.safetensors"
     before = weights.stat().st_mtime_ns
-    assert train_toy_decoder.ensure_toy_decoder(decoder_dir, toy_root=toy["toy_root"], fast=True) == decoder_dir
-    assert train_toy_decoder.main(["--fast", "--toy_root", toy["toy_root"], "--output_dir", str(decoder_dir)]) \
-        == decoder_dir
+    assert decoder_recipe.ensure_toy_decoder(decoder_dir, toy_root=toy["toy_root"], fast=True) == decoder_dir
+    assert decoder_recipe.train_toy_decoder(["--fast", "--toy_root", toy["toy_root"], "--output_dir",
+                                             str(decoder_dir)]) == decoder_dir
     assert weights.stat().st_mtime_ns == before  # reused, not retrained
 
 

@@ -1,0 +1,466 @@
+"""Fine-tune Stable Diffusion into a language-free decoder conditioned on multi-CLIP image embeddings.
+
+The frozen multi-CLIP image embedding x0 (D) of each training image goes through a trained projection
+(Linear D -> num_tokens x cross_attention_dim, optional LayerNorm) to ``encoder_hidden_states``; UNet +
+projection train on the noise-prediction loss of diffusers' train_text_to_image (epsilon or v target, from
+the scheduler's prediction_type). Captions are ignored; the text encoder is never loaded. With probability
+``conditioning_dropout_prob`` the embedding is replaced by the "empty" embedding (default: CLIP of a black
+image; or ``empty_embedding`` FILE, e.g. the prior's sample for the empty caption).
+
+``DecoderTrainConfig`` holds every setting (flags and YAML keys are train_text_to_image's names);
+``train_decoder(cfg)`` runs the loop on the shared trainer pieces (``training``) and writes a standard
+diffusers StableDiffusionPipeline folder (text_encoder=None) plus image_projection/,
+empty_embedding.safetensors and shifted_decoder.json, loaded by ``decoder.load_decoder``. Randomness of
+each micro-step comes from (seed, process, micro-step) and the data order from (seed, epoch), so a resumed
+run takes exactly the steps of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from . import config_cli, training
+from .checkpoints import read_state, save_checkpoint, step_generator
+from .checks import check_choice, check_range
+from .decoder_data import (ImageEmbeddingDataset, check_dim, compute_image_embeddings, empty_image_embedding,
+                           list_training_images, list_validation_images, load_training_image,
+                           training_image_embeddings)
+from .projection import PROJECTION_SUBFOLDER, ImageEmbeddingProjection
+from .train_config import parse_clip_specs
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CLIP_MODELS = ("ViT-B-16:openai", "ViT-B-32:openai", "RN101:openai")
+CONFIG_NAME = "train_config.json"  # the resolved settings, in the output folder (and in every checkpoint)
+SUMMARY_NAME = "train_summary.json"
+
+
+def _field(default, help: str, **metadata):
+    return dataclasses.field(default=default, metadata={"help": help, **metadata})
+
+
+@dataclass(frozen=True)
+class DecoderTrainConfig(config_cli.FlagConfig):
+    """Everything a decoder fine-tuning run depends on; saved in every checkpoint and in the output folder."""
+
+    SCRIPT: ClassVar[str] = "finetune.py"
+
+    # model
+    pretrained_model_name_or_path: str = _field(
+        "stabilityai/stable-diffusion-2-base", "diffusers Stable Diffusion folder or hub id (its text encoder, if "
+        "any, is not loaded)")
+    revision: Optional[str] = None
+    variant: Optional[str] = _field(None, "weights variant of the pretrained folder, e.g. fp16")
+    clip_models: Sequence[str] = _field(DEFAULT_CLIP_MODELS, "open_clip specs MODEL:PRETRAINED (or a local "
+                                        "open_clip folder); embeddings are concatenated", nargs="+")
+    clip_batch_size: int = _field(64, "batch size for the one-off CLIP embedding pass")
+    num_tokens: int = _field(4, "tokens the projection produces per embedding")
+    projection_layer_norm: bool = True
+    projection_lr_scale: float = _field(10.0, "learning rate of the (new) projection = learning_rate x this")
+    # data
+    train_data_dir: Optional[str] = _field(None, "folder of training images (captions ignored); required")
+    embedding_cache: Optional[str] = _field(None, "a cache folder of the prior pipeline (shifted_diffusion.cache) "
+                                            "to reuse when it matches")
+    resolution: int = 512
+    center_crop: bool = False
+    random_flip: bool = False
+    dataloader_num_workers: int = 0
+    empty_embedding: Optional[str] = _field(None, "file of the 'empty' embedding (D,) used for guidance dropout; "
+                                            "default: CLIP of a black image")
+    conditioning_dropout_prob: float = 0.1
+    # training
+    output_dir: str = "sd-shifted-decoder"
+    seed: int = _field(0, "same on every process and on resume")
+    train_batch_size: int = 16
+    num_train_epochs: int = 100
+    max_train_steps: Optional[int] = _field(None, "overrides num_train_epochs")
+    gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = False
+    learning_rate: float = 1e-5
+    lr_scheduler: str = _field("constant", "linear, cosine, cosine_with_restarts, polynomial, constant, "
+                               "constant_with_warmup")
+    lr_warmup_steps: int = 500
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    use_ema: bool = False
+    ema_decay: float = 0.9999
+    mixed_precision: Optional[str] = _field(None, "no, fp16 or bf16 (default: accelerate's configuration)")
+    allow_tf32: bool = False
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: Optional[int] = None
+    resume_from_checkpoint: Optional[str] = _field(None, '"latest" or a checkpoint-N folder')
+    report_to: str = _field("tensorboard", "accelerate trackers: tensorboard (used when installed), wandb, all, none")
+    logging_dir: str = "logs"
+    logging_steps: int = _field(10, "read and log the loss every N steps (and at checkpoints and the last step)")
+    # validation
+    validation_images: Optional[Sequence[str]] = _field(
+        None, "image files / folders for image-to-image validation (default: hold out training images)", nargs="*")
+    num_validation_images: int = _field(4, "images held out of the training folder when validation_images is not "
+                                        "given (held out even when validation_steps is 0, so the training set does "
+                                        "not change)")
+    validation_steps: int = _field(500, "validate every N steps (0: never)")
+    validation_guidance_scale: float = 3.0
+    validation_num_inference_steps: int = 50
+
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def clip_specs(self) -> list[tuple[str, str]]:
+        return parse_clip_specs(self.clip_models)
+
+    def validate(self) -> None:
+        """Every numeric setting in its range and every name known: ValueError naming the flag otherwise."""
+        from diffusers.optimization import SchedulerType
+
+        ints = {  # field: (low, optional)
+            "clip_batch_size": (1, False), "num_tokens": (1, False), "resolution": (8, False),
+            "dataloader_num_workers": (0, False), "seed": (0, False), "train_batch_size": (1, False),
+            "num_train_epochs": (1, False), "max_train_steps": (1, True), "gradient_accumulation_steps": (1, False),
+            "lr_warmup_steps": (0, False), "checkpointing_steps": (0, False), "checkpoints_total_limit": (1, True),
+            "logging_steps": (1, False), "validation_steps": (0, False), "num_validation_images": (0, False),
+            "validation_num_inference_steps": (1, False),
+        }
+        for name, (low, optional) in ints.items():
+            check_range(f"--{name}", getattr(self, name), low, integer=True, optional=optional)
+        for name in ("learning_rate", "projection_lr_scale", "adam_epsilon", "max_grad_norm"):
+            check_range(f"--{name}", getattr(self, name), 0.0, low_open=True)
+        for name in ("conditioning_dropout_prob", "ema_decay"):
+            check_range(f"--{name}", getattr(self, name), 0.0, 1.0)
+        for name in ("adam_beta1", "adam_beta2"):
+            check_range(f"--{name}", getattr(self, name), 0.0, 1.0, high_open=True)
+        check_range("--adam_weight_decay", self.adam_weight_decay, 0.0)
+        check_range("--validation_guidance_scale", self.validation_guidance_scale, 0.0)
+        check_choice("--lr_scheduler", self.lr_scheduler, {t.value for t in SchedulerType})
+        check_choice("--mixed_precision", self.mixed_precision, {None, "no", "fp16", "bf16"})
+        if self.resolution % 8 != 0:
+            raise ValueError(f"--resolution: expected a multiple of 8, got {self.resolution}")
+        if not self.clip_models:
+            raise ValueError("--clip_models: expected at least one MODEL:PRETRAINED pair, got none")
+
+
+def build_decoder_parser() -> argparse.ArgumentParser:
+    """The flags of ``DecoderTrainConfig`` (config_cli.build_parser, the mechanism of the prior's flags)."""
+    return config_cli.build_parser(DecoderTrainConfig, __doc__.split("\n\n")[0], prog="finetune.py")
+
+
+def preflight(cfg: DecoderTrainConfig) -> None:
+    """The inputs checked before any work: the data folder is set, a named checkpoint is complete and ours."""
+    if not cfg.train_data_dir:
+        raise ValueError("--train_data_dir is required (a folder of training images)")
+    if cfg.resume_from_checkpoint and cfg.resume_from_checkpoint != "latest":
+        read_state(cfg.resume_from_checkpoint)
+
+
+def parse_decoder_config(argv: Optional[Sequence[str]] = None, defaults: Optional[dict] = None) -> DecoderTrainConfig:
+    """DecoderTrainConfig from (dataclass defaults) < ``defaults`` < ``--config`` YAML files < flags; a bad
+    setting is a usage error (exit 2) naming the flag, before any work."""
+    parser = build_decoder_parser()
+    try:
+        cfg = config_cli.parse_settings(DecoderTrainConfig, argv, defaults, parser=parser)
+        preflight(cfg)
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
+    return cfg
+
+
+# ---- models and loss -----------------------------------------------------------------------------------
+
+
+def load_models(cfg: DecoderTrainConfig):
+    """Training noise scheduler, inference scheduler, frozen VAE, trainable UNet (text encoder never loaded)."""
+    import diffusers
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    common = {"revision": cfg.revision}
+    noise_scheduler = DDPMScheduler.from_pretrained(cfg.pretrained_model_name_or_path, subfolder="scheduler", **common)
+    scheduler_config = DDPMScheduler.load_config(cfg.pretrained_model_name_or_path, subfolder="scheduler", **common)
+    scheduler_cls = getattr(diffusers, scheduler_config.get("_class_name", "DDIMScheduler"), diffusers.DDIMScheduler)
+    inference_scheduler = scheduler_cls.from_config(scheduler_config)
+    vae = AutoencoderKL.from_pretrained(cfg.pretrained_model_name_or_path, subfolder="vae", variant=cfg.variant, **common)
+    unet = UNet2DConditionModel.from_pretrained(cfg.pretrained_model_name_or_path, subfolder="unet",
+                                                variant=cfg.variant, **common)
+    vae.requires_grad_(False)
+    return noise_scheduler, inference_scheduler, vae, unet
+
+
+def build_projection(cfg: DecoderTrainConfig, clip_dim: int, cross_attention_dim: int) -> ImageEmbeddingProjection:
+    """A new projection, or the pretrained folder's own (continuing a fine-tuned decoder)."""
+    existing = Path(cfg.pretrained_model_name_or_path) / PROJECTION_SUBFOLDER
+    if existing.is_dir():
+        projection = ImageEmbeddingProjection.from_pretrained(existing)
+        check_dim("the multi-CLIP image embedding", f"--clip_models {' '.join(cfg.clip_models)}", clip_dim,
+                  projection.config.clip_dim, f"{existing}/config.json")
+        logger.info(f"continuing from the projection in {existing}")
+        return projection
+    return ImageEmbeddingProjection(clip_dim=clip_dim, cross_attention_dim=cross_attention_dim,
+                                    num_tokens=cfg.num_tokens, layer_norm=cfg.projection_layer_norm)
+
+
+def prediction_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
+    """The UNet's regression target: eps (epsilon) or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (v_prediction)."""
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unsupported scheduler prediction_type {prediction_type!r} (expected epsilon or v_prediction)")
+
+
+def diffusion_loss(unet, projection, vae, noise_scheduler, batch: dict, empty_embedding: torch.Tensor, *,
+                   generator: torch.Generator, dropout_prob: float, random_flip: bool,
+                   weight_dtype: torch.dtype) -> torch.Tensor:
+    """train_text_to_image's loss with encoder_hidden_states = projection(x0 or, with prob. dropout_prob, empty)."""
+    device = empty_embedding.device
+    pixel_values = batch["pixel_values"].to(device, weight_dtype)  # (B, 3, H, W)
+    bsz = pixel_values.shape[0]
+    if random_flip:
+        flip = torch.rand(bsz, generator=generator, device=device) < 0.5
+        pixel_values = torch.where(flip[:, None, None, None], pixel_values.flip(-1), pixel_values)
+    with torch.no_grad():
+        latents = vae.encode(pixel_values).latent_dist.sample(generator=generator)
+        latents = latents * vae.config.scaling_factor  # (B, 4, h, w)
+    noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), generator=generator, device=device)
+    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)  # (B, 4, h, w)
+    image_embeds = batch["image_embeds"].to(device, torch.float32)  # (B, D)
+    drop = torch.rand(bsz, generator=generator, device=device) < dropout_prob
+    image_embeds = torch.where(drop[:, None], empty_embedding[None].float(), image_embeds)  # (B, D)
+    encoder_hidden_states = projection(image_embeds)  # (B, num_tokens, C)
+    target = prediction_target(noise_scheduler, latents, noise, timesteps)
+    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+    return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+
+
+# ---- validation ----------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def run_validation(cfg: DecoderTrainConfig, accelerator, vae, unet, projection, inference_scheduler, val_paths,
+                   val_embeds, empty_embedding, step: int) -> Path:
+    """Image-to-image on held-out images -> a grid [original | reconstruction] per row, saved under validation/."""
+    from diffusers import StableDiffusionPipeline
+
+    from .decoder import Decoder, make_grid
+
+    pipeline = StableDiffusionPipeline(
+        vae=vae, text_encoder=None, tokenizer=None, unet=accelerator.unwrap_model(unet),
+        scheduler=inference_scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    decoder = Decoder(pipeline, accelerator.unwrap_model(projection), empty_embedding, cfg.clip_specs)
+    generator = torch.Generator(device=accelerator.device).manual_seed(cfg.seed or 0)
+    rows = []
+    projection.eval()
+    for path, embed in zip(val_paths, val_embeds):
+        with accelerator.autocast():  # fp32 UNet/projection with a half-precision VAE under mixed precision
+            image = decoder.generate(embed[None].to(accelerator.device), guidance_scale=cfg.validation_guidance_scale,
+                                     num_inference_steps=cfg.validation_num_inference_steps, generator=generator,
+                                     height=cfg.resolution, width=cfg.resolution)[0]
+        pixels = load_training_image(path, cfg.resolution, center_crop=True)
+        original = Image.fromarray(((pixels.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy())
+        rows.append([original, image])
+    projection.train()
+    out = Path(cfg.output_dir) / "validation" / f"step-{step:07d}.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    make_grid(rows).save(out)
+    logger.info(f"validation grid written to {out}")
+    return out
+
+
+# ---- the run -------------------------------------------------------------------------------------------
+
+
+def _split_validation(cfg: DecoderTrainConfig, paths: list[Path]) -> tuple[list[Path], list[Path]]:
+    """(training images, validation images): the named ones, or the last num_validation_images held out."""
+    if cfg.validation_images:
+        return paths, list_validation_images(list(cfg.validation_images))
+    if cfg.num_validation_images > 0:
+        if len(paths) <= cfg.num_validation_images:
+            raise SystemExit(f"finetune: {cfg.train_data_dir} has {len(paths)} images; holding out "
+                             f"--num_validation_images {cfg.num_validation_images} would leave none to train on")
+        return paths[: -cfg.num_validation_images], paths[-cfg.num_validation_images:]
+    return paths, []
+
+
+def _write_output_folder(cfg, output_dir: Path, vae, unet, projection, inference_scheduler, empty_embedding) -> None:
+    """The standard pipeline folder (fp32 weights, no text encoder) + projection, empty embedding, CLIP specs."""
+    from diffusers import StableDiffusionPipeline
+
+    from .decoder import write_decoder_files
+
+    pipeline = StableDiffusionPipeline(
+        vae=vae if vae.dtype == torch.float32 else vae.to(torch.float32), text_encoder=None, tokenizer=None,
+        unet=unet if unet.dtype == torch.float32 else unet.to(torch.float32),
+        scheduler=inference_scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(str(output_dir))
+    write_decoder_files(output_dir, projection, empty_embedding, cfg.clip_specs)
+
+
+def train_decoder(cfg: DecoderTrainConfig) -> Path:
+    """Fine-tune as configured; returns the output folder (load it with ``decoder.load_decoder``)."""
+    preflight(cfg)
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+
+    from .ema import EmaWeights
+    from .encoders import MultiCLIP
+
+    output_dir = Path(cfg.output_dir)
+    accelerator, trackers = training.build_accelerator(
+        output_dir, mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        report_to=cfg.report_to, logging_dir=cfg.logging_dir)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    set_seed(cfg.seed)
+    if cfg.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+    # ---- data + frozen CLIP embeddings
+    try:
+        paths = list_training_images(cfg.train_data_dir)
+    except FileNotFoundError as error:
+        raise SystemExit(f"finetune: --train_data_dir: {error}") from error
+    paths, val_paths = _split_validation(cfg, paths)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(output_dir / CONFIG_NAME)
+    clip = MultiCLIP(cfg.clip_specs, device=device, dtype=weight_dtype)
+    image_embeds, readable = training_image_embeddings(cfg, accelerator, clip, paths)
+    num_unreadable = int((~readable).sum())
+    if num_unreadable:
+        logger.warning(f"{num_unreadable} of {len(paths)} training images are unreadable and left out")
+        paths, image_embeds = [p for p, ok in zip(paths, readable.tolist()) if ok], image_embeds[readable]
+    if not paths:
+        raise SystemExit(f"finetune: none of the training images in {cfg.train_data_dir} could be read")
+    try:
+        training.check_batches(len(paths), cfg.train_batch_size, world, f"readable training images in "
+                               f"{cfg.train_data_dir}")
+    except ValueError as error:
+        raise SystemExit(f"finetune: {error}") from error
+    val_embeds = None
+    if val_paths:
+        val_embeds, val_readable = compute_image_embeddings(clip, val_paths, cfg.clip_batch_size, "validation", True)
+        val_paths, val_embeds = [p for p, ok in zip(val_paths, val_readable.tolist()) if ok], val_embeds[val_readable]
+    empty_embedding, empty_source = empty_image_embedding(cfg, clip)
+    clip_dim, clip_source = clip.dim, f"--clip_models {' '.join(cfg.clip_models)}"
+    del clip
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    check_dim("the training image embeddings", f"{cfg.embedding_cache or 'computed'}", image_embeds.shape[1],
+              clip_dim, clip_source)
+
+    # ---- models, optimizer, schedule
+    noise_scheduler, inference_scheduler, vae, unet = load_models(cfg)
+    projection = build_projection(cfg, clip_dim, unet.config.cross_attention_dim)
+    if projection.config.cross_attention_dim != unet.config.cross_attention_dim:
+        raise ValueError(f"projection width {projection.config.cross_attention_dim} != the UNet's "
+                         f"cross_attention_dim {unet.config.cross_attention_dim}")
+    check_dim("the empty embedding", empty_source, empty_embedding.shape[0], projection.config.clip_dim,
+              f"projection clip_dim from {clip_source}")
+    vae.to(device)
+    if weight_dtype != torch.float32:
+        vae.to(dtype=weight_dtype)
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    projection.train()
+    optimizer = torch.optim.AdamW(
+        [{"params": list(unet.parameters()), "lr": cfg.learning_rate},
+         {"params": list(projection.parameters()), "lr": cfg.learning_rate * cfg.projection_lr_scale}],
+        betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon,
+    )
+    dataset = ImageEmbeddingDataset(paths, image_embeds, cfg.resolution, cfg.center_crop)
+    steps_per_epoch = training.steps_per_epoch(len(dataset), cfg.train_batch_size, world,
+                                               cfg.gradient_accumulation_steps)
+    max_steps = cfg.max_train_steps if cfg.max_train_steps is not None else cfg.num_train_epochs * steps_per_epoch
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps * world,
+                                 num_training_steps=max_steps * world)
+    unet, projection, optimizer, lr_scheduler = accelerator.prepare(unet, projection, optimizer, lr_scheduler)
+    trained_params = list(unet.parameters()) + list(projection.parameters())
+    ema = training.build_ema(trained_params, cfg.use_ema, cfg.ema_decay, device)
+    empty_on_device = empty_embedding.to(device)
+
+    trained = {"unet": accelerator.unwrap_model(unet), "projection": accelerator.unwrap_model(projection)}
+    global_step = training.resume_step(accelerator, output_dir, cfg.resume_from_checkpoint, modules=trained,
+                                       optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema, config=cfg.to_dict())
+    training.init_trackers(accelerator, trackers, "shifted-diffusion-decoder", cfg.to_dict())
+
+    def validation_hook(step: int) -> Path:
+        with EmaWeights(ema, trained_params):
+            return run_validation(cfg, accelerator, vae, unet, projection, inference_scheduler, val_paths, val_embeds,
+                                  empty_on_device, step)
+
+    samples_per_step = cfg.train_batch_size * world * cfg.gradient_accumulation_steps
+    logger.info(f"{len(dataset)} training images, {len(val_paths)} validation images, clip_dim {clip_dim}, batch "
+                f"{samples_per_step}, {max_steps} steps, prediction_type {noise_scheduler.config.prediction_type}")
+    step_log = training.StepLog(
+        accelerator, max_steps=max_steps, initial_step=global_step, logging_steps=cfg.logging_steps,
+        checkpointing_steps=cfg.checkpointing_steps, samples_per_step=samples_per_step, desc="decoder training",
+        advice=f"Lower --learning_rate ({cfg.learning_rate}) or check the images")
+    step_cpu_s, step_wall_s, steps_run = 0.0, 0.0, 0
+    micro_step = global_step * cfg.gradient_accumulation_steps
+    while global_step < max_steps:
+        loader = training.epoch_loader(dataset, micro_step, batch_size=cfg.train_batch_size, seed=cfg.seed, rank=rank,
+                                       world=world, num_workers=cfg.dataloader_num_workers)
+        for batch in loader:
+            generator = step_generator(cfg.seed, rank, micro_step, device)
+            cpu_start, wall_start = time.process_time(), time.perf_counter()
+            with accelerator.accumulate(unet, projection):
+                loss = diffusion_loss(unet, projection, vae, noise_scheduler, batch, empty_on_device,
+                                      generator=generator, dropout_prob=cfg.conditioning_dropout_prob,
+                                      random_flip=cfg.random_flip, weight_dtype=weight_dtype)
+                training.backward_step(accelerator, loss, trained_params, cfg.max_grad_norm, optimizer, lr_scheduler)
+            micro_step += 1
+            step_log.add(loss)  # summed on the device, read at logging / checkpoint steps only
+            if accelerator.sync_gradients and ema is not None:
+                ema.step(trained_params)
+            step_cpu_s += time.process_time() - cpu_start
+            step_wall_s += time.perf_counter() - wall_start
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            steps_run += 1
+            step_log.step(global_step, lr_scheduler.get_last_lr()[0])
+            if training.due(global_step, cfg.checkpointing_steps):
+                path = save_checkpoint(accelerator, output_dir, global_step, modules=trained, optimizer=optimizer,
+                                       lr_scheduler=lr_scheduler, ema=ema, config=cfg.to_dict(),
+                                       total_limit=cfg.checkpoints_total_limit)
+                logger.info(f"saved {path}")
+            training.validate_if_due(accelerator, global_step, cfg.validation_steps if val_paths else 0,
+                                     validation_hook, main_process_only=True)
+            if global_step >= max_steps:
+                break
+    step_log.close()
+    if steps_run:
+        logger.info(f"trained {steps_run} steps: {step_cpu_s / steps_run:.3f} CPU s/step, "
+                    f"{step_wall_s / steps_run:.3f} wall s/step (checkpointing and validation excluded)")
+
+    # ---- the decoder folder, with the EMA weights when EMA is on
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if ema is not None:
+            ema.copy_to(trained_params)
+        _write_output_folder(cfg, output_dir, vae, trained["unet"], trained["projection"], inference_scheduler,
+                             empty_embedding)
+        summary = {"global_step": global_step, "steps_this_run": steps_run, "last_train_loss": step_log.last_loss,
+                   "num_train_images": len(dataset), "num_unreadable_images": num_unreadable,
+                   "cpu_s_per_step": step_cpu_s / max(steps_run, 1), "wall_s_per_step": step_wall_s / max(steps_run, 1)}
+        (output_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
+        logger.info(f"decoder written to {output_dir} (load with shifted_diffusion.decoder.load_decoder)")
+    accelerator.end_training()
+    return output_dir

@@ -1,0 +1,260 @@
+"""The pieces both trainers (``prior_training``, ``decoder_training``) are built from: plain functions.
+
+* ``build_accelerator`` / ``init_trackers``: one Accelerator recipe and the ``report_to`` handling
+  (tensorboard, the default, only when it is installed);
+* ``epoch_order`` / ``epoch_batches`` / ``epoch_loader``: the data order, a function of (seed, epoch) only,
+  sharded disjointly over the processes, full batches only; a run resumed at micro-step N reads exactly
+  the batches an uninterrupted run reads from N on;
+* ``resume_step``: the step (and every state) recovered from a checkpoint, or 0;
+* ``backward_step``: backward, clipping at the end of an accumulation window, optimizer and schedule steps;
+* ``build_ema`` (FusedEMA) and ``ema.EmaWeights`` to swap its weights in;
+* ``StepLog``: the progress bar and the loss, summed on the device and read only when logged or before a
+  checkpoint, where a non-finite loss stops the run (``check_finite_loss``);
+* ``due`` / ``validate_if_due``: when the periodic hooks (checkpoint, validation) run;
+* ``logger`` / ``setup_logging``: python ``logging`` (written through tqdm) for every message.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoints import find_checkpoint, load_checkpoint
+
+logger = logging.getLogger("shifted_diffusion")
+
+EPOCH_SEED_FACTOR = 1_000_003
+
+
+# ---- logging -----------------------------------------------------------------------------------
+
+
+class _TqdmHandler(logging.StreamHandler):
+    """Writes records above any running progress bar instead of through it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # logging must never stop training
+            self.handleError(record)
+
+
+def setup_logging(is_main_process: bool = True) -> logging.Logger:
+    """The package logger: INFO on the main process, warnings only on the others; one tqdm-aware handler."""
+    if not any(isinstance(h, _TqdmHandler) for h in logger.handlers):
+        handler = _TqdmHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO if is_main_process else logging.WARNING)
+    return logger
+
+
+# ---- accelerator and trackers ------------------------------------------------------------------
+
+
+def resolve_trackers(report_to: Optional[str]) -> Optional[str]:
+    """accelerate's ``log_with`` for a ``report_to`` setting: None for "none" (or None); "tensorboard" only
+    when tensorboard is installed (otherwise None, and the loss is in the progress bar only)."""
+    if report_to is None or report_to == "none":
+        return None
+    if report_to == "tensorboard":
+        from accelerate.utils import is_tensorboard_available
+
+        if not is_tensorboard_available():
+            logger.info("tensorboard is not installed: the loss is shown in the progress bar only (report_to)")
+            return None
+    return report_to
+
+
+def build_accelerator(output_dir, *, mixed_precision: Optional[str], gradient_accumulation_steps: int,
+                      report_to: Optional[str], logging_dir: str = "logs"):
+    """(Accelerator, trackers) for a run writing into ``output_dir``; trackers None when there are none. The
+    process-group timeout is long: the main process embeds images while the others wait at a barrier."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+
+    output_dir = Path(output_dir)
+    trackers = resolve_trackers(report_to)
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps, log_with=trackers,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / logging_dir)),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=12))],
+    )
+    setup_logging(accelerator.is_main_process)
+    return accelerator, trackers
+
+
+def init_trackers(accelerator, trackers: Optional[str], project: str, config: Mapping[str, Any]) -> None:
+    """Start the trackers (main process) with the run's settings; values trackers cannot show become strings."""
+    if trackers and accelerator.is_main_process:
+        accelerator.init_trackers(project, config={
+            k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()})
+
+
+# ---- data order --------------------------------------------------------------------------------
+
+
+def epoch_order(num_items: int, seed: int, epoch: int) -> torch.Tensor:
+    """The permutation of one epoch: a function of (seed, epoch) only (the same on every process)."""
+    generator = torch.Generator().manual_seed(seed * EPOCH_SEED_FACTOR + epoch)
+    return torch.randperm(num_items, generator=generator)
+
+
+def batches_per_epoch(num_items: int, batch_size: int, world: int) -> int:
+    """Full batches each process takes per epoch (every process the same number)."""
+    return num_items // (world * batch_size)
+
+
+def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list:
+    """This process's batches of one epoch: ``epoch_order`` sharded over the processes (rank::world),
+    disjoint, full batches only (the last items of the permutation that fill no batch on every process
+    are left out of this epoch)."""
+    usable = batches_per_epoch(num_items, batch_size, world) * world * batch_size
+    mine = epoch_order(num_items, seed, epoch)[:usable][rank::world]
+    return [mine[i:i + batch_size] for i in range(0, len(mine) - batch_size + 1, batch_size)]
+
+
+def check_batches(num_items: int, batch_size: int, world: int, what: str) -> int:
+    """Micro-batches per epoch; ValueError when the data fill not even one batch on every process."""
+    count = batches_per_epoch(num_items, batch_size, world)
+    if count == 0:
+        raise ValueError(f"{num_items} {what}: fewer than one batch of {batch_size} (--train_batch_size) x {world} "
+                         "processes")
+    return count
+
+
+def epoch_loader(dataset, micro_step: int, *, batch_size: int, seed: int, rank: int, world: int,
+                 num_workers: int = 0, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """A loader over the rest of the epoch that ``micro_step`` (micro-batches since the start of training)
+    falls in, from that very batch on. Loading touches no global generator."""
+    epoch, offset = divmod(micro_step, check_batches(len(dataset), batch_size, world, "training items"))
+    batches = epoch_batches(len(dataset), batch_size, seed, epoch, rank, world)[offset:]
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=[b.tolist() for b in batches], num_workers=num_workers, pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(seed * EPOCH_SEED_FACTOR + epoch),
+    )
+
+
+def steps_per_epoch(num_items: int, batch_size: int, world: int, gradient_accumulation_steps: int) -> int:
+    """Optimizer steps per epoch (at least 1), to turn ``num_train_epochs`` into steps."""
+    return max(batches_per_epoch(num_items, batch_size, world) // gradient_accumulation_steps, 1)
+
+
+# ---- steps -------------------------------------------------------------------------------------
+
+
+def resume_step(accelerator, output_dir, resume: Optional[str], *, modules: Mapping[str, torch.nn.Module],
+                optimizer, lr_scheduler, ema=None, config: Optional[dict] = None) -> int:
+    """Restore the checkpoint ``resume`` names ("latest" or a folder; None: a fresh run) into the prepared
+    objects and return its global step (0 for a fresh run)."""
+    checkpoint = find_checkpoint(output_dir, resume)
+    if checkpoint is None:
+        return 0
+    state = load_checkpoint(accelerator, checkpoint, modules=modules, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                            ema=ema, config=config)
+    if ema is not None:
+        ema.to(accelerator.device)  # shadows are restored on the CPU
+    step = int(state["global_step"])
+    logger.info(f"resuming from {checkpoint} at step {step}")
+    return step
+
+
+def backward_step(accelerator, loss: torch.Tensor, parameters: Iterable[torch.nn.Parameter], max_grad_norm: float,
+               optimizer, lr_scheduler) -> None:
+    """One micro-batch inside ``accelerator.accumulate``: backward; at a window's end clip the gradients;
+    optimizer and schedule steps (accelerate makes them no-ops inside a window)."""
+    accelerator.backward(loss)
+    if accelerator.sync_gradients:
+        accelerator.clip_grad_norm_(parameters, max_grad_norm)
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def build_ema(parameters: Iterable[torch.nn.Parameter], use_ema: bool, decay: float, device):
+    """A FusedEMA of the trained weights on ``device``, or None without EMA."""
+    if not use_ema:
+        return None
+    from .ema import FusedEMA
+
+    ema = FusedEMA(list(parameters), decay=decay)
+    ema.to(device)
+    return ema
+
+
+def due(step: int, every: int) -> bool:
+    """Whether a hook run every ``every`` steps (0: never) runs at ``step``."""
+    return bool(every) and step % every == 0
+
+
+def validate_if_due(accelerator, step: int, every: int, hook: Callable[[int], Any], *, default: Any = None,
+                    main_process_only: bool = False) -> Any:
+    """``hook(step)`` when ``due`` (on the main process only with ``main_process_only``); its result, or
+    ``default`` when it did not run here."""
+    if not due(step, every) or (main_process_only and not accelerator.is_main_process):
+        return default
+    return hook(step)
+
+
+def check_finite_loss(step: int, value: float, advice: str) -> None:
+    """FloatingPointError naming the step when the loss is NaN or inf."""
+    if not math.isfinite(value):
+        raise FloatingPointError(f"step {step}: the training loss is {value}; stopping (the last checkpoint is kept, "
+                                 f"nothing more is saved). {advice}")
+
+
+class StepLog:
+    """The progress bar and loss log of a run.
+
+    ``add(loss)`` after every micro-batch sums the loss on the device (no host sync); ``step(step, lr)`` after
+    every optimizer step closes its accumulation window. The window's mean, averaged over the processes, is
+    read only at logging steps (logged as ``train/loss``), at checkpoint steps and at the last step; there a
+    non-finite loss raises, before anything is saved.
+    """
+
+    def __init__(self, accelerator, *, max_steps: int, initial_step: int, logging_steps: int,
+                 checkpointing_steps: int, samples_per_step: int, advice: str, desc: str = "steps"):
+        self.accelerator, self.max_steps, self.logging_steps = accelerator, max_steps, logging_steps
+        self.checkpointing_steps, self.samples_per_step, self.advice = checkpointing_steps, samples_per_step, advice
+        self.progress = tqdm(total=max_steps, initial=initial_step, desc=desc,
+                             disable=not accelerator.is_local_main_process)
+        self.window_sum: Any = 0.0
+        self.window_count = 0
+        self.last_loss = float("nan")
+        self._since, self._steps_since = time.time(), 0
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.window_sum = self.window_sum + loss.detach().float()
+        self.window_count += 1
+
+    def step(self, step: int, lr: float) -> Optional[float]:
+        """Close the step's window; the loss when it was read at this step, else None."""
+        mean = self.window_sum / max(self.window_count, 1)
+        self.window_sum, self.window_count = 0.0, 0
+        self.progress.update(1)
+        self._steps_since += 1
+        log = step % self.logging_steps == 0 or step == self.max_steps
+        if not (log or due(step, self.checkpointing_steps)):
+            return None
+        value = float(self.accelerator.gather(torch.as_tensor(mean, device=self.accelerator.device)[None]).mean())
+        check_finite_loss(step, value, self.advice)
+        self.last_loss = value
+        if log:
+            elapsed = max(time.time() - self._since, 1e-9)
+            self.progress.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
+            self.accelerator.log({"train/loss": value, "train/lr": lr,
+                                  "train/samples_per_s": self._steps_since * self.samples_per_step / elapsed},
+                                 step=step)
+            self._since, self._steps_since = time.time(), 0
+        return value
+
+    def close(self) -> None:
+        self.progress.close()
