@@ -115,7 +115,7 @@ def validate(pipeline: ShiftedDiffusionPriorPipeline, dataset: EmbeddingDataset,
         return {}
     batch = to_device(torch.utils.data.default_collate([dataset[i] for i in range(count)]), device)
     generated = pipeline.sample(
-        batch["clip_text"], batch["text_tokens"], num_inference_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale,
+        batch["clip_text"], batch["text_tokens"], num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
         generator=torch.Generator(device=device).manual_seed(cfg.seed),
     )
     per_block, mean = blockwise_cosine(generated.float().cpu(), batch["clip_image"].float().cpu(), dataset.block_sizes)

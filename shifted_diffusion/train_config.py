@@ -88,7 +88,7 @@ class TrainConfig(config_cli.FlagConfig):
     resume_from_checkpoint: Optional[str] = None  # "latest" or a checkpoint folder
     validation_steps: int = 2000
     num_validation_samples: int = 256
-    sample_steps: int = 8
+    num_inference_steps: int = 8  # validation sampling steps
     guidance_scale: float = 1.0
     report_to: str = "tensorboard"  # used when installed; "none" disables trackers
     logging_steps: int = 10
@@ -112,7 +112,7 @@ class TrainConfig(config_cli.FlagConfig):
             "max_train_steps": (1, True), "gradient_accumulation_steps": (1, False),
             "dataloader_num_workers": (0, False), "checkpointing_steps": (0, False),
             "checkpoints_total_limit": (1, True), "validation_steps": (0, False), "num_validation_samples": (0, False),
-            "sample_steps": (1, False), "logging_steps": (1, False), "seed": (0, False),
+            "num_inference_steps": (1, False), "logging_steps": (1, False), "seed": (0, False),
         }
         for name, (low, optional) in ints.items():
             check_range(f"--{name}", getattr(self, name), low, integer=True, optional=optional)

@@ -175,3 +175,43 @@ def test_load_prior_reads_an_original_release_folder(reference_prior, tmp_path):
     torch.testing.assert_close(pipeline.vocabulary.assign(inp["clip_text_emb"]), expected_idx.argmax(1))
     out = pipeline.sample(inp["clip_text_emb"], inp["text_tokens"], num_inference_steps=3, generator=torch.Generator().manual_seed(0))
     assert out.shape == (3, config.clip_dim)
+
+
+def test_guided_sampling_of_an_original_checkpoint_uses_zero_t5_tokens(reference_prior, tmp_path):
+    """The original trained T5 dropout by zeroing the tokens and sampled the unconditional branch with zero tokens
+    and the prompt's own CLIP text embedding: a converted checkpoint guides the same way. Checked against the
+    original network (x_transformers trunk) run in an ancestral loop written out here."""
+    from shifted_diffusion.prior_pipeline import load_prior
+    from shifted_diffusion.schedule import DiffusionSchedule, ScheduleConfig
+
+    config = CONFIGS["tiny_vocab"]
+    ref = reference_prior(config, seed=3)
+    torch.save({"state_dict": ref.state_dict()}, tmp_path / "prior.pt")
+    g = torch.Generator().manual_seed(4)
+    means = torch.randn(config.vocab_size, config.clip_dim, generator=g)
+    stds = torch.rand(config.vocab_size, config.clip_dim, generator=g) + 0.1
+    torch.save(means, tmp_path / "mean.pth")
+    torch.save(stds, tmp_path / "std.pth")
+    pipeline = load_prior(tmp_path / "prior.pt", text_len=config.text_len, vocab_size=config.vocab_size)
+    assert pipeline.unconditional.config.text_tokens == "zeros" and pipeline.unconditional.config.clip_text == "prompt"
+    inp = _inputs(config)
+    got = pipeline.sample(inp["clip_text_emb"], inp["text_tokens"], num_inference_steps=3, guidance_scale=2.0,
+                          generator=torch.Generator().manual_seed(0))
+
+    schedule = DiffusionSchedule.from_config(ScheduleConfig()).respace("3")
+    idx = (torch.nn.functional.normalize(inp["clip_text_emb"], dim=-1) @ torch.nn.functional.normalize(means, dim=-1).T).argmax(1)
+    mu, std = means[idx], 5.0 * stds[idx]  # the release's std_scale
+    variance = torch.cat([schedule.posterior_variance[1:2], schedule.betas[1:]]).float()  # fixed_large
+    c1, c2 = schedule.posterior_mean_coef1.float(), schedule.posterior_mean_coef2.float()
+    rng = torch.Generator().manual_seed(0)
+    x = mu + std * torch.randn(mu.shape, generator=rng)
+    zeros = torch.zeros_like(inp["text_tokens"])
+    with torch.no_grad():
+        for i in reversed(range(3)):
+            t = schedule.timesteps[i].expand(len(x))
+            cond = ref(x, t, inp["text_tokens"], inp["clip_text_emb"], idx)
+            uncond = ref(x, t, zeros, inp["clip_text_emb"], idx)
+            x0 = uncond + 2.0 * (cond - uncond)
+            mean = mu + c1[i] * (x0 - mu) + c2[i] * (x - mu)
+            x = mean + variance[i].sqrt() * std * torch.randn(x.shape, generator=rng) if i > 0 else mean
+    torch.testing.assert_close(got, x, atol=1e-4, rtol=1e-4)

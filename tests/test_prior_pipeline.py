@@ -380,3 +380,82 @@ def test_encoder_path_found_nowhere_is_named(toy_layout, monkeypatch):
     pipe = load_prior(folder)
     with pytest.raises(FileNotFoundError, match=r"encoder settings \(clip_models\) name .*gone/clip, which does not exist"):
         pipe(["a red circle"], num_inference_steps=2)
+
+
+def test_clamp_std_counts_raw_cluster_stds(monkeypatch):
+    """The original clamps x0_hat to mu +- 3 s_k with the raw cluster stds, not std_scale * s_k."""
+    seen = {}
+
+    def spy(denoiser, schedule, shift_mean, shift_std, **kwargs):
+        seen.update(kwargs, shift_std=shift_std)
+        return shift_mean
+
+    monkeypatch.setattr(prior_pipeline, "sample_ancestral", spy)
+    pipe = pipeline()
+    clip_text, tokens = captions(3)
+    pipe.sample(clip_text, tokens, num_inference_steps=2, clamp_std=3.0)
+    k = (torch.nn.functional.normalize(clip_text, dim=-1) @ torch.nn.functional.normalize(pipe.vocabulary.means, dim=-1).T).argmax(1)
+    assert seen["clamp_std"] == 3.0
+    torch.testing.assert_close(seen["clamp_unit"], pipe.vocabulary.stds[k])  # raw s_k
+    torch.testing.assert_close(seen["shift_std"], 2.0 * pipe.vocabulary.stds[k])  # the noise keeps std_scale * s_k
+
+
+def test_clamp_bounds_x0_hat_by_raw_stds():
+    from shifted_diffusion.sampling import sample_ancestral
+
+    schedule = DiffusionSchedule.from_config(ScheduleConfig()).respace("2")
+    mean, std, unit = torch.zeros(1, 3), torch.full((1, 3), 5.0), torch.ones(1, 3)
+    seen = []
+    sample_ancestral(lambda x, t: torch.full_like(x, 100.0), schedule, mean, std, clamp_std=3.0, clamp_unit=unit,
+                     callback=lambda i, t, x, x0: seen.append(x0), generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(x0, torch.full((1, 3), 3.0)) for x0 in seen)  # 3 raw stds, not 3 x 5
+
+
+def test_call_returns_image_and_negative_embeddings(monkeypatch):
+    """__call__(prompt, ...) -> image_embeds (B * n, D) and negative_image_embeds, deterministic per seed."""
+    pipe = pipeline()
+    clip_text, tokens = captions(2)
+    monkeypatch.setattr(pipe, "encode_prompt", lambda prompts: (clip_text[: len(prompts)], tokens[: len(prompts)]))
+    out = pipe(["a", "b"], num_images_per_prompt=3, num_inference_steps=2, guidance_scale=2.0,
+               generator=torch.Generator().manual_seed(0))
+    again = pipe(["a", "b"], num_images_per_prompt=3, num_inference_steps=2, guidance_scale=2.0,
+                 generator=torch.Generator().manual_seed(0))
+    assert out.image_embeds.shape == out.negative_image_embeds.shape == (6, CONFIG.clip_dim)
+    assert torch.equal(out.image_embeds, again.image_embeds) and torch.equal(out.negative_image_embeds, again.negative_image_embeds)
+    direct = pipe.sample(clip_text, tokens, num_images_per_prompt=3, num_inference_steps=2, guidance_scale=2.0,
+                         generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out.image_embeds, direct)
+    arrays = pipe("a", num_inference_steps=2, output_type="np", return_dict=False)
+    assert arrays[0].shape == (1, CONFIG.clip_dim) and type(arrays[1]).__name__ == "ndarray"
+    with pytest.raises(ValueError, match="negative_prompt: 1 given for 2 prompts"):
+        pipe(["a", "b"], negative_prompt=["x"], num_inference_steps=2)
+
+
+def test_scheduler_steps_reproduce_the_pipeline():
+    """A hand-written diffusers-style loop over ShiftedDiffusionScheduler.step equals pipeline.sample."""
+    from shifted_diffusion.guidance import guided_denoiser
+
+    pipe = pipeline()
+    clip_text, tokens = captions(2)
+    want = pipe.sample(clip_text, tokens, num_inference_steps="ddim4", sampler="ddim", eta=0.5, guidance_scale=2.0,
+                       generator=torch.Generator().manual_seed(3))
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, sampler="ddim", eta=0.5)
+    scheduler.set_timesteps("ddim4")
+    idx = pipe.vocabulary.assign(clip_text)
+    mean, std = pipe.vocabulary.shift(idx)
+    null_tokens, _ = pipe.unconditional.inputs()
+    denoise = guided_denoiser(pipe.prior, tokens, clip_text, idx, guidance_scale=2.0, null_text_tokens=null_tokens)
+    g = torch.Generator().manual_seed(3)
+    x = scheduler.init_noise(mean, std, generator=g)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.step(denoise(x, t.expand(len(x))), t, x, shift_mean=mean, shift_std=std, generator=g).prev_sample
+    assert scheduler.config.sampler == "ddim"
+    torch.testing.assert_close(x, want, atol=1e-6, rtol=0)  # the same steps (the pipeline casts its inputs once)
+    # add_noise is q(x_t | x0), closed form
+    x0, noise, t = torch.randn(2, CONFIG.clip_dim), torch.randn(2, CONFIG.clip_dim), torch.tensor([10, 900])
+    abar = pipe.scheduler.schedule.alphas_cumprod[t].float()[:, None]
+    torch.testing.assert_close(scheduler.add_noise(x0, noise, t, shift_mean=mean, shift_std=std),
+                               abar.sqrt() * x0 + (1 - abar.sqrt()) * mean + (1 - abar).sqrt() * std * noise)
+    with pytest.raises(ValueError, match="not one of this schedule's"):
+        scheduler.step(x, torch.tensor(5), x, shift_mean=mean, shift_std=std)

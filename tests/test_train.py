@@ -289,7 +289,7 @@ def test_resume_never_unpickles_and_names_mismatches(caption_image_folder, tiny_
     ("--logging_steps", "0", "--logging_steps: expected an integer >= 1"),
     ("--learning_rate", "0", "--learning_rate: expected a finite number > 0.0"),
     ("--vocab_size", "0", "--vocab_size: expected an integer >= 1"),
-    ("--sample_steps", "0", "--sample_steps: expected an integer >= 1"),
+    ("--num_inference_steps", "0", "--num_inference_steps: expected an integer >= 1"),
     ("--ema_decay", "2", r"--ema_decay: expected a finite number in \[0.0, 1.0\]"),
     ("--guidance_scale", "nan", "--guidance_scale: expected a finite number >= 0.0"),
     ("--std_scale", "inf", "--std_scale: expected a finite number > 0.0"),
