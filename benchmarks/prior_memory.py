@@ -16,14 +16,15 @@ import json
 from pathlib import Path
 from typing import Any, Dict
 
-from shifted_diffusion.train_memory import DTYPES, memory_report
+from shifted_diffusion.encoders import DTYPE_NAMES
+from shifted_diffusion.train_memory import memory_report
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="tiny", choices=["tiny", "small", "large"])
     p.add_argument("--batch", type=int, default=64, help="captions per training step for the estimate")
-    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="autocast dtype")
+    p.add_argument("--dtype", default="bf16", choices=DTYPE_NAMES, help="autocast dtype")
     p.add_argument("--device", default=None)
     p.add_argument("--real-step", action=argparse.BooleanOptionalAction, default=True,
                    help="on CUDA, also run one real step at --batch and report its peak")

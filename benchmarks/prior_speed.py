@@ -42,12 +42,12 @@ import torch.nn.functional as F
 
 from shifted_diffusion.convert import convert_original_state_dict
 from shifted_diffusion.cuda_graph import GraphedCall
+from shifted_diffusion.encoders import DTYPE_NAMES, parse_dtype
 from shifted_diffusion.guidance import classifier_free_guidance, guided_denoiser
 from shifted_diffusion.prior import PriorConfig, ShiftedPrior
 from shifted_diffusion.sampling import sample_ancestral
 from shifted_diffusion.schedule import DiffusionSchedule, ScheduleConfig
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_BATCH = {"tiny": 16, "small": 64, "large": 64}
 
 
@@ -393,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uncond-clip", default="shared", choices=["shared", "per-prompt"],
                    help="CLIP sentence embedding of guidance's unconditional branch: the empty caption's for all "
                         "prompts, or each prompt's own (the prior pipeline's default for priors with text tokens)")
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="autocast dtype (bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--dtype", default=None, choices=DTYPE_NAMES, help="autocast dtype (bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--device", default=None)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
@@ -425,7 +425,7 @@ def main(argv=None) -> Dict[str, Any]:
 
 
 def _run(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
-    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    dtype = parse_dtype(args.dtype or ("bf16" if device.type == "cuda" else "fp32"), "--dtype")
     args.profile = args.profile and device.type == "cuda"
     batch = args.batch or DEFAULT_BATCH[args.preset]
     if batch < 1 or args.k < 1:

@@ -249,12 +249,10 @@ def make_grid(rows: list[list]):
 def default_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
     """CUDA + float16 when available, else CPU + float32; explicit --device / --dtype win."""
     resolved = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if dtype is not None and dtype not in names:
-        raise ValueError(f"dtype: expected one of {sorted(names)}, got {dtype!r}")
+    from .encoders import parse_dtype
+
     default = torch.float16 if resolved.type == "cuda" else torch.float32
-    return resolved, names[dtype] if dtype else default
+    return resolved, parse_dtype(dtype, "--dtype") if dtype else default
 
 
 def read_decoder_config(path: str | os.PathLike) -> dict:

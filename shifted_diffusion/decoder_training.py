@@ -37,11 +37,11 @@ from .decoder_data import (ImageEmbeddingDataset, check_dim, compute_image_embed
                            list_training_images, list_validation_images, load_training_image,
                            training_image_embeddings)
 from .projection import PROJECTION_SUBFOLDER, ImageEmbeddingProjection
-from .train_config import parse_clip_specs
+from .encoders import PAPER_CLIP_MODELS, parse_clip_specs
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CLIP_MODELS = ("ViT-B-16:openai", "ViT-B-32:openai", "RN101:openai")
+DEFAULT_CLIP_MODELS = PAPER_CLIP_MODELS
 CONFIG_NAME = "train_config.json"  # the resolved settings, in the output folder (and in every checkpoint)
 SUMMARY_NAME = "train_summary.json"
 

@@ -34,11 +34,27 @@ OPEN_CLIP_WEIGHTS_NAME = "open_clip_model.safetensors"
 LOCAL_DIR_PREFIX = "local-dir:"
 CLIP_TOKENS_PREFIX = "clip-tokens:"
 
-DEFAULT_CLIP_SPECS: tuple[tuple[str, str], ...] = (
-    ("ViT-B-16", "openai"),
-    ("ViT-B-32", "openai"),
-    ("RN101", "openai"),
-)
+# the paper's encoders: three OpenAI CLIPs (D = 512 + 512 + 512) and T5-11b's token states (80 x 1024)
+PAPER_CLIP_MODELS: tuple[str, ...] = ("ViT-B-16:openai", "ViT-B-32:openai", "RN101:openai")
+PAPER_T5_MODEL = "t5-11b"
+PAPER_TEXT_MAX_LENGTH = 80
+
+
+def parse_clip_specs(clip_models: Sequence[str]) -> list[tuple[str, str]]:
+    """"MODEL:PRETRAINED" entries -> (model, pretrained); a bare entry (a local open_clip folder, or
+    "local-dir:..." / "hf-hub:...") has no separate weights: ("ViT-B-16:openai", "/m/dir") ->
+    [("ViT-B-16", "openai"), ("/m/dir", "")]."""
+    specs = []
+    for entry in clip_models:
+        if entry.startswith((LOCAL_DIR_PREFIX, "hf-hub:")) or ":" not in entry:
+            specs.append((entry, ""))
+        else:
+            model, _, pretrained = entry.partition(":")
+            specs.append((model, pretrained))
+    return specs
+
+
+DEFAULT_CLIP_SPECS: tuple[tuple[str, str], ...] = tuple(parse_clip_specs(PAPER_CLIP_MODELS))
 
 PathLike = Union[str, os.PathLike]
 
@@ -53,15 +69,23 @@ _DTYPES = {
 # small helpers
 
 
+DTYPE_NAMES = tuple(sorted(_DTYPES))
+
+
+def parse_dtype(name: str, what: str = "dtype") -> torch.dtype:
+    """A dtype name ("fp32", "float16", "bf16", ...) -> torch.dtype; ``what`` (a flag) is named in the error."""
+    if name not in _DTYPES:
+        raise ValueError(f"{what}: expected one of {list(DTYPE_NAMES)}, got {name!r}")
+    return _DTYPES[name]
+
+
 def resolve_dtype(dtype: Union[None, str, torch.dtype], device: torch.device) -> torch.dtype:
     """Compute dtype: given one, else float16 on CUDA and float32 elsewhere."""
     if dtype is None:
         return torch.float16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype: expected one of {sorted(_DTYPES)}, got {dtype!r}")
-    return _DTYPES[dtype]
+    return parse_dtype(dtype)
 
 
 def resolve_device(device: Union[None, str, torch.device]) -> torch.device:

@@ -31,6 +31,7 @@ from diffusers.utils import BaseOutput
 
 from .checks import check_count, check_finite, check_scale
 from .cuda_graph import GraphedCall
+from .encoders import PAPER_CLIP_MODELS, PAPER_T5_MODEL, PAPER_TEXT_MAX_LENGTH
 from .files import partial_folder, replace_folder
 from .guidance import UnconditionalInputs, guided_denoiser
 from .prior import PriorConfig, ShiftedPrior
@@ -40,9 +41,9 @@ from .scheduler import ShiftedDiffusionScheduler
 from .vocab import ClusterVocab, StandardNormalShift
 
 PAPER_ENCODERS = {
-    "clip_models": ["ViT-B-16:openai", "ViT-B-32:openai", "RN101:openai"],
-    "t5_model": "t5-11b",
-    "text_max_length": 80,
+    "clip_models": list(PAPER_CLIP_MODELS),
+    "t5_model": PAPER_T5_MODEL,
+    "text_max_length": PAPER_TEXT_MAX_LENGTH,
     "t5_masked": False,
 }
 
@@ -153,7 +154,7 @@ class ShiftedDiffusionPriorPipeline(DiffusionPipeline):
     def load_encoders(self, device=None, dtype=None) -> None:
         """Build the CLIP and word-level text encoders named in the config (once)."""
         from .encoders import MultiCLIP, build_text_encoder
-        from .train_config import parse_clip_specs
+        from .encoders import parse_clip_specs
 
         device = device or self.device
         encoders = self.encoders
@@ -356,11 +357,9 @@ def save_prior(directory, prior: ShiftedPrior, shift, schedule_config: ScheduleC
     EMA weights); ``extra`` (the training config, step, validation) is stored as the pipeline's ``training``."""
     extra = dict(extra or {})
     drops_clip = extra.get("train", {}).get("empty_clip_prob", 0.0) > 0 or prior.arch.text_len == 0
-    network = prior
-    if state_dict is not None:
-        network = ShiftedPrior.from_prior_config(prior.arch)
-        network.load_state_dict(state_dict)
-    pipeline = build_pipeline(network.float().cpu(), shift.cpu(), schedule_config, encoders, null_clip_text,
+    network = ShiftedPrior.from_prior_config(prior.arch)  # a float32 CPU copy: the caller's network stays as it is
+    network.load_state_dict({k: v.detach().float().cpu() for k, v in (state_dict or prior.state_dict()).items()})
+    pipeline = build_pipeline(network, shift.cpu(), schedule_config, encoders, null_clip_text,
                               null_text_tokens, uncond_clip_text="empty_caption" if drops_clip else "prompt",
                               training=extra)
     pipeline.save_pretrained(directory)
@@ -410,7 +409,7 @@ def _check_local_encoders(encoders: dict) -> None:
     """Refuse encoder settings naming a local path (a value with a path separator) that does not exist, before
     open_clip / transformers take it for a hub name."""
     from .encoders import CLIP_TOKENS_PREFIX, LOCAL_DIR_PREFIX
-    from .train_config import parse_clip_specs
+    from .encoders import parse_clip_specs
 
     values = [("clip_models", part) for spec in parse_clip_specs(encoders.get("clip_models") or []) for part in spec]
     t5 = str(encoders.get("t5_model") or "")

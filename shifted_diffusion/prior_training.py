@@ -22,7 +22,8 @@ from .metrics import blockwise_cosine
 from .prior import PriorConfig, ShiftedPrior
 from .prior_pipeline import ShiftedDiffusionPriorPipeline, build_pipeline, save_prior
 from .schedule import DiffusionSchedule, ScheduleConfig
-from .train_config import TrainConfig, parse_clip_specs
+from .encoders import parse_clip_specs
+from .train_config import TrainConfig
 from .training import epoch_batches  # noqa: F401  (the shared data order; imported from here before)
 from .vocab import ClusterVocab, StandardNormalShift
 

@@ -14,6 +14,7 @@ from typing import ClassVar, Optional, Sequence
 
 from . import config_cli
 from .checks import check_choice, check_range
+from .encoders import PAPER_CLIP_MODELS, parse_clip_specs  # noqa: F401  (parse_clip_specs: its old import path)
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class TrainConfig(config_cli.FlagConfig):
     toy_fast: bool = False  # tiny toy world (tests)
     # encoders (frozen, run once into the cache)
     clip_models: Sequence[str] = dataclasses.field(
-        default=("ViT-B-16:openai", "ViT-B-32:openai", "RN101:openai"),
+        default=PAPER_CLIP_MODELS,
         metadata={"comma_separated": True, "help": "comma-separated MODEL:PRETRAINED open_clip pairs"})
     t5_model: str = "t5-11b"  # a T5 name/path, "clip-tokens:<open_clip dir>", or "none"
     text_max_length: int = 80
@@ -101,7 +102,7 @@ class TrainConfig(config_cli.FlagConfig):
         """Every numeric setting in its range and every name known: ValueError naming the flag otherwise."""
         from diffusers.optimization import SchedulerType
 
-        from .encoders import _DTYPES
+        from .encoders import DTYPE_NAMES
         from .prior import _PRESETS
 
         ints = {  # field: (low, optional)
@@ -135,7 +136,7 @@ class TrainConfig(config_cli.FlagConfig):
         check_choice("--mixed_precision", self.mixed_precision, {"no", "fp16", "bf16"})
         check_choice("--model_preset", self.model_preset, set(_PRESETS))
         check_choice("--lr_scheduler", self.lr_scheduler, {t.value for t in SchedulerType})
-        check_choice("--encoder_dtype", self.encoder_dtype, {None, *_DTYPES})
+        check_choice("--encoder_dtype", self.encoder_dtype, {None, *DTYPE_NAMES})
         if self.model_width is not None and self.model_num_heads is not None and self.model_width % self.model_num_heads:
             raise ValueError(f"--model_width {self.model_width} is not divisible by --model_num_heads "
                              f"{self.model_num_heads}")
@@ -153,17 +154,3 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_config(argv: Optional[Sequence[str]] = None, defaults: Optional[dict] = None) -> TrainConfig:
     """TrainConfig from (dataclass defaults) < ``defaults`` < YAML files in order < explicit flags."""
     return config_cli.parse_settings(TrainConfig, argv, defaults, parser=build_parser())
-
-
-def parse_clip_specs(clip_models: Sequence[str]) -> list[tuple[str, str]]:
-    """"MODEL:PRETRAINED" entries -> (model, pretrained); a bare entry (a local open_clip folder, or
-    "local-dir:..." / "hf-hub:...") has no separate weights: ("ViT-B-16:openai", "/m/dir") ->
-    [("ViT-B-16", "openai"), ("/m/dir", "")]."""
-    specs = []
-    for entry in clip_models:
-        if entry.startswith(("local-dir:", "hf-hub:")) or ":" not in entry:
-            specs.append((entry, ""))
-        else:
-            model, _, pretrained = entry.partition(":")
-            specs.append((model, pretrained))
-    return specs

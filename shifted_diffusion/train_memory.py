@@ -20,9 +20,10 @@ from typing import Any, Dict
 
 import torch
 
+from .encoders import parse_dtype
+
 from .prior import PriorConfig, ShiftedPrior
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MIB = 2**20
 
 
@@ -112,7 +113,7 @@ def memory_report(preset: str = "tiny", batch: int = 64, dtype: str = "bf16", de
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
-    autocast_dtype = DTYPES[dtype]
+    autocast_dtype = parse_dtype(dtype, "--dtype")
     result: Dict[str, Any] = {
         "preset": preset, "batch": batch, "dtype": str(autocast_dtype).replace("torch.", ""),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
