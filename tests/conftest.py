@@ -3,8 +3,11 @@
 Also the shared fixtures of the encoder / data / cache tests: two tiny random open_clip folders (written with
 ``encoders.save_open_clip``), a tiny random T5 encoder folder (ByT5 byte tokenizer: no download) and a small
 image folder in the Hugging Face ``imagefolder`` convention with ``CAPTION_FOLDER_EXPECTED`` its expected parse.
-And the original prior's network (``reference_prior``: tests/reference_prior.py, loaded here by path, the
-only way tests reach it: no test imports another file of tests/).
+The tiny decoder pieces (``tiny_sd_pipeline``: a Stable Diffusion folder, ``tiny_decoder_clips``: two tiny
+open_clips, ``small_images``: an image folder), tiny stock unCLIP decoders (``tiny_unclip_decoder``: Kandinsky 2.2,
+Stable unCLIP, Karlo) and the tiny prior pipeline with its caption inputs (``tiny_prior_pipeline``,
+``prior_captions``), each a builder fixture. And the original prior's network (``reference_prior``:
+tests/reference_prior.py, loaded here by path, the only way tests reach it: no test imports another file of tests/).
 """
 
 import functools
