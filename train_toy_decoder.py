@@ -13,18 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
-# the recipe's public functions, still imported from here by test.py / sft_test.py
-from shifted_diffusion.toy.decoder_recipe import (  # noqa: F401
-    DEFAULT_FAST_OUTPUT_DIR,
-    DEFAULT_OUTPUT_DIR,
-    TOY_DECODER_FILE,
-    add_toy_default_arguments,
-    clip_identity,
-    default_toy_decoder,
-    ensure_toy_decoder,
-    finished_decoder_record,
-    train_toy_decoder,
-)
+from shifted_diffusion.toy.decoder_recipe import train_toy_decoder
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Path:

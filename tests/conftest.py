@@ -3,8 +3,11 @@
 Also the shared fixtures of the encoder / data / cache tests: two tiny random open_clip folders (written with
 ``encoders.save_open_clip``), a tiny random T5 encoder folder (ByT5 byte tokenizer: no download) and a small
 image folder in the Hugging Face ``imagefolder`` convention with ``CAPTION_FOLDER_EXPECTED`` its expected parse.
-And the original prior's network (``reference_prior``: tests/reference_prior.py, loaded here by path, the
-only way tests reach it: no test imports another file of tests/).
+The tiny decoder pieces (``tiny_sd_pipeline``: a Stable Diffusion folder, ``tiny_decoder_clips``: two tiny
+open_clips, ``small_images``: an image folder), tiny stock unCLIP decoders (``tiny_unclip_decoder``: Kandinsky 2.2,
+Stable unCLIP, Karlo) and the tiny prior pipeline with its caption inputs (``tiny_prior_pipeline``,
+``prior_captions``), each a builder fixture. And the original prior's network (``reference_prior``:
+tests/reference_prior.py, loaded here by path, the only way tests reach it: no test imports another file of tests/).
 """
 
 import functools
@@ -215,3 +218,287 @@ def reference_prior():
         return module.randomize_(ref, torch.Generator().manual_seed(seed)).eval()
 
     return build
+
+
+# ---------------------------------------------------------------------------------------------- tiny decoders
+
+def build_tiny_sd(directory, prediction_type="epsilon", with_text_encoder=True, resolution=32):
+    """A complete tiny StableDiffusionPipeline folder (UNet resolution / 2 latents, VAE factor 2, DDIM, tiny text
+    encoder), saved with save_pretrained."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=resolution // 2, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=24, attention_head_dim=4, norm_num_groups=8)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4, norm_num_groups=4, sample_size=resolution)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+    text_encoder = None
+    if with_text_encoder:  # a "stock" folder: the text encoder is present but must never be needed
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=24, intermediate_size=32, num_attention_heads=2,
+                                                    num_hidden_layers=1, vocab_size=100, max_position_embeddings=16,
+                                                    projection_dim=24))
+    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=None, unet=unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    pipeline.save_pretrained(directory)
+    return Path(directory)
+
+
+TINY_DECODER_CLIP_CFGS = (  # two different tiny open_clips: D = 32 + 24 = 56
+    {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
+     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}},
+    {"embed_dim": 24, "vision_cfg": {"image_size": 48, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
+     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}},
+)
+
+
+def build_tiny_clips(root) -> list[str]:
+    """Two tiny random open_clip folders written with encoders.save_open_clip (loadable by MultiCLIP)."""
+    import open_clip
+
+    from shifted_diffusion.encoders import save_open_clip
+
+    folders = []
+    for i, cfg in enumerate(TINY_DECODER_CLIP_CFGS):
+        torch.manual_seed(i)
+        folders.append(str(save_open_clip(open_clip.CLIP(**cfg), cfg, Path(root) / f"clip{i}")))
+    return folders
+
+
+def make_small_images(directory, count=10, seed=0):
+    """Small RGB images of a coloured rectangle on a coloured background, some with (ignored) captions."""
+    from PIL import Image
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        array = np.zeros((36 + 2 * (i % 3), 40, 3), np.uint8)
+        array[...] = rng.integers(0, 256, 3)
+        array[8:24, 10:30] = rng.integers(0, 256, 3)
+        Image.fromarray(array).save(directory / f"img{i:02d}.png")
+        if i % 2:
+            (directory / f"img{i:02d}.txt").write_text("a caption that the decoder ignores")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_pipeline():
+    """Builder of a tiny StableDiffusionPipeline folder: ``tiny_sd_pipeline(directory, prediction_type="epsilon",
+    with_text_encoder=True, resolution=32) -> directory`` (the decoder trainer's "pretrained" model)."""
+    return build_tiny_sd
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder_clips():
+    """Builder of two tiny open_clip folders (D = 32 + 24 = 56): ``tiny_decoder_clips(root) -> [folder, folder]``."""
+    return build_tiny_clips
+
+
+@pytest.fixture(scope="session")
+def small_images():
+    """Writer of small RGB images (some with ignored captions): ``small_images(directory, count=10, seed=0)``."""
+    return make_small_images
+
+
+# ---------------------------------------------------------------------------------------------- tiny unCLIP decoders
+
+def _tokenizer(folder):
+    """A CLIPTokenizer from a 54-token vocabulary written to disk (letters, bos / eos), 77 positions."""
+    from transformers import CLIPTokenizer
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    vocab.update({c: len(vocab) for c in letters})
+    vocab.update({c + "</w>": len(vocab) for c in letters})
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77,
+                         pad_token="<|endoftext|>")
+
+
+def _text_config(hidden_size, projection_dim):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=hidden_size,
+                          projection_dim=projection_dim,
+                          intermediate_size=16, num_attention_heads=2, num_hidden_layers=1, vocab_size=60)
+
+
+def _image_encoder(projection_dim):
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    return CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=16, projection_dim=projection_dim, num_hidden_layers=1, num_attention_heads=2, image_size=8,
+        intermediate_size=16, patch_size=4))
+
+
+def _save_kandinsky(path, dim):
+    """A tiny KandinskyV22Pipeline (image_proj UNet with learned variance, spatial-norm VQ movq, DDPM)."""
+    from diffusers import DDPMScheduler, KandinskyV22Pipeline, UNet2DConditionModel, VQModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=8, addition_embed_type="image",
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn", block_out_channels=(8, 16), layers_per_block=1,
+        encoder_hid_dim=dim, encoder_hid_dim_type="image_proj", cross_attention_dim=16,
+        attention_head_dim=4, norm_num_groups=4, resnet_time_scale_shift="scale_shift", class_embed_type=None)
+    movq = VQModel(block_out_channels=[32, 32], down_block_types=["DownEncoderBlock2D", "AttnDownEncoderBlock2D"],
+                   up_block_types=["AttnUpDecoderBlock2D", "UpDecoderBlock2D"], in_channels=3, out_channels=3,
+                   latent_channels=4, layers_per_block=1, norm_num_groups=8, norm_type="spatial",
+                   num_vq_embeddings=12, vq_embed_dim=4)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.00085, beta_end=0.012,
+                              clip_sample=False)
+    KandinskyV22Pipeline(unet=unet, scheduler=scheduler, movq=movq).save_pretrained(path)
+
+
+def _save_stable_unclip(path, dim, scratch):
+    """A tiny StableUnCLIPImg2ImgPipeline (projection class embedding of 2 x D, normaliser, VAE, CLIP text)."""
+    from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, StableUnCLIPImg2ImgPipeline,
+                           UNet2DConditionModel)
+    from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
+    from transformers import CLIPImageProcessor, CLIPTextModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=(2, 4), norm_num_groups=4, cross_attention_dim=16, class_embed_type="projection",
+        projection_class_embeddings_input_dim=2 * dim, use_linear_projection=True)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=4, layers_per_block=1)
+    normalizer = StableUnCLIPImageNormalizer(embedding_dim=dim)
+    with torch.no_grad():  # non-trivial statistics: the pipeline must standardise and restore
+        normalizer.mean.copy_(torch.randn(1, dim))
+        normalizer.std.copy_(torch.rand(1, dim) + 0.5)
+    StableUnCLIPImg2ImgPipeline(
+        feature_extractor=CLIPImageProcessor(crop_size=8, size=8), image_encoder=_image_encoder(dim),
+        image_normalizer=normalizer, image_noising_scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2"),
+        tokenizer=_tokenizer(scratch), text_encoder=CLIPTextModel(_text_config(16, dim)), unet=unet,
+        scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                prediction_type="v_prediction", set_alpha_to_one=False, steps_offset=1),
+        vae=vae,
+    ).save_pretrained(path)
+
+
+def _save_karlo(path, dim, scratch, size):
+    """A tiny UnCLIPImageVariationPipeline (16 px decoder with learned variance, 32 px super-resolution)."""
+    from diffusers import UNet2DConditionModel, UNet2DModel, UnCLIPImageVariationPipeline, UnCLIPScheduler
+    from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
+    from transformers import CLIPImageProcessor, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    decoder = UNet2DConditionModel(
+        sample_size=16, in_channels=3, out_channels=6, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn", cross_attention_dim=16, attention_head_dim=4,
+        norm_num_groups=4, resnet_time_scale_shift="scale_shift", class_embed_type="identity")
+    text_proj = UnCLIPTextProjModel(clip_embeddings_dim=dim, time_embed_dim=32, cross_attention_dim=16)
+
+    def super_res():
+        return UNet2DModel(sample_size=size, in_channels=6, out_channels=3, block_out_channels=(8, 16),
+                           layers_per_block=1, norm_num_groups=4,
+                           down_block_types=("ResnetDownsampleBlock2D",) * 2,
+                           up_block_types=("ResnetUpsampleBlock2D",) * 2)
+
+    UnCLIPImageVariationPipeline(
+        decoder=decoder, text_encoder=CLIPTextModelWithProjection(_text_config(dim, dim)),
+        tokenizer=_tokenizer(scratch), text_proj=text_proj, feature_extractor=CLIPImageProcessor(crop_size=8, size=8),
+        image_encoder=_image_encoder(dim), super_res_first=super_res(), super_res_last=super_res(),
+        decoder_scheduler=UnCLIPScheduler(variance_type="learned_range", prediction_type="epsilon"),
+        super_res_scheduler=UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="epsilon"),
+    ).save_pretrained(path)
+
+
+def save_tiny_unclip_decoder(kind: str, path, dim: int, size: int = 32) -> Path:
+    """A tiny stock unCLIP decoder pipeline folder taking image embeddings of ``dim``: kind "kandinsky"
+    (KandinskyV22Pipeline, 16 x 16 latents -> 32 px), "stable_unclip" (StableUnCLIPImg2ImgPipeline) or "karlo"
+    (UnCLIPImageVariationPipeline, ``size`` px super-resolution). No download."""
+    path = Path(path)
+    scratch = path.parent / f"{path.name}_tokenizer_files"
+    scratch.mkdir(parents=True, exist_ok=True)
+    if kind == "kandinsky":
+        _save_kandinsky(path, dim)
+    elif kind == "stable_unclip":
+        _save_stable_unclip(path, dim, scratch)
+    elif kind == "karlo":
+        _save_karlo(path, dim, scratch, size)
+    else:
+        raise ValueError(f"kind: expected kandinsky, stable_unclip or karlo, got {kind!r}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_unclip_decoder():
+    """Builder of a tiny unCLIP decoder folder: ``tiny_unclip_decoder(kind, path, dim, size=32) -> path``."""
+    return save_tiny_unclip_decoder
+
+
+# ---------------------------------------------------------------------------------------------- tiny prior pipelines
+
+TINY_PRIOR_VOCAB_SIZE = 5
+
+
+class TinyPriorPipelines:
+    """Builder of a random tiny ShiftedDiffusionPriorPipeline (the "tiny" preset, 5 clusters, std_scale 2, seeded):
+    ``tiny_prior_pipeline(**build_pipeline_kwargs)``; ``.config`` (PriorConfig), ``.encoders`` (its encoders config).
+    ``clip_dim`` builds one of another embedding dim (e.g. a decoder's)."""
+
+    encoders = {"clip_models": ["x"], "t5_model": "none"}
+
+    @property
+    def config(self):
+        from shifted_diffusion.prior import PriorConfig
+
+        return PriorConfig.preset("tiny", vocab_size=TINY_PRIOR_VOCAB_SIZE)
+
+    def __call__(self, clip_dim: Optional[int] = None, **kwargs):
+        import dataclasses
+
+        from shifted_diffusion.prior import ShiftedPrior
+        from shifted_diffusion.prior_pipeline import build_pipeline
+        from shifted_diffusion.schedule import ScheduleConfig
+        from shifted_diffusion.vocab import ClusterVocab
+
+        config = self.config if clip_dim is None else dataclasses.replace(self.config, clip_dim=clip_dim)
+        torch.manual_seed(0)
+        g = torch.Generator().manual_seed(1)
+        k = TINY_PRIOR_VOCAB_SIZE
+        vocab = ClusterVocab(torch.randn(k, config.clip_dim, generator=g),
+                             torch.rand(k, config.clip_dim, generator=g) + 0.1, std_scale=2.0)
+        null_clip = torch.randn(config.clip_dim, generator=g)
+        null_tokens = torch.randn(config.text_len, config.text_dim, generator=g)
+        return build_pipeline(ShiftedPrior.from_prior_config(config), vocab, ScheduleConfig(), self.encoders, null_clip,
+                              null_tokens, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def tiny_prior_pipeline():
+    """TinyPriorPipelines(): ``tiny_prior_pipeline(**kwargs)`` builds the pipeline; ``.config``, ``.encoders``."""
+    return TinyPriorPipelines()
+
+
+def make_prior_captions(n: int = 4, seed: int = 2, config=None):
+    """Random caption inputs of the tiny prior: (clip_text (n, D), text_tokens (n, L, E))."""
+    config = config or TinyPriorPipelines().config
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, config.clip_dim, generator=g),
+            torch.randn(n, config.text_len, config.text_dim, generator=g))
+
+
+@pytest.fixture(scope="session")
+def prior_captions():
+    """``prior_captions(n=4, seed=2)``: random (clip_text, text_tokens) inputs of ``tiny_prior_pipeline()``."""
+    return make_prior_captions

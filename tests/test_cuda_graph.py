@@ -14,8 +14,6 @@ from shifted_diffusion.guidance import guided_denoiser
 from shifted_diffusion.sampling import sample_ancestral
 from shifted_diffusion.schedule import DiffusionSchedule, ScheduleConfig
 
-from test_prior_pipeline import captions, pipeline
-
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -30,12 +28,12 @@ def test_schedule_to_moves_every_table():
     assert moved.num_steps == 8
 
 
-def test_graphed_call_rejects_cpu_inputs():
+def test_graphed_call_rejects_cpu_inputs(tiny_prior_pipeline, prior_captions):
     with pytest.raises(ValueError, match="CUDA device; got inputs on \\['cpu'\\]"):
         GraphedCall(lambda x, generator: x * 2, {"x": torch.ones(2)})
-    clip_text, tokens = captions(2)
+    clip_text, tokens = prior_captions(2)
     with pytest.raises(ValueError, match="CUDA device"):
-        pipeline().sample(clip_text, tokens, num_inference_steps=2, cuda_graph=True)
+        tiny_prior_pipeline().sample(clip_text, tokens, num_inference_steps=2, cuda_graph=True)
 
 
 class EagerStandIn:
@@ -56,11 +54,11 @@ class EagerStandIn:
         return self.fn(**self.static, generator=generator)
 
 
-def test_pipeline_graph_cache(monkeypatch):
+def test_pipeline_graph_cache(monkeypatch, tiny_prior_pipeline, prior_captions):
     monkeypatch.setattr(prior_pipeline, "GraphedCall", EagerStandIn)
     EagerStandIn.captures = []
-    pipe = pipeline()
-    clip_text, tokens = captions(3, seed=5)
+    pipe = tiny_prior_pipeline()
+    clip_text, tokens = prior_captions(3, seed=5)
     got = pipe.sample(clip_text, tokens, num_inference_steps=4, guidance_scale=2.0, generator=torch.Generator().manual_seed(7),
                       cuda_graph=True)
 
@@ -73,7 +71,7 @@ def test_pipeline_graph_cache(monkeypatch):
     torch.testing.assert_close(got, want)
 
     # same signature, new prompts, a fresh generator object: replayed on the new inputs, not captured again
-    other_clip, other_tokens = captions(3, seed=6)
+    other_clip, other_tokens = prior_captions(3, seed=6)
     again = pipe.sample(other_clip, other_tokens, num_inference_steps=4, guidance_scale=2.0,
                         generator=torch.Generator().manual_seed(7), cuda_graph=True)
     eager = pipe.sample(other_clip, other_tokens, num_inference_steps=4, guidance_scale=2.0,
@@ -84,7 +82,7 @@ def test_pipeline_graph_cache(monkeypatch):
 
     # a new batch size, step count or guidance scale is a new graph; the oldest beyond max_cuda_graphs goes
     for n, steps, scale in ((2, 4, 2.0), (3, 2, 2.0), (3, 4, 1.0), (3, 4, 3.0)):
-        clip_text, tokens = captions(n, seed=8)
+        clip_text, tokens = prior_captions(n, seed=8)
         out = pipe.sample(clip_text, tokens, num_inference_steps=steps, guidance_scale=scale, cuda_graph=True)
         assert out.shape == (n, pipe.clip_dim)
     assert len(EagerStandIn.captures) == 5 and len(pipe._graphs) == pipe.max_cuda_graphs
@@ -101,9 +99,9 @@ def test_pipeline_graph_cache(monkeypatch):
 
 @cuda
 @pytest.mark.parametrize("custom_generator", [False, True])
-def test_graphed_sampling_equals_eager(custom_generator):
-    pipe = pipeline().to("cuda")
-    clip_text, tokens = captions(4, seed=3)
+def test_graphed_sampling_equals_eager(custom_generator, tiny_prior_pipeline, prior_captions):
+    pipe = tiny_prior_pipeline().to("cuda")
+    clip_text, tokens = prior_captions(4, seed=3)
     generator = torch.Generator("cuda") if custom_generator else None
 
     def seed(s):
@@ -119,7 +117,7 @@ def test_graphed_sampling_equals_eager(custom_generator):
     torch.testing.assert_close(graphed, eager, atol=0, rtol=0)
     torch.testing.assert_close(after_graphed, after_eager, atol=0, rtol=0)  # the caller's stream of draws
 
-    other_clip, other_tokens = captions(4, seed=4)
+    other_clip, other_tokens = prior_captions(4, seed=4)
     kwargs["generator"] = torch.Generator("cuda").manual_seed(12)  # a fresh generator object: same graph
     eager = pipe.sample(other_clip, other_tokens, **kwargs)
     kwargs["generator"] = torch.Generator("cuda").manual_seed(12)

@@ -9,11 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from repo_modules import load_repo_module
 from PIL import Image
 from safetensors.torch import load_file
 
-from shifted_diffusion import decoder_data, decoder_training
+from shifted_diffusion import decoder_data, decoder_training, image_to_image
 from shifted_diffusion.checkpoints import list_checkpoints
 from shifted_diffusion.decoder_training import DecoderTrainConfig, parse_decoder_config, train_decoder
 
@@ -27,88 +26,18 @@ def run(argv):
     return train_decoder(parse_decoder_config(argv))
 
 
-def load_script(name):
-    """A top-level script as a module, by path (the repo's test.py shares its name with the stdlib `test`)."""
-    return load_repo_module(name)
-
-
 # ---------------------------------------------------------------------------------------------- builders
 
 
-def build_tiny_sd(directory, prediction_type="epsilon", with_text_encoder=True):
-    """A complete tiny StableDiffusionPipeline folder (UNet 16x16 latents, VAE factor 2, DDIM, tiny text encoder)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=RESOLUTION // 2, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=24, attention_head_dim=4, norm_num_groups=8)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4, norm_num_groups=4, sample_size=RESOLUTION)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
-    text_encoder = None
-    if with_text_encoder:  # a "stock" folder: the text encoder is present but must never be needed
-        from transformers import CLIPTextConfig, CLIPTextModel
-
-        text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=24, intermediate_size=32, num_attention_heads=2,
-                                                    num_hidden_layers=1, vocab_size=100, max_position_embeddings=16,
-                                                    projection_dim=24))
-    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=None, unet=unet,
-                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
-    pipeline.save_pretrained(directory)
-    return Path(directory)
-
-
-TINY_CLIP_CFGS = (  # two different tiny open_clips: D = 32 + 24 = 56
-    {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
-     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}},
-    {"embed_dim": 24, "vision_cfg": {"image_size": 48, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
-     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}},
-)
-
-
-def build_tiny_clips(root) -> list[str]:
-    """Two tiny random open_clip folders written with encoders.save_open_clip (loadable by MultiCLIP)."""
-    import open_clip
-
-    from shifted_diffusion.encoders import save_open_clip
-
-    folders = []
-    for i, cfg in enumerate(TINY_CLIP_CFGS):
-        torch.manual_seed(i)
-        folders.append(str(save_open_clip(open_clip.CLIP(**cfg), cfg, Path(root) / f"clip{i}")))
-    return folders
-
-
-def make_images(directory, count=10, seed=0):
-    """Small RGB images of a coloured rectangle on a coloured background, some with (ignored) captions."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(count):
-        array = np.zeros((36 + 2 * (i % 3), 40, 3), np.uint8)
-        array[...] = rng.integers(0, 256, 3)
-        array[8:24, 10:30] = rng.integers(0, 256, 3)
-        Image.fromarray(array).save(directory / f"img{i:02d}.png")
-        if i % 2:
-            (directory / f"img{i:02d}.txt").write_text("a caption that the decoder ignores")
-    return directory
-
-
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, tiny_sd_pipeline, tiny_decoder_clips, small_images):
     root = tmp_path_factory.mktemp("finetune_world")
-    make_images(root / "images")
+    small_images(root / "images")
     (root / "images" / "broken.png").write_bytes(b"not a png")
     return {
-        "sd": build_tiny_sd(root / "sd"),
+        "sd": tiny_sd_pipeline(root / "sd", resolution=RESOLUTION),
         "images": root / "images",  # 10 images + one corrupt file (reported and left out)
-        "clips": build_tiny_clips(root),
+        "clips": tiny_decoder_clips(root),
         "root": root,
     }
 
@@ -202,9 +131,8 @@ def test_finetune_checkpoint_resume_and_output_folder(world, tmp_path, capsys):
     assert decoder.clip_dim == 32 + 24 and decoder.clip_specs == [(c, "") for c in world["clips"]]
 
     # image-to-image from the fine-tuned folder, requested size
-    img2img = load_script("test.py")
     out = tmp_path / "recon"
-    written = img2img.main(["--decoder", str(run_a), "--images", str(world["images"] / "img00.png"),
+    written = image_to_image.main(["--decoder", str(run_a), "--images", str(world["images"] / "img00.png"),
                             str(world["images"] / "img01.png"), "--output_dir", str(out),
                             "--num_inference_steps", "2", "--height", "40", "--width", "24"])
     assert sorted(p.name for p in written) == ["re_img00.png", "re_img01.png"]
@@ -255,7 +183,7 @@ def test_condition_dropout_replaces_embedding(world):
     assert loss(first, 0.0) != loss(second, 0.0)
 
 
-def test_embedding_cache_reused_when_it_matches(world, tmp_path):
+def test_embedding_cache_reused_when_it_matches(world, tmp_path, small_images):
     from shifted_diffusion import cache
     from shifted_diffusion.data import read_image_folder
     from shifted_diffusion.encoders import MultiCLIP, NoTextEncoder
@@ -274,7 +202,7 @@ def test_embedding_cache_reused_when_it_matches(world, tmp_path):
     assert readable.tolist() == [False] + [True] * 5 and torch.equal(with_broken[1:], cached)
     other_clip = MultiCLIP([(world["clips"][0], "")], device="cpu", dtype=torch.float32)
     assert decoder_data.cached_image_embeddings(tmp_path / "cache", other_clip, paths) is None
-    stranger = make_images(tmp_path / "other", count=1, seed=3) / "img00.png"
+    stranger = small_images(tmp_path / "other", count=1, seed=3) / "img00.png"
     assert decoder_data.cached_image_embeddings(tmp_path / "cache", clip, paths + [stranger]) is None
 
 
@@ -318,8 +246,8 @@ def test_epoch_loader_resumes_mid_epoch_at_the_same_batch():
     assert sorted(sum(straight[4:8], [])) != list(range(8))  # and not the first 8 items in order
 
 
-def test_training_images_ignore_malformed_captions(tmp_path):
-    folder = make_images(tmp_path / "imgs", count=2)
+def test_training_images_ignore_malformed_captions(tmp_path, small_images):
+    folder = small_images(tmp_path / "imgs", count=2)
     (folder / "metadata.jsonl").write_text('{"file_name": "img00.png", "caption": "no text column"}\n')
     assert [p.name for p in decoder_data.list_training_images(str(folder))] == ["img00.png", "img01.png"]
 
@@ -452,9 +380,10 @@ def test_one_state_file_and_the_resolved_config_in_checkpoints_and_output(world,
     assert DecoderTrainConfig.from_dict(saved).num_tokens == 3
 
 
-def test_v_prediction_base_trains_and_keeps_its_prediction_type(world, tmp_path):
+def test_v_prediction_base_trains_and_keeps_its_prediction_type(world, tmp_path, tiny_sd_pipeline):
     """An SD2-768-style base (v_prediction) trains on the v target and the output keeps prediction_type."""
-    base = build_tiny_sd(tmp_path / "sd_v", prediction_type="v_prediction", with_text_encoder=False)
+    base = tiny_sd_pipeline(tmp_path / "sd_v", prediction_type="v_prediction", with_text_encoder=False,
+                            resolution=RESOLUTION)
     args = base_args(world, tmp_path / "out", "--max_train_steps", "1", "--validation_steps", "0",
                      "--checkpointing_steps", "0", "--no-random_flip", "--no-projection_layer_norm")
     args[args.index("--pretrained_model_name_or_path") + 1] = str(base)
@@ -540,7 +469,8 @@ def test_embedding_cache_not_reused_after_images_or_clip_weights_change(world, t
     assert "img03.png changed since the cache was built" in caplog.text
 
     torch.manual_seed(7)  # retrained in place: same folder, same config, other weights
-    save_open_clip(open_clip.CLIP(**TINY_CLIP_CFGS[0]), TINY_CLIP_CFGS[0], clip_dir)
+    model_cfg = json.loads((clip_dir / "open_clip_config.json").read_text())["model_cfg"]
+    save_open_clip(open_clip.CLIP(**model_cfg), model_cfg, clip_dir)
     retrained = MultiCLIP([(str(clip_dir), "")], device="cpu", dtype=torch.float32)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="shifted_diffusion.decoder_data"):

@@ -1,5 +1,6 @@
-"""The decoder folder (load_decoder / Decoder.generate), test.py (image-to-image) and sft_test.py (text-to-image)
-on a tiny decoder folder built from a saved "stock" SD folder (text encoder present, unused)."""
+"""The decoder folder (load_decoder / Decoder.generate), image-to-image (shifted_diffusion.image_to_image: test.py)
+and text-to-image (shifted_diffusion.text_to_image: sft_test.py) on a tiny decoder folder built from a saved
+"stock" SD folder (text encoder present, unused), and text-to-image into a tiny stock Kandinsky 2.2 decoder."""
 
 import os
 import sys
@@ -11,26 +12,21 @@ import pytest
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import sft_test  # noqa: E402
-from test_finetune import build_tiny_clips, build_tiny_sd, load_script, make_images  # noqa: E402
+from shifted_diffusion import image_to_image, text_to_image
+from shifted_diffusion.decoder import load_decoder, load_embedding, save_embedding, write_decoder_files
+from shifted_diffusion.projection import ImageEmbeddingProjection
 
-from shifted_diffusion.decoder import load_decoder, load_embedding, save_embedding, write_decoder_files  # noqa: E402
-from shifted_diffusion.projection import ImageEmbeddingProjection  # noqa: E402
-
-img2img = load_script("test.py")  # the repo's test.py (the name `test` is also a stdlib package)
-CLIP_DIM = 32 + 24  # the two tiny open_clips of test_finetune.build_tiny_clips
+CLIP_DIM = 32 + 24  # the two tiny open_clips of conftest's tiny_decoder_clips
 
 
 @pytest.fixture(scope="module")
-def clip_dirs(tmp_path_factory):
-    return build_tiny_clips(tmp_path_factory.mktemp("clips"))
+def clip_dirs(tmp_path_factory, tiny_decoder_clips):
+    return tiny_decoder_clips(tmp_path_factory.mktemp("clips"))
 
 
 @pytest.fixture(scope="module")
-def decoder_dir(tmp_path_factory, clip_dirs):
-    directory = build_tiny_sd(tmp_path_factory.mktemp("decoder") / "sd", with_text_encoder=True)
+def decoder_dir(tmp_path_factory, clip_dirs, tiny_sd_pipeline):
+    directory = tiny_sd_pipeline(tmp_path_factory.mktemp("decoder") / "sd", with_text_encoder=True)
     torch.manual_seed(0)
     projection = ImageEmbeddingProjection(clip_dim=CLIP_DIM, cross_attention_dim=24, num_tokens=4, layer_norm=True)
     write_decoder_files(directory, projection, torch.randn(CLIP_DIM),
@@ -71,21 +67,21 @@ def test_generate_equals_pipeline_on_projected_embeddings(decoder_dir):
         decoder.generate(torch.randn(2, 9), num_inference_steps=1)
 
 
-def test_img2img_folder_beside_and_output_dir(decoder_dir, tmp_path, capsys):
-    inputs = make_images(tmp_path / "in", count=2)
-    make_images(inputs / "nested", count=1, seed=1)
+def test_img2img_folder_beside_and_output_dir(decoder_dir, tmp_path, capsys, small_images):
+    inputs = small_images(tmp_path / "in", count=2)
+    small_images(inputs / "nested", count=1, seed=1)
     (inputs / "broken.jpg").write_bytes(b"not a jpeg")  # reported and skipped
     common = ["--decoder", str(decoder_dir), "--num_inference_steps", "2", "--batch_size", "2"]
-    beside = img2img.main(common + ["--images", str(inputs)])
+    beside = image_to_image.main(common + ["--images", str(inputs)])
     assert "skipping unreadable image" in capsys.readouterr().err
     assert sorted(p.relative_to(inputs).as_posix() for p in beside) == [
         "nested/re_img00.png", "re_img00.png", "re_img01.png"]
     for path in beside:
         with Image.open(path) as image:
             assert image.size == (32, 32)  # the UNet's sample_size x the VAE factor
-    again = img2img.main(common + ["--images", str(inputs)])  # earlier re_ outputs are not inputs
+    again = image_to_image.main(common + ["--images", str(inputs)])  # earlier re_ outputs are not inputs
     assert len(again) == 3
-    out = img2img.main(common + ["--images", str(inputs), "--output_dir", str(tmp_path / "out"),
+    out = image_to_image.main(common + ["--images", str(inputs), "--output_dir", str(tmp_path / "out"),
                                  "--num_images", "2", "--height", "16", "--width", "24"])
     assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in out) == [
         "in/nested/re_img00_0.png", "in/nested/re_img00_1.png", "in/re_img00_0.png", "in/re_img00_1.png",
@@ -95,21 +91,21 @@ def test_img2img_folder_beside_and_output_dir(decoder_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "dpm", "euler", "pndm"])
-def test_img2img_schedulers(decoder_dir, tmp_path, scheduler):
-    make_images(tmp_path, count=1)
-    written = img2img.main(["--decoder", str(decoder_dir), "--images", str(tmp_path / "img00.png"),
+def test_img2img_schedulers(decoder_dir, tmp_path, scheduler, small_images):
+    small_images(tmp_path, count=1)
+    written = image_to_image.main(["--decoder", str(decoder_dir), "--images", str(tmp_path / "img00.png"),
                             "--num_inference_steps", "3", "--scheduler", scheduler, "--output_dir", str(tmp_path / "o")])
     with Image.open(written[0]) as image:
         assert image.size == (32, 32) and np.asarray(image).std() > 0
 
 
-def test_img2img_clip_mismatch_and_missing_input(decoder_dir, tmp_path, clip_dirs):
-    make_images(tmp_path, count=1)
+def test_img2img_clip_mismatch_and_missing_input(decoder_dir, tmp_path, clip_dirs, small_images):
+    small_images(tmp_path, count=1)
     with pytest.raises(SystemExit, match="dim 32.*expects 56"):
-        img2img.main(["--decoder", str(decoder_dir), "--images", str(tmp_path / "img00.png"),
+        image_to_image.main(["--decoder", str(decoder_dir), "--images", str(tmp_path / "img00.png"),
                       "--clip_models", clip_dirs[0]])
     with pytest.raises(SystemExit, match="no such file"):
-        img2img.main(["--decoder", str(decoder_dir), "--images", str(tmp_path / "nope.png")])
+        image_to_image.main(["--decoder", str(decoder_dir), "--images", str(tmp_path / "nope.png")])
     with pytest.raises(FileNotFoundError, match="not a shifted-diffusion decoder"):
         load_decoder(tmp_path)
 
@@ -151,7 +147,7 @@ def stand_in_prior(monkeypatch, tmp_path):
 def test_sft_text_to_image_with_prior_negative(decoder_dir, tmp_path, stand_in_prior):
     prior, prior_dir = stand_in_prior
     prompts = ["A red circle!", "two  blue/squares"]
-    written = sft_test.main(["--prior", str(prior_dir), "--decoder", str(decoder_dir), "--prompt", prompts[0],
+    written = text_to_image.main(["--prior", str(prior_dir), "--decoder", str(decoder_dir), "--prompt", prompts[0],
                              "--prompt", prompts[1], "--num_images", "2", "--prior_num_inference_steps", "4",
                              "--prior_guidance_scale", "2.0", "--num_inference_steps", "2", "--guidance_scale", "3",
                              "--output_dir", str(tmp_path / "out"), "--seed", "0",
@@ -180,7 +176,7 @@ def test_sft_prompts_file_and_empty_negative(decoder_dir, tmp_path, stand_in_pri
     negative = tmp_path / "neg.safetensors"
     save_embedding(negative, torch.randn(CLIP_DIM))
     for mode in ("empty", str(negative)):
-        written = sft_test.main(["--prior", str(prior_dir), "--decoder", str(decoder_dir), "--prompts_file",
+        written = text_to_image.main(["--prior", str(prior_dir), "--decoder", str(decoder_dir), "--prompts_file",
                                  str(tmp_path / "prompts.txt"), "--num_inference_steps", "1", "--negative", mode,
                                  "--no-grid", "--height", "16", "--width", "16", "--output_dir", str(tmp_path / "o")])
         assert [p.name for p in written] == ["000_first_prompt_0.png", "001_second_prompt_0.png"]
@@ -190,26 +186,26 @@ def test_sft_prompts_file_and_empty_negative(decoder_dir, tmp_path, stand_in_pri
 
 def test_sft_bad_inputs(decoder_dir, tmp_path, monkeypatch, stand_in_prior):
     with pytest.raises(SystemExit, match="prior folder .*missing_prior does not exist"):
-        sft_test.main(["--prior", str(tmp_path / "missing_prior"), "--decoder", str(decoder_dir), "--prompt", "x"])
+        text_to_image.main(["--prior", str(tmp_path / "missing_prior"), "--decoder", str(decoder_dir), "--prompt", "x"])
     _, prior_dir = stand_in_prior
     with pytest.raises(SystemExit, match="at least one"):
-        sft_test.main(["--prior", str(prior_dir), "--decoder", str(decoder_dir)])
+        text_to_image.main(["--prior", str(prior_dir), "--decoder", str(decoder_dir)])
     wrong = StandInPrior(clip_dim=40)
     sys.modules["shifted_diffusion.prior_pipeline"].load_prior = lambda path: wrong
     with pytest.raises(SystemExit, match="dim 40.*expects 56"):
-        sft_test.main(["--prior", str(prior_dir), "--decoder", str(decoder_dir), "--prompt", "x"])
+        text_to_image.main(["--prior", str(prior_dir), "--decoder", str(decoder_dir), "--prompt", "x"])
 
 
 def test_sanitize():
-    assert sft_test.sanitize("  A photo of a Cat, on a mat!  ") == "a_photo_of_a_cat_on_a_mat"
-    assert sft_test.sanitize("../../etc/passwd") == "etcpasswd"
-    assert sft_test.sanitize("") == "empty"
-    assert len(sft_test.sanitize("x" * 500)) == 80
+    assert text_to_image.sanitize("  A photo of a Cat, on a mat!  ") == "a_photo_of_a_cat_on_a_mat"
+    assert text_to_image.sanitize("../../etc/passwd") == "etcpasswd"
+    assert text_to_image.sanitize("") == "empty"
+    assert len(text_to_image.sanitize("x" * 500)) == 80
 
 
 @pytest.mark.parametrize("baseline", [False, True])
 def test_sft_with_a_real_tiny_prior_folder(decoder_dir, clip_dirs, tmp_path, baseline):
-    """A prior folder written by prior_pipeline.save_prior (shifted or baseline) drives sft_test end to end."""
+    """A prior folder written by prior_pipeline.save_prior (shifted or baseline) drives text_to_image end to end."""
     from shifted_diffusion.prior import PriorConfig, ShiftedPrior
     from shifted_diffusion.prior_pipeline import load_prior, save_prior
     from shifted_diffusion.schedule import ScheduleConfig
@@ -223,7 +219,7 @@ def test_sft_with_a_real_tiny_prior_folder(decoder_dir, clip_dirs, tmp_path, bas
     encoders = {"clip_models": list(clip_dirs), "t5_model": f"clip-tokens:{clip_dirs[0]}", "text_max_length": 8}
     save_prior(tmp_path / "prior", ShiftedPrior.from_prior_config(config), shift, ScheduleConfig(), encoders,
                torch.randn(CLIP_DIM), torch.randn(8, 16))
-    written = sft_test.main(["--prior", str(tmp_path / "prior"), "--decoder", str(decoder_dir), "--prompt",
+    written = text_to_image.main(["--prior", str(tmp_path / "prior"), "--decoder", str(decoder_dir), "--prompt",
                              "a red circle", "--num_images", "2", "--prior_num_inference_steps", "4", "--prior_guidance_scale", "2",
                              "--num_inference_steps", "2", "--output_dir", str(tmp_path / "out")])
     assert [p.name for p in written] == ["000_a_red_circle_0.png", "000_a_red_circle_1.png", "grid.png"]
@@ -265,10 +261,10 @@ def no_work(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("a model was loaded before the arguments were checked")
 
-    for module in (sft_test, img2img):
+    for module in (text_to_image, image_to_image):
         monkeypatch.setattr(module, "load_decoder", boom)
         monkeypatch.setattr(module, "default_toy_decoder", boom)
-    monkeypatch.setattr(sft_test, "load_prior_or_exit", boom)
+    monkeypatch.setattr(text_to_image, "load_prior_or_exit", boom)
 
 
 def _usage_error(main, argv, capsys) -> str:
@@ -296,18 +292,18 @@ SFT_BAD_FLAGS = [
 @pytest.mark.parametrize("extra, expected", SFT_BAD_FLAGS)
 def test_sft_flags_are_checked_before_any_work(tmp_path, capsys, no_work, extra, expected):
     for base in ([], ["--prior", str(tmp_path), "--decoder", str(tmp_path), "--prompt", "x"]):  # toy defaults too
-        assert expected in _usage_error(sft_test.main, base + extra, capsys)
+        assert expected in _usage_error(text_to_image.main, base + extra, capsys)
 
 
 def test_sft_negative_must_be_prior_empty_or_an_embedding_file(tmp_path, capsys, no_work):
     base = ["--prior", str(tmp_path), "--decoder", str(tmp_path), "--prompt", "x", "--negative"]
     assert f"--negative {tmp_path}: is a directory; expected an embedding file (.safetensors" in \
-        _usage_error(sft_test.main, base + [str(tmp_path)], capsys)
-    assert "--negative neg.safetensors: no such file" in _usage_error(sft_test.main, base + ["neg.safetensors"], capsys)
+        _usage_error(text_to_image.main, base + [str(tmp_path)], capsys)
+    assert "--negative neg.safetensors: no such file" in _usage_error(text_to_image.main, base + ["neg.safetensors"], capsys)
     (tmp_path / "neg.png").write_bytes(b"\x89PNG")
-    assert "unknown extension '.png'" in _usage_error(sft_test.main, base + [str(tmp_path / "neg.png")], capsys)
+    assert "unknown extension '.png'" in _usage_error(text_to_image.main, base + [str(tmp_path / "neg.png")], capsys)
     assert "--prompts_file nope.txt: no such file" in _usage_error(
-        sft_test.main, base[:-1] + ["--prompts_file", "nope.txt"], capsys)
+        text_to_image.main, base[:-1] + ["--prompts_file", "nope.txt"], capsys)
 
 
 @pytest.mark.parametrize("extra, expected", [
@@ -323,7 +319,7 @@ def test_sft_negative_must_be_prior_empty_or_an_embedding_file(tmp_path, capsys,
 ])
 def test_img2img_flags_are_checked_before_any_work(tmp_path, capsys, no_work, extra, expected):
     for base in ([], ["--decoder", str(tmp_path), "--images", str(tmp_path)]):
-        assert expected in _usage_error(img2img.main, base + extra, capsys)
+        assert expected in _usage_error(image_to_image.main, base + extra, capsys)
 
 
 class NonFinitePrior(StandInPrior):
@@ -340,11 +336,11 @@ def test_sft_stops_before_writing_images_on_non_finite_values(decoder_dir, tmp_p
     common = ["--prior", str(prior_dir), "--decoder", str(decoder_dir), "--prompt", "x", "--num_inference_steps", "2",
               "--output_dir", str(tmp_path / "out")]
     with pytest.raises(FloatingPointError, match=r"decoder.s latents after sampling step \d of 2.*guidance_scale=1e\+30"):
-        sft_test.main(common + ["--guidance_scale", "1e30"])
+        text_to_image.main(common + ["--guidance_scale", "1e30"])
     assert not list((tmp_path / "out").glob("*.png"))
     sys.modules["shifted_diffusion.prior_pipeline"].load_prior = lambda path: NonFinitePrior()
     with pytest.raises(FloatingPointError, match=r"prior's image embeddings: 1 of 56 .*--prior_guidance_scale 3.0 is too large"):
-        sft_test.main(common + ["--prior_guidance_scale", "3"])
+        text_to_image.main(common + ["--prior_guidance_scale", "3"])
     assert not list((tmp_path / "out").glob("*.png"))
 
 
@@ -355,11 +351,11 @@ def test_sft_no_clip_warning_for_the_same_clip_given_relative_and_absolute(decod
     prior, prior_dir = stand_in_prior
     monkeypatch.chdir(Path(clip_dirs[0]).parent)
     prior.encoders = {"clip_models": [os.path.relpath(c) for c in clip_dirs]}
-    sft_test.main(["--prior", str(prior_dir), "--decoder", str(decoder_dir), "--prompt", "x", "--num_inference_steps",
+    text_to_image.main(["--prior", str(prior_dir), "--decoder", str(decoder_dir), "--prompt", "x", "--num_inference_steps",
                    "1", "--output_dir", str(tmp_path / "o"), "--no-grid"])
     assert "warning" not in capsys.readouterr().err
     prior.encoders = {"clip_models": [clip_dirs[1], clip_dirs[0]]}
-    sft_test.main(["--prior", str(prior_dir), "--decoder", str(decoder_dir), "--prompt", "x", "--num_inference_steps",
+    text_to_image.main(["--prior", str(prior_dir), "--decoder", str(decoder_dir), "--prompt", "x", "--num_inference_steps",
                    "1", "--output_dir", str(tmp_path / "o"), "--no-grid"])
     assert "warning: the prior was trained with CLIP models" in capsys.readouterr().err
 
@@ -382,3 +378,154 @@ def test_decoder_clip_paths_stored_absolute_and_old_relative_ones_load(decoder_d
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     assert load_decoder(folder).clip_specs == absolute  # found from the folder's ancestors
+
+
+# ---------------------------------------------------------------------------------------------- stock unCLIP decoder
+
+KANDINSKY_DIM = 24
+
+
+class StandInTextEncoders:
+    """The prior pipeline's CLIP text encoder (encode_text -> (B, D)) and word-level encoder (encode -> (B, L, E)):
+    a fixed random vector per caption, so the tiny prior pipeline needs no CLIP or T5 weights."""
+
+    def __init__(self, clip_dim, text_len, text_dim):
+        self.shapes = {"clip": (clip_dim,), "tokens": (text_len, text_dim)}
+
+    def _rows(self, prompts, kind):
+        return torch.stack([torch.randn(self.shapes[kind], generator=torch.Generator().manual_seed(
+            sum(map(ord, p)) * 2 + (kind == "tokens"))) for p in prompts])
+
+    def encode_text(self, prompts):
+        return self._rows(prompts, "clip")
+
+    def encode(self, prompts):
+        return self._rows(prompts, "tokens")
+
+
+@pytest.fixture(scope="module")
+def kandinsky_dir(tmp_path_factory, tiny_unclip_decoder):
+    return tiny_unclip_decoder("kandinsky", tmp_path_factory.mktemp("kandinsky") / "decoder", KANDINSKY_DIM)
+
+
+@pytest.fixture
+def kandinsky_prior(tmp_path, monkeypatch, tiny_prior_pipeline):
+    """A tiny ShiftedDiffusionPriorPipeline of the decoder's dim saved to <tmp>/prior; text_to_image loads it with
+    load_prior and the stand-in text encoders. Returns (folder, a function loading it the same way)."""
+    from shifted_diffusion.prior_pipeline import load_prior
+
+    tiny_prior_pipeline(clip_dim=KANDINSKY_DIM).save_pretrained(tmp_path / "prior")
+    config = tiny_prior_pipeline.config
+    encoders = StandInTextEncoders(KANDINSKY_DIM, config.text_len, config.text_dim)
+
+    def load(path, device=None):
+        return load_prior(path, device=device, clip=encoders, text_encoder=encoders)
+
+    monkeypatch.setattr(text_to_image, "load_prior_or_exit", load)
+    return tmp_path / "prior", load
+
+
+@pytest.fixture
+def unet_inputs(monkeypatch):
+    """Every image embedding batch the Kandinsky UNet receives (spy on its forward)."""
+    from diffusers import UNet2DConditionModel
+
+    seen = []
+    forward = UNet2DConditionModel.forward
+
+    def spy(self, *args, added_cond_kwargs=None, **kwargs):
+        seen.append(added_cond_kwargs["image_embeds"].detach().clone())
+        return forward(self, *args, added_cond_kwargs=added_cond_kwargs, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", spy)
+    return seen
+
+
+KANDINSKY_PROMPTS = ["a red circle", "two blue squares"]
+
+
+def _kandinsky_run(prior_dir, decoder, out, seed=5, *extra):
+    return text_to_image.main(["--prior", str(prior_dir), "--decoder", str(decoder), "--prompt", KANDINSKY_PROMPTS[0],
+                               "--prompt", KANDINSKY_PROMPTS[1], "--num_images", "2", "--batch_size", "3",
+                               "--prior_num_inference_steps", "2", "--prior_guidance_scale", "2",
+                               "--num_inference_steps", "2", "--guidance_scale", "3", "--height", "32", "--width", "32",
+                               "--seed", str(seed), "--output_dir", str(out), *extra])
+
+
+def test_sft_into_a_stock_kandinsky_decoder_feeds_it_the_priors_embeddings(kandinsky_dir, kandinsky_prior, unet_inputs,
+                                                                          tmp_path):
+    """--decoder a Kandinsky 2.2 pipeline folder: the UNet sees exactly the prior's image_embeds and its
+    negative_image_embeds (the sample for ""), PNGs + grid are written as for our decoder, a seed fixes the images."""
+    prior_dir, load = kandinsky_prior
+    written = _kandinsky_run(prior_dir, kandinsky_dir, tmp_path / "a", 5, "--save_negative",
+                             str(tmp_path / "negative.safetensors"))
+    assert [p.name for p in written] == ["000_a_red_circle_0.png", "000_a_red_circle_1.png",
+                                         "001_two_blue_squares_0.png", "001_two_blue_squares_1.png", "grid.png"]
+    for path in written[:4]:
+        with Image.open(path) as image:
+            assert image.size == (32, 32) and np.asarray(image).std() > 0
+    with Image.open(written[-1]) as grid:
+        assert grid.size == (2 * 32, 2 * 32)
+
+    expected = load(prior_dir)(KANDINSKY_PROMPTS, num_images_per_prompt=2, num_inference_steps=2, guidance_scale=2.0,
+                               generator=torch.Generator().manual_seed(5))
+    assert len(unet_inputs) == 2 * 2  # two batches (3 + 1 images) x two steps
+    batches = [unet_inputs[0], unet_inputs[2]]  # each [negative; conditional] rows of one batch
+    for batch in unet_inputs:
+        assert batch.shape[1] == KANDINSKY_DIM
+    negative = torch.cat([b[:len(b) // 2] for b in batches])
+    conditional = torch.cat([b[len(b) // 2:] for b in batches])
+    torch.testing.assert_close(conditional, expected.image_embeds, rtol=0, atol=0)
+    torch.testing.assert_close(negative, expected.negative_image_embeds, rtol=0, atol=0)
+    assert torch.equal(load_embedding(tmp_path / "negative.safetensors"), expected.negative_image_embeds[0])
+
+    again = _kandinsky_run(prior_dir, kandinsky_dir, tmp_path / "b", 5)
+    other = _kandinsky_run(prior_dir, kandinsky_dir, tmp_path / "c", 6)
+    for a, b, c in zip(written[:4], again[:4], other[:4]):
+        with Image.open(a) as first, Image.open(b) as same, Image.open(c) as different:
+            assert np.array_equal(_pixels(first), _pixels(same))
+            assert np.abs(_pixels(first) - _pixels(different)).max() > 0
+
+
+def test_sft_kandinsky_hub_id_and_refusals(kandinsky_dir, kandinsky_prior, tmp_path, monkeypatch, tiny_prior_pipeline):
+    """A hub id goes to unclip.load_unclip_decoder (kind read from the hub's model_index.json); a failing one, a
+    prior of another dim, --negative empty and a folder of another pipeline are clear errors."""
+    import json
+
+    from shifted_diffusion import unclip
+
+    prior_dir, _ = kandinsky_prior
+    loaded = []
+    real = unclip.load_unclip_decoder
+
+    def from_hub(name, kind=None, **kwargs):
+        loaded.append((name, kind))
+        return real(kandinsky_dir, kind=kind, **kwargs)
+
+    monkeypatch.setattr(unclip, "load_unclip_decoder", from_hub)
+    written = text_to_image.main(["--prior", str(prior_dir), "--decoder", "someone/tiny-kandinsky", "--prompt", "x",
+                                  "--num_inference_steps", "1", "--height", "32", "--width", "32", "--no-grid",
+                                  "--output_dir", str(tmp_path / "hub")])
+    assert loaded == [("someone/tiny-kandinsky", None)] and [p.name for p in written] == ["000_x_0.png"]
+
+    def offline(name, kind=None, **kwargs):
+        raise OSError("we couldn't connect to the hub")
+
+    monkeypatch.setattr(unclip, "load_unclip_decoder", offline)
+    with pytest.raises(SystemExit, match=r"someone/missing does not exist .*as a hub id .*couldn't connect"):
+        text_to_image.main(["--prior", str(prior_dir), "--decoder", "someone/missing", "--prompt", "x"])
+    monkeypatch.setattr(unclip, "load_unclip_decoder", real)
+
+    common = ["--prior", str(prior_dir), "--decoder", str(kandinsky_dir), "--prompt", "x", "--num_inference_steps", "1",
+              "--height", "32", "--width", "32", "--output_dir", str(tmp_path / "o")]
+    with pytest.raises(SystemExit, match="--negative empty: KandinskyV22Pipeline stores no empty embedding"):
+        text_to_image.main(common + ["--negative", "empty"])
+    tiny_prior_pipeline(clip_dim=40).save_pretrained(tmp_path / "prior40")
+    with pytest.raises(SystemExit, match="embedding dim is 40 but this KandinskyV22Pipeline expects 24"):
+        text_to_image.main(common + ["--prior", str(tmp_path / "prior40")])
+    other = tmp_path / "sd"
+    other.mkdir()
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    with pytest.raises(SystemExit, match=r"neither a shifted-diffusion decoder folder .*'StableDiffusionPipeline'"):
+        text_to_image.main(common + ["--decoder", str(other)])
+    assert not list((tmp_path / "o").glob("*.png"))

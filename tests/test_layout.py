@@ -34,38 +34,8 @@ TEST_MODULES = {path.stem for path in TESTS.glob("*.py")} - {"conftest"}
 BY_PATH_LOADERS = {"load_repo_module", "spec_from_file_location", "SourceFileLoader", "exec_module", "run_path",
                    "run_module"}
 
-# Known violations in files other people are rewriting now; remove an entry when its file is fixed.
-ALLOWED = {
-    # tests/test_finetune.py: loads finetune.py / test.py / sft_test.py as modules (being rewritten)
-    "tests/test_finetune.py: edits sys.path",
-    "tests/test_finetune.py: imports the script finetune",
-    "tests/test_finetune.py: imports the test module repo_modules",
-    "tests/test_finetune.py: loads a file by path (load_repo_module)",
-    # tests/test_toy_decoder.py: loads test.py, sft_test.py, train_toy_decoder.py and a benchmark (being rewritten)
-    "tests/test_toy_decoder.py: edits sys.path",
-    "tests/test_toy_decoder.py: imports the script sft_test",
-    "tests/test_toy_decoder.py: imports the script train_toy_decoder",
-    "tests/test_toy_decoder.py: imports the test module repo_modules",
-    "tests/test_toy_decoder.py: loads a file by path (load_repo_module)",
-    # tests/repo_modules.py: the by-path loader of the two files above; goes when they stop using it
-    "tests/repo_modules.py: loads a file by path (exec_module)",
-    "tests/repo_modules.py: loads a file by path (spec_from_file_location)",
-    # tests/test_generate_scripts.py: imports sft_test.py and builders of tests/test_finetune.py (being rewritten)
-    "tests/test_generate_scripts.py: edits sys.path",
-    "tests/test_generate_scripts.py: imports the script sft_test",
-    "tests/test_generate_scripts.py: imports the test module test_finetune",
-    # tests/test_cuda_graph.py: shares the fixtures of tests/test_prior_pipeline.py (they belong in conftest.py)
-    "tests/test_cuda_graph.py: imports the test module test_prior_pipeline",
-    # test.py / sft_test.py share the toy decoder defaults of train_toy_decoder.py (being rewritten)
-    "test.py: imports the script train_toy_decoder",
-    "sft_test.py: imports the script train_toy_decoder",
-    # train_toy_decoder.py trains the toy UNet through finetune.py (being rewritten)
-    "train_toy_decoder.py: imports the script finetune",
-    # benchmarks/toy_text_to_image.py trains its toy priors and decoder through the scripts (being rewritten)
-    "benchmarks/toy_text_to_image.py: edits sys.path",
-    "benchmarks/toy_text_to_image.py: imports the script train",
-    "benchmarks/toy_text_to_image.py: imports the script train_toy_decoder",
-}
+# Known violations, one entry each, while a file is being fixed (none now: every rule holds).
+ALLOWED: set = set()
 
 
 def _rel(path: Path, root: Path = ROOT) -> str:

@@ -1,5 +1,5 @@
 """PriorPipeline.sample: the caption's cluster drives the shift (not the cluster nearest x0_hat, the
-original's defect), guidance's unconditional branch, save/load round trip."""
+original's defect), guidance's unconditional branch, save/load round trip (on conftest.py's tiny_prior_pipeline)."""
 
 import json
 
@@ -13,27 +13,11 @@ from shifted_diffusion.sampling import sample_ddim
 from shifted_diffusion.schedule import DiffusionSchedule, ScheduleConfig
 from shifted_diffusion.vocab import ClusterVocab
 
-CONFIG = PriorConfig.preset("tiny", vocab_size=5)
-ENCODERS = {"clip_models": ["x"], "t5_model": "none"}
+# the tiny pipeline and its caption inputs: conftest.py's tiny_prior_pipeline / prior_captions fixtures
 
 
-def pipeline(**kwargs):
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(1)
-    vocab = ClusterVocab(torch.randn(5, CONFIG.clip_dim, generator=g), torch.rand(5, CONFIG.clip_dim, generator=g) + 0.1,
-                         std_scale=2.0)
-    null_clip, null_tokens = torch.randn(CONFIG.clip_dim, generator=g), torch.randn(CONFIG.text_len, CONFIG.text_dim, generator=g)
-    return build_pipeline(ShiftedPrior.from_prior_config(CONFIG), vocab, ScheduleConfig(), ENCODERS, null_clip, null_tokens,
-                          **kwargs)
-
-
-def captions(n=4, seed=2):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, CONFIG.clip_dim, generator=g), torch.randn(n, CONFIG.text_len, CONFIG.text_dim, generator=g)
-
-
-def test_shift_is_the_captions_cluster(monkeypatch):
-    pipe = pipeline()
+def test_shift_is_the_captions_cluster(monkeypatch, tiny_prior_pipeline, prior_captions):
+    pipe = tiny_prior_pipeline()
     seen = {}
 
     def spy(denoiser, schedule, shift_mean, shift_std, **kwargs):
@@ -41,7 +25,7 @@ def test_shift_is_the_captions_cluster(monkeypatch):
         return shift_mean
 
     monkeypatch.setattr(prior_pipeline, "sample_ancestral", spy)
-    clip_text, tokens = captions()
+    clip_text, tokens = prior_captions()
     pipe.sample(clip_text, tokens, num_images_per_prompt=3, num_inference_steps=8)
     # independent: nearest mean by cosine, computed here; then std_scale * s_k
     cos = torch.nn.functional.normalize(clip_text, dim=-1) @ torch.nn.functional.normalize(pipe.vocabulary.means, dim=-1).T
@@ -51,7 +35,7 @@ def test_shift_is_the_captions_cluster(monkeypatch):
     assert seen["steps"] == 8
 
 
-def test_guidance_unconditional_branch_follows_the_saved_rule(monkeypatch):
+def test_guidance_unconditional_branch_follows_the_saved_rule(monkeypatch, tiny_prior_pipeline, prior_captions):
     """The unconditional inputs come from the pipeline's UnconditionalInputs component, and its rule is saved."""
     calls = {}
     original = prior_pipeline.guided_denoiser
@@ -61,23 +45,23 @@ def test_guidance_unconditional_branch_follows_the_saved_rule(monkeypatch):
         return original(prior, *args, **kwargs)
 
     monkeypatch.setattr(prior_pipeline, "guided_denoiser", spy)
-    clip_text, tokens = captions(2)
-    pipe = pipeline()
+    clip_text, tokens = prior_captions(2)
+    pipe = tiny_prior_pipeline()
     pipe.sample(clip_text, tokens, num_inference_steps=2, guidance_scale=3.0)
     assert calls["guidance_scale"] == 3.0 and calls["null_clip_text_emb"] is None  # tokens dropped, CLIP kept
     assert torch.equal(calls["null_text_tokens"], pipe.unconditional.null_text_tokens)
-    dropping = pipeline(uncond_clip_text="empty_caption")
+    dropping = tiny_prior_pipeline(uncond_clip_text="empty_caption")
     dropping.sample(clip_text, tokens, num_inference_steps=2, guidance_scale=3.0)
     assert torch.equal(calls["null_clip_text_emb"], dropping.unconditional.null_clip_text)
 
 
-def test_clip_only_prior_cannot_guide_without_dropping_clip():
+def test_clip_only_prior_cannot_guide_without_dropping_clip(tiny_prior_pipeline):
     config = PriorConfig.preset("tiny", text_len=0, vocab_size=None)
     from shifted_diffusion.vocab import StandardNormalShift
 
     def build(rule):
         return build_pipeline(ShiftedPrior.from_prior_config(config), StandardNormalShift(config.clip_dim), ScheduleConfig(),
-                              ENCODERS, torch.zeros(config.clip_dim), torch.zeros(0, config.text_dim), uncond_clip_text=rule)
+                              tiny_prior_pipeline.encoders, torch.zeros(config.clip_dim), torch.zeros(0, config.text_dim), uncond_clip_text=rule)
 
     clip_text = torch.randn(2, config.clip_dim)
     with pytest.raises(ValueError, match="unconditional branch"):
@@ -88,17 +72,17 @@ def test_clip_only_prior_cannot_guide_without_dropping_clip():
 
 
 @pytest.mark.parametrize("loader", ["pipeline", "diffusion_pipeline", "load_prior"])
-def test_save_pretrained_round_trip_samples_identically(tmp_path, loader):
+def test_save_pretrained_round_trip_samples_identically(tmp_path, loader, tiny_prior_pipeline, prior_captions):
     """save_pretrained writes model_index.json + one folder per component (safetensors); the pipeline's own
     from_pretrained, diffusers' DiffusionPipeline.from_pretrained and load_prior all sample bit-identically."""
     from diffusers import DiffusionPipeline
 
     from shifted_diffusion import ShiftedDiffusionPriorPipeline
 
-    pipe = pipeline(uncond_clip_text="empty_caption")
+    pipe = tiny_prior_pipeline(uncond_clip_text="empty_caption")
     pipe.save_pretrained(tmp_path / "p")
     index = json.loads((tmp_path / "p" / "model_index.json").read_text())
-    assert index["_class_name"] == "ShiftedDiffusionPriorPipeline" and index["encoders"] == ENCODERS
+    assert index["_class_name"] == "ShiftedDiffusionPriorPipeline" and index["encoders"] == tiny_prior_pipeline.encoders
     assert {k: index[k][1] for k in ("prior", "vocabulary", "scheduler", "unconditional")} == {
         "prior": "ShiftedPrior", "vocabulary": "ClusterVocab", "scheduler": "ShiftedDiffusionScheduler",
         "unconditional": "UnconditionalInputs"}
@@ -107,28 +91,28 @@ def test_save_pretrained_round_trip_samples_identically(tmp_path, loader):
             "load_prior": load_prior}[loader]
     loaded = load(tmp_path / "p")
     assert type(loaded) is ShiftedDiffusionPriorPipeline and loaded.unconditional.config.clip_text == "empty_caption"
-    clip_text, tokens = captions(2)
+    clip_text, tokens = prior_captions(2)
     a = pipe.sample(clip_text, tokens, num_inference_steps=4, guidance_scale=2.0, generator=torch.Generator().manual_seed(0))
     b = loaded.sample(clip_text, tokens, num_inference_steps=4, guidance_scale=2.0, generator=torch.Generator().manual_seed(0))
     assert torch.equal(a, b)
 
 
-def test_older_prior_folder_loads_and_samples_identically(tmp_path, legacy_prior_writer):
+def test_older_prior_folder_loads_and_samples_identically(tmp_path, legacy_prior_writer, tiny_prior_pipeline, prior_captions):
     """A folder in the previous format (shifted-diffusion-prior/1) loads through load_prior into the pipeline."""
-    pipe = pipeline()
-    legacy_prior_writer(tmp_path / "old", pipe.prior, pipe.vocabulary, ScheduleConfig(), ENCODERS,
+    pipe = tiny_prior_pipeline()
+    legacy_prior_writer(tmp_path / "old", pipe.prior, pipe.vocabulary, ScheduleConfig(), tiny_prior_pipeline.encoders,
                         pipe.unconditional.null_clip_text, pipe.unconditional.null_text_tokens)
     loaded = load_prior(tmp_path / "old")
-    clip_text, tokens = captions(2)
+    clip_text, tokens = prior_captions(2)
     a = pipe.sample(clip_text, tokens, num_inference_steps=4, guidance_scale=2.0, generator=torch.Generator().manual_seed(0))
     b = loaded.sample(clip_text, tokens, num_inference_steps=4, guidance_scale=2.0, generator=torch.Generator().manual_seed(0))
     assert torch.equal(a, b) and loaded.unconditional.config.clip_text == "prompt"
 
 
-def test_save_prior_writes_the_pipeline_folder_with_the_ema_weights(tmp_path):
-    pipe = pipeline()
+def test_save_prior_writes_the_pipeline_folder_with_the_ema_weights(tmp_path, tiny_prior_pipeline):
+    pipe = tiny_prior_pipeline()
     other = {k: torch.randn_like(v) for k, v in pipe.prior.state_dict().items()}
-    save_prior(tmp_path / "p", pipe.prior, pipe.vocabulary, ScheduleConfig(), ENCODERS, pipe.unconditional.null_clip_text,
+    save_prior(tmp_path / "p", pipe.prior, pipe.vocabulary, ScheduleConfig(), tiny_prior_pipeline.encoders, pipe.unconditional.null_clip_text,
                pipe.unconditional.null_text_tokens, extra={"global_step": 7, "train": {"empty_clip_prob": 0.1}},
                state_dict=other)
     loaded = load_prior(tmp_path / "p")
@@ -137,13 +121,13 @@ def test_save_prior_writes_the_pipeline_folder_with_the_ema_weights(tmp_path):
     assert loaded.config.training["global_step"] == 7 and loaded.unconditional.config.clip_text == "empty_caption"
 
 
-def test_load_in_bfloat16_samples_float32_close_to_float32(tmp_path):
-    pipe = pipeline()
+def test_load_in_bfloat16_samples_float32_close_to_float32(tmp_path, tiny_prior_pipeline, prior_captions):
+    pipe = tiny_prior_pipeline()
     pipe.save_pretrained(tmp_path / "p")
     low = load_prior(tmp_path / "p", dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in low.prior.parameters())
     assert low.vocabulary.means.dtype == torch.float32
-    clip_text, tokens = captions(3)
+    clip_text, tokens = prior_captions(3)
     a = pipe.sample(clip_text, tokens, num_inference_steps=4, guidance_scale=2.0, generator=torch.Generator().manual_seed(0))
     b = low.sample(clip_text, tokens, num_inference_steps=4, guidance_scale=2.0, generator=torch.Generator().manual_seed(0))
     assert b.dtype == torch.float32 and b.shape == a.shape
@@ -162,12 +146,18 @@ def test_ddim_is_finite_where_a_cluster_std_is_zero():
 # ---------------------------------------------------------------------------------------------- reliability
 
 
-def saved_prior(writer, directory, pipe=None, encoders=None):
-    """pipeline() (or ``pipe``) written by ``writer`` (the legacy_prior_writer fixture: the older folder format, whose
-    files the reliability tests damage) to ``directory`` with placeholder encoder settings; returns the folder."""
-    pipe = pipe or pipeline()
-    return writer(directory, pipe.prior, pipe.vocabulary, ScheduleConfig(), encoders or ENCODERS,
-                  pipe.unconditional.null_clip_text, pipe.unconditional.null_text_tokens)
+@pytest.fixture
+def saved_prior(legacy_prior_writer, tiny_prior_pipeline):
+    """``saved_prior(directory, pipe=None, encoders=None)``: tiny_prior_pipeline() (or ``pipe``) written by the
+    legacy_prior_writer fixture (the older folder format, whose files the reliability tests damage) to
+    ``directory`` with placeholder encoder settings; returns the folder."""
+    def write(directory, pipe=None, encoders=None):
+        pipe = pipe or tiny_prior_pipeline()
+        return legacy_prior_writer(directory, pipe.prior, pipe.vocabulary, ScheduleConfig(),
+                                   encoders or tiny_prior_pipeline.encoders, pipe.unconditional.null_clip_text,
+                                   pipe.unconditional.null_text_tokens)
+
+    return write
 
 
 def _shown(error) -> str:
@@ -204,14 +194,14 @@ def test_load_prior_of_a_non_checkpoint_file_says_what_it_is(tmp_path, name, con
         assert "prior pipeline folder" in message and "original ClipPrior checkpoint" in message
 
 
-def test_load_prior_of_a_pickled_module_is_refused_without_unpickling_it(tmp_path, legacy_prior_writer):
+def test_load_prior_of_a_pickled_module_is_refused_without_unpickling_it(tmp_path, saved_prior):
     path = tmp_path / "prior.pt"
     torch.save(torch.nn.Linear(2, 2), path)  # pickles a class: never unpickled
     with pytest.raises(ValueError, match=r"prior\.pt: .*pickles Python objects \(torch\.nn\.modules\.linear\.Linear\)") as info:
         load_prior(path)
     assert "weights_only" not in _shown(info.value)
     with pytest.raises(ValueError, match="pass the folder"):  # the weights file of a prior folder, not the folder
-        load_prior(saved_prior(legacy_prior_writer, tmp_path / "p") / "model.safetensors")
+        load_prior(saved_prior(tmp_path / "p") / "model.safetensors")
 
 
 def _truncate(path):
@@ -230,36 +220,37 @@ def _truncate(path):
     ("vocab.safetensors", lambda p: p.write_text("hello"), r"vocab\.safetensors: expected a shifted-diffusion vocab"),
     ("null_embeddings.safetensors", _truncate, r"null_embeddings\.safetensors: unreadable safetensors file"),
 ])
-def test_damaged_prior_folder_file_is_named(tmp_path, name, damage, expected, legacy_prior_writer):
-    folder = saved_prior(legacy_prior_writer, tmp_path / "p")
+def test_damaged_prior_folder_file_is_named(tmp_path, name, damage, expected, saved_prior):
+    folder = saved_prior(tmp_path / "p")
     damage(folder / name)
     with pytest.raises(ValueError, match=expected):
         load_prior(folder)
 
 
-def test_null_embeddings_of_the_wrong_shape_or_missing_are_named(tmp_path, legacy_prior_writer):
+def test_null_embeddings_of_the_wrong_shape_or_missing_are_named(tmp_path, saved_prior, tiny_prior_pipeline):
     from safetensors.torch import save_file
 
-    folder = saved_prior(legacy_prior_writer, tmp_path / "p")
-    save_file({"null_clip_text": torch.zeros(CONFIG.clip_dim + 1), "null_text_tokens": torch.zeros(CONFIG.text_len, CONFIG.text_dim)},
+    config = tiny_prior_pipeline.config
+    folder = saved_prior(tmp_path / "p")
+    save_file({"null_clip_text": torch.zeros(config.clip_dim + 1), "null_text_tokens": torch.zeros(config.text_len, config.text_dim)},
               str(folder / "null_embeddings.safetensors"))
-    with pytest.raises(ValueError, match=rf"null_embeddings\.safetensors: null_clip_text has shape \({CONFIG.clip_dim + 1},\)"):
+    with pytest.raises(ValueError, match=rf"null_embeddings\.safetensors: null_clip_text has shape \({config.clip_dim + 1},\)"):
         load_prior(folder)
-    save_file({"null_clip_text": torch.zeros(CONFIG.clip_dim)}, str(folder / "null_embeddings.safetensors"))
+    save_file({"null_clip_text": torch.zeros(config.clip_dim)}, str(folder / "null_embeddings.safetensors"))
     with pytest.raises(ValueError, match=r"no tensor 'null_text_tokens'"):
         load_prior(folder)
 
 
 @pytest.mark.parametrize("scale", [float("nan"), float("inf"), -0.5])
-def test_guidance_scale_must_be_finite_and_non_negative(scale):
-    clip_text, tokens = captions(2)
+def test_guidance_scale_must_be_finite_and_non_negative(scale, tiny_prior_pipeline, prior_captions):
+    clip_text, tokens = prior_captions(2)
     with pytest.raises(ValueError, match=r"guidance_scale: expected a finite number >= 0.0, got " + str(scale)):
-        pipeline().sample(clip_text, tokens, num_inference_steps=2, guidance_scale=scale)
+        tiny_prior_pipeline().sample(clip_text, tokens, num_inference_steps=2, guidance_scale=scale)
 
 
-def test_overflowing_guidance_is_refused_with_the_stage_and_cause():
-    clip_text, tokens = captions(2)
-    pipe = pipeline()
+def test_overflowing_guidance_is_refused_with_the_stage_and_cause(tiny_prior_pipeline, prior_captions):
+    clip_text, tokens = prior_captions(2)
+    pipe = tiny_prior_pipeline()
     with pytest.raises(FloatingPointError, match=r"prior's sampled image embeddings: \d+ of 128 .*guidance_scale=1e\+30"):
         pipe.sample(clip_text, tokens, num_inference_steps=4, guidance_scale=1e30)
     # a scale of 0 (unconditional) is allowed and equals sampling with the null caption at scale 1
@@ -269,7 +260,7 @@ def test_overflowing_guidance_is_refused_with_the_stage_and_cause():
     torch.testing.assert_close(a, b)
 
 
-def test_non_finite_samples_are_counted(monkeypatch):
+def test_non_finite_samples_are_counted(monkeypatch, tiny_prior_pipeline, prior_captions):
     def broken(denoiser, schedule, shift_mean, shift_std, **kwargs):
         out = shift_mean.clone()
         out[1, 3] = float("nan")
@@ -277,38 +268,39 @@ def test_non_finite_samples_are_counted(monkeypatch):
         return out
 
     monkeypatch.setattr(prior_pipeline, "sample_ancestral", broken)
-    clip_text, tokens = captions(3)
+    clip_text, tokens = prior_captions(3)
     with pytest.raises(FloatingPointError, match=r"2 of 192 values are NaN or inf \(shape \(3, 64\)\).*weights"):
-        pipeline().sample(clip_text, tokens, num_inference_steps=2)
+        tiny_prior_pipeline().sample(clip_text, tokens, num_inference_steps=2)
 
 
-def test_vocabulary_size_must_match_the_prior(tmp_path, legacy_prior_writer):
+def test_vocabulary_size_must_match_the_prior(tmp_path, saved_prior, tiny_prior_pipeline):
     from shifted_diffusion import ShiftedDiffusionPriorPipeline
 
+    config = tiny_prior_pipeline.config
     g = torch.Generator().manual_seed(0)
-    vocab = ClusterVocab(torch.randn(6, CONFIG.clip_dim, generator=g), torch.rand(6, CONFIG.clip_dim, generator=g) + 0.1)
-    pipe = pipeline()
+    vocab = ClusterVocab(torch.randn(6, config.clip_dim, generator=g), torch.rand(6, config.clip_dim, generator=g) + 0.1)
+    pipe = tiny_prior_pipeline()
     with pytest.raises(ValueError, match="the vocabulary has 6 clusters but the prior's vocab_size is 5"):
         ShiftedDiffusionPriorPipeline(pipe.prior, vocab, pipe.scheduler, pipe.unconditional)
     pipe.save_pretrained(tmp_path / "new")
     vocab.save_pretrained(tmp_path / "new" / "vocabulary")  # a vocabulary trained with another prior
     with pytest.raises(ValueError, match="6 clusters but the prior's vocab_size is 5"):
         load_prior(tmp_path / "new")
-    folder = saved_prior(legacy_prior_writer, tmp_path / "p", pipe)
+    folder = saved_prior(tmp_path / "p", pipe)
     vocab.save(folder / "vocab.safetensors")  # the older folder: both files named
     with pytest.raises(ValueError, match=r"6 clusters but the prior's vocab_size is 5.*vocab\.safetensors vs \"prior\" in .*config\.json"):
         load_prior(folder)
     from shifted_diffusion.vocab import StandardNormalShift
 
     with pytest.raises(ValueError, match="cluster token .*vocab_size 5.*no cluster vocabulary"):
-        ShiftedDiffusionPriorPipeline(pipe.prior, StandardNormalShift(CONFIG.clip_dim), pipe.scheduler, pipe.unconditional)
+        ShiftedDiffusionPriorPipeline(pipe.prior, StandardNormalShift(config.clip_dim), pipe.scheduler, pipe.unconditional)
 
 
-def test_encoder_hub_names_are_stored_unchanged(tmp_path, monkeypatch):
+def test_encoder_hub_names_are_stored_unchanged(tmp_path, monkeypatch, tiny_prior_pipeline):
     monkeypatch.chdir(tmp_path)
     encoders = {"clip_models": ["ViT-B-16:openai", "RN101:openai", "hf-hub:org/model"], "t5_model": "t5-11b",
                 "text_max_length": 80, "t5_masked": False}
-    pipe = pipeline()
+    pipe = tiny_prior_pipeline()
     folder = save_prior("p", pipe.prior, pipe.vocabulary, ScheduleConfig(), encoders, pipe.unconditional.null_clip_text,
                         pipe.unconditional.null_text_tokens)
     assert json.loads((folder / "model_index.json").read_text())["encoders"] == encoders

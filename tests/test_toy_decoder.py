@@ -1,28 +1,22 @@
 """The toy decoder (tiny VAE + UNet through the decoder trainer), the attribute reader, the toy defaults of
-test.py / sft_test.py and benchmarks/toy_text_to_image.py, all at fast size on the fast toy world."""
+image-to-image / text-to-image (test.py / text_to_image.py) and the toy text-to-image benchmark
+(shifted_diffusion.toy.text_to_image_eval: benchmarks/toy_text_to_image.py), all at fast size on the fast toy world."""
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from repo_modules import load_repo_module
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import sft_test  # noqa: E402
-
-from shifted_diffusion.toy import ToyWorldConfig, decoder_recipe, ensure_toy_assets  # noqa: E402
-from shifted_diffusion.toy.decoder import foreground_weights, kl_to_standard_normal  # noqa: E402
-from shifted_diffusion.toy.reader import ToyAttributeReader, largest_blob, reader_accuracy  # noqa: E402
-from shifted_diffusion.toy.world import ATTRIBUTES, COLOUR_RGB, render_image, sample_record  # noqa: E402
-
-
-img2img = load_repo_module("test.py")  # the repo's test.py (stdlib `test` shadows the name)
-benchmark = load_repo_module("benchmarks/toy_text_to_image.py")
+from shifted_diffusion import image_to_image, text_to_image
+from shifted_diffusion.toy import ToyWorldConfig, decoder_recipe, ensure_toy_assets
+from shifted_diffusion.toy import text_to_image_eval as benchmark
+from shifted_diffusion.toy.decoder import foreground_weights, kl_to_standard_normal
+from shifted_diffusion.toy.reader import ToyAttributeReader, largest_blob, reader_accuracy
+from shifted_diffusion.toy.text_to_image_report import format_table
+from shifted_diffusion.toy.world import ATTRIBUTES, COLOUR_RGB, render_image, sample_record
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
@@ -155,7 +149,7 @@ def test_fast_toy_decoder_is_a_standard_pipeline_folder_and_is_cached(toy):
 
 def test_test_py_defaults_reconstruct_toy_images(toy, tmp_path, capsys):
     out = tmp_path / "img2img"
-    written = img2img.main(["--toy_fast", "--toy_root", toy["toy_root"], "--toy_decoder", str(toy["decoder"]),
+    written = image_to_image.main(["--toy_fast", "--toy_root", toy["toy_root"], "--toy_decoder", str(toy["decoder"]),
                             "--num_toy_images", "2", "--num_inference_steps", "2", "--output_dir", str(out)])
     assert sorted(p.name for p in written) == ["re_toy00.png", "re_toy01.png"]
     assert (out / "inputs" / "toy00.png").is_file() and (out / "inputs" / "toy00.txt").read_text().strip()
@@ -168,15 +162,15 @@ def test_test_py_defaults_reconstruct_toy_images(toy, tmp_path, capsys):
 def test_sft_test_defaults_use_the_toy_prior_and_example_captions(toy, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match="python train.py"):
-        sft_test.main(["--toy_fast", "--toy_root", toy["toy_root"], "--toy_decoder", str(toy["decoder"])])
-    tiny_prior(tmp_path / sft_test.TOY_PRIOR, toy["clip"], baseline=False)
-    written = sft_test.main(["--toy_fast", "--toy_root", toy["toy_root"], "--toy_decoder", str(toy["decoder"]),
+        text_to_image.main(["--toy_fast", "--toy_root", toy["toy_root"], "--toy_decoder", str(toy["decoder"])])
+    tiny_prior(tmp_path / text_to_image.TOY_PRIOR, toy["clip"], baseline=False)
+    written = text_to_image.main(["--toy_fast", "--toy_root", toy["toy_root"], "--toy_decoder", str(toy["decoder"]),
                              "--num_inference_steps", "2", "--prior_num_inference_steps", "2"])
-    prompts = sft_test.TOY_EXAMPLE_PROMPTS
-    assert [p.name for p in written] == [f"{i:03d}_{sft_test.sanitize(p)}_0.png" for i, p in enumerate(prompts)] \
+    prompts = text_to_image.TOY_EXAMPLE_PROMPTS
+    assert [p.name for p in written] == [f"{i:03d}_{text_to_image.sanitize(p)}_0.png" for i, p in enumerate(prompts)] \
         + ["grid.png"]
-    assert all(p.resolve().parent == (tmp_path / sft_test.TOY_OUTPUT_DIR).resolve() for p in written)
-    assert sft_test.TOY_OUTPUT_DIR in capsys.readouterr().out
+    assert all(p.resolve().parent == (tmp_path / text_to_image.TOY_OUTPUT_DIR).resolve() for p in written)
+    assert text_to_image.TOY_OUTPUT_DIR in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------- benchmark
@@ -196,7 +190,7 @@ def test_attribute_scores_by_hand():
 def test_benchmark_runs_end_to_end_at_fast_size(toy, tmp_path):
     priors = {name: tiny_prior(tmp_path / name, toy["clip"], baseline=name == "baseline") for name in ("shifted", "baseline")}
     out = tmp_path / "results.json"
-    results = benchmark.main(["--fast", "--toy_root", toy["toy_root"], "--decoder", str(toy["decoder"]),
+    results = benchmark.run_text_to_image_eval(["--fast", "--toy_root", toy["toy_root"], "--decoder", str(toy["decoder"]),
                               "--shifted_prior", str(priors["shifted"]), "--baseline_prior", str(priors["baseline"]),
                               "--output_dir", str(tmp_path / "bench"), "--out", str(out)])
     saved = json.loads(out.read_text())
@@ -213,4 +207,4 @@ def test_benchmark_runs_end_to_end_at_fast_size(toy, tmp_path):
     with Image.open(saved["grid"]) as grid:
         c, s = saved["config"]["num_captions"], saved["config"]["samples_per_caption"]
         assert grid.size == (300 + 64 * (2 + 2 * s), 16 + 64 * c)
-    assert "text→image, shifted prior" in benchmark.format_table(results)
+    assert "text→image, shifted prior" in format_table(results)

@@ -1,7 +1,7 @@
 """Stock image-embedding decoders (Kandinsky 2.2, Stable unCLIP, Karlo) driven through shifted_diffusion.unclip.
 
-Every pipeline is built tiny from configs (no download), saved with save_pretrained and loaded back through
-``load_unclip_decoder``; random "prior" embeddings of the decoder's dim go in.
+Every pipeline is built tiny from configs (no download; conftest.py's ``tiny_unclip_decoder``), saved with
+save_pretrained and loaded back through ``load_unclip_decoder``; random "prior" embeddings of the decoder's dim go in.
 """
 
 from __future__ import annotations
@@ -20,133 +20,16 @@ from shifted_diffusion.train_config import parse_config
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KANDINSKY_DIM, UNCLIP_DIM, KARLO_DIM = 24, 16, 20
 SIZE = 32  # output pixels (Karlo: super_res sample_size)
-
-
-# ----------------------------------------------------------------------------------------------
-# tiny components
-
-
-def _tokenizer(tmp_path):
-    """A CLIPTokenizer from a 54-token vocabulary written to disk (letters, bos / eos), 77 positions."""
-    from transformers import CLIPTokenizer
-
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    vocab.update({c: len(vocab) for c in letters})
-    vocab.update({c + "</w>": len(vocab) for c in letters})
-    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
-    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), model_max_length=77,
-                         pad_token="<|endoftext|>")
-
-
-def _text_config(hidden_size, projection_dim):
-    from transformers import CLIPTextConfig
-
-    return CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=hidden_size,
-                          projection_dim=projection_dim,
-                          intermediate_size=16, num_attention_heads=2, num_hidden_layers=1, vocab_size=60)
-
-
-def _image_encoder(projection_dim):
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    return CLIPVisionModelWithProjection(CLIPVisionConfig(
-        hidden_size=16, projection_dim=projection_dim, num_hidden_layers=1, num_attention_heads=2, image_size=8,
-        intermediate_size=16, patch_size=4))
-
-
-def _save_kandinsky(path):
-    """A tiny KandinskyV22Pipeline (image_proj UNet with learned variance, spatial-norm VQ movq, DDPM)."""
-    from diffusers import DDPMScheduler, KandinskyV22Pipeline, UNet2DConditionModel, VQModel
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=8, addition_embed_type="image",
-        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
-        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
-        mid_block_type="UNetMidBlock2DSimpleCrossAttn", block_out_channels=(8, 16), layers_per_block=1,
-        encoder_hid_dim=KANDINSKY_DIM, encoder_hid_dim_type="image_proj", cross_attention_dim=16,
-        attention_head_dim=4, norm_num_groups=4, resnet_time_scale_shift="scale_shift", class_embed_type=None)
-    movq = VQModel(block_out_channels=[32, 32], down_block_types=["DownEncoderBlock2D", "AttnDownEncoderBlock2D"],
-                   up_block_types=["AttnUpDecoderBlock2D", "UpDecoderBlock2D"], in_channels=3, out_channels=3,
-                   latent_channels=4, layers_per_block=1, norm_num_groups=8, norm_type="spatial",
-                   num_vq_embeddings=12, vq_embed_dim=4)
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.00085, beta_end=0.012,
-                              clip_sample=False)
-    KandinskyV22Pipeline(unet=unet, scheduler=scheduler, movq=movq).save_pretrained(path)
-
-
-def _save_stable_unclip(path, tmp_path):
-    """A tiny StableUnCLIPImg2ImgPipeline (projection class embedding of 2 x D, normaliser, VAE, CLIP text)."""
-    from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, StableUnCLIPImg2ImgPipeline,
-                           UNet2DConditionModel)
-    from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
-    from transformers import CLIPImageProcessor, CLIPTextModel
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        attention_head_dim=(2, 4), norm_num_groups=4, cross_attention_dim=16, class_embed_type="projection",
-        projection_class_embeddings_input_dim=2 * UNCLIP_DIM, use_linear_projection=True)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        norm_num_groups=4, layers_per_block=1)
-    normalizer = StableUnCLIPImageNormalizer(embedding_dim=UNCLIP_DIM)
-    with torch.no_grad():  # non-trivial statistics: the pipeline must standardise and restore
-        normalizer.mean.copy_(torch.randn(1, UNCLIP_DIM))
-        normalizer.std.copy_(torch.rand(1, UNCLIP_DIM) + 0.5)
-    StableUnCLIPImg2ImgPipeline(
-        feature_extractor=CLIPImageProcessor(crop_size=8, size=8), image_encoder=_image_encoder(UNCLIP_DIM),
-        image_normalizer=normalizer, image_noising_scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2"),
-        tokenizer=_tokenizer(tmp_path), text_encoder=CLIPTextModel(_text_config(16, UNCLIP_DIM)), unet=unet,
-        scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                prediction_type="v_prediction", set_alpha_to_one=False, steps_offset=1),
-        vae=vae,
-    ).save_pretrained(path)
-
-
-def _save_karlo(path, tmp_path):
-    """A tiny UnCLIPImageVariationPipeline (16 px decoder with learned variance, 32 px super-resolution)."""
-    from diffusers import UNet2DConditionModel, UNet2DModel, UnCLIPImageVariationPipeline, UnCLIPScheduler
-    from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
-    from transformers import CLIPImageProcessor, CLIPTextModelWithProjection
-
-    torch.manual_seed(0)
-    decoder = UNet2DConditionModel(
-        sample_size=16, in_channels=3, out_channels=6, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
-        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
-        mid_block_type="UNetMidBlock2DSimpleCrossAttn", cross_attention_dim=16, attention_head_dim=4,
-        norm_num_groups=4, resnet_time_scale_shift="scale_shift", class_embed_type="identity")
-    text_proj = UnCLIPTextProjModel(clip_embeddings_dim=KARLO_DIM, time_embed_dim=32, cross_attention_dim=16)
-
-    def super_res():
-        return UNet2DModel(sample_size=SIZE, in_channels=6, out_channels=3, block_out_channels=(8, 16),
-                           layers_per_block=1, norm_num_groups=4,
-                           down_block_types=("ResnetDownsampleBlock2D",) * 2,
-                           up_block_types=("ResnetUpsampleBlock2D",) * 2)
-
-    UnCLIPImageVariationPipeline(
-        decoder=decoder, text_encoder=CLIPTextModelWithProjection(_text_config(KARLO_DIM, KARLO_DIM)),
-        tokenizer=_tokenizer(tmp_path), text_proj=text_proj, feature_extractor=CLIPImageProcessor(crop_size=8, size=8),
-        image_encoder=_image_encoder(KARLO_DIM), super_res_first=super_res(), super_res_last=super_res(),
-        decoder_scheduler=UnCLIPScheduler(variance_type="learned_range", prediction_type="epsilon"),
-        super_res_scheduler=UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="epsilon"),
-    ).save_pretrained(path)
-
-
 DIMS = {"kandinsky": KANDINSKY_DIM, "stable_unclip": UNCLIP_DIM, "karlo": KARLO_DIM}
 
 
 @pytest.fixture(scope="module")
-def decoders(tmp_path_factory):
-    """Each tiny pipeline saved to its own folder and loaded back with load_unclip_decoder (kind detected)."""
+def decoders(tmp_path_factory, tiny_unclip_decoder):
+    """Each tiny pipeline (conftest's tiny_unclip_decoder) saved to its own folder and loaded back with
+    load_unclip_decoder (kind detected)."""
     root = tmp_path_factory.mktemp("unclip_decoders")
-    _save_kandinsky(root / "kandinsky")
-    _save_stable_unclip(root / "stable_unclip", root)
-    _save_karlo(root / "karlo", root)
+    for name, dim in DIMS.items():
+        tiny_unclip_decoder(name, root / name, dim, size=SIZE)
     loaded = {name: unclip.load_unclip_decoder(root / name) for name in DIMS}
     for pipe in loaded.values():
         pipe.set_progress_bar_config(disable=True)

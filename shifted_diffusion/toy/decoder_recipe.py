@@ -11,8 +11,9 @@
    normal decoder trainer (``decoder_training.train_decoder``) with the image-embedding projection.
 The result is a decoder folder that test.py / sft_test.py / shifted_diffusion.decoder.load_decoder read
 exactly like a fine-tuned SD2. A finished folder with the same settings and CLIP is reused, not retrained.
-``add_toy_default_arguments`` / ``default_toy_decoder`` give the generation scripts this decoder as their
-default; ``ensure_toy_decoder`` returns a finished one, training it when missing.
+``add_toy_default_arguments`` / ``default_toy_decoder`` give the generation commands this decoder as their
+default; ``ensure_toy_decoder`` returns a finished one, training it when missing; ``toy_decoder_world`` the
+world it was trained on.
 """
 
 from __future__ import annotations
@@ -236,3 +237,14 @@ def ensure_toy_decoder(output_dir=None, toy_root: str = "outputs/toy_assets", fa
         return output_dir
     return train_toy_decoder(["--toy_root", str(toy_root), "--output_dir", str(output_dir),
                               *(["--fast"] if fast else [])])
+
+
+def toy_decoder_world(decoder_dir, toy_root: str = "outputs/toy_assets", fast: bool = False) -> str:
+    """The toy world folder a decoder was trained on (a toy decoder names it in toy_decoder.json), else the
+    cached toy world (built now if missing)."""
+    from . import ensure_toy_assets
+
+    record = Path(decoder_dir) / TOY_DECODER_FILE
+    if record.is_file():
+        return json.loads(record.read_text())["world"]
+    return ensure_toy_assets(toy_root, fast=fast)["world"]
