@@ -374,7 +374,7 @@ def test_encoder_path_found_nowhere_is_named(toy_layout, monkeypatch):
         pipe(["a red circle"], num_inference_steps=2)
 
 
-def test_clamp_std_counts_raw_cluster_stds(monkeypatch):
+def test_clamp_std_counts_raw_cluster_stds(monkeypatch, tiny_prior_pipeline, prior_captions):
     """The original clamps x0_hat to mu +- 3 s_k with the raw cluster stds, not std_scale * s_k."""
     seen = {}
 
@@ -383,8 +383,8 @@ def test_clamp_std_counts_raw_cluster_stds(monkeypatch):
         return shift_mean
 
     monkeypatch.setattr(prior_pipeline, "sample_ancestral", spy)
-    pipe = pipeline()
-    clip_text, tokens = captions(3)
+    pipe = tiny_prior_pipeline()
+    clip_text, tokens = prior_captions(3)
     pipe.sample(clip_text, tokens, num_inference_steps=2, clamp_std=3.0)
     k = (torch.nn.functional.normalize(clip_text, dim=-1) @ torch.nn.functional.normalize(pipe.vocabulary.means, dim=-1).T).argmax(1)
     assert seen["clamp_std"] == 3.0
@@ -403,32 +403,32 @@ def test_clamp_bounds_x0_hat_by_raw_stds():
     assert all(torch.equal(x0, torch.full((1, 3), 3.0)) for x0 in seen)  # 3 raw stds, not 3 x 5
 
 
-def test_call_returns_image_and_negative_embeddings(monkeypatch):
+def test_call_returns_image_and_negative_embeddings(monkeypatch, tiny_prior_pipeline, prior_captions):
     """__call__(prompt, ...) -> image_embeds (B * n, D) and negative_image_embeds, deterministic per seed."""
-    pipe = pipeline()
-    clip_text, tokens = captions(2)
+    pipe = tiny_prior_pipeline()
+    clip_text, tokens = prior_captions(2)
     monkeypatch.setattr(pipe, "encode_prompt", lambda prompts: (clip_text[: len(prompts)], tokens[: len(prompts)]))
     out = pipe(["a", "b"], num_images_per_prompt=3, num_inference_steps=2, guidance_scale=2.0,
                generator=torch.Generator().manual_seed(0))
     again = pipe(["a", "b"], num_images_per_prompt=3, num_inference_steps=2, guidance_scale=2.0,
                  generator=torch.Generator().manual_seed(0))
-    assert out.image_embeds.shape == out.negative_image_embeds.shape == (6, CONFIG.clip_dim)
+    assert out.image_embeds.shape == out.negative_image_embeds.shape == (6, pipe.clip_dim)
     assert torch.equal(out.image_embeds, again.image_embeds) and torch.equal(out.negative_image_embeds, again.negative_image_embeds)
     direct = pipe.sample(clip_text, tokens, num_images_per_prompt=3, num_inference_steps=2, guidance_scale=2.0,
                          generator=torch.Generator().manual_seed(0))
     assert torch.equal(out.image_embeds, direct)
     arrays = pipe("a", num_inference_steps=2, output_type="np", return_dict=False)
-    assert arrays[0].shape == (1, CONFIG.clip_dim) and type(arrays[1]).__name__ == "ndarray"
+    assert arrays[0].shape == (1, pipe.clip_dim) and type(arrays[1]).__name__ == "ndarray"
     with pytest.raises(ValueError, match="negative_prompt: 1 given for 2 prompts"):
         pipe(["a", "b"], negative_prompt=["x"], num_inference_steps=2)
 
 
-def test_scheduler_steps_reproduce_the_pipeline():
+def test_scheduler_steps_reproduce_the_pipeline(tiny_prior_pipeline, prior_captions):
     """A hand-written diffusers-style loop over ShiftedDiffusionScheduler.step equals pipeline.sample."""
     from shifted_diffusion.guidance import guided_denoiser
 
-    pipe = pipeline()
-    clip_text, tokens = captions(2)
+    pipe = tiny_prior_pipeline()
+    clip_text, tokens = prior_captions(2)
     want = pipe.sample(clip_text, tokens, num_inference_steps="ddim4", sampler="ddim", eta=0.5, guidance_scale=2.0,
                        generator=torch.Generator().manual_seed(3))
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, sampler="ddim", eta=0.5)
@@ -445,7 +445,7 @@ def test_scheduler_steps_reproduce_the_pipeline():
     assert scheduler.config.sampler == "ddim"
     torch.testing.assert_close(x, want, atol=1e-6, rtol=0)  # the same steps (the pipeline casts its inputs once)
     # add_noise is q(x_t | x0), closed form
-    x0, noise, t = torch.randn(2, CONFIG.clip_dim), torch.randn(2, CONFIG.clip_dim), torch.tensor([10, 900])
+    x0, noise, t = torch.randn(2, pipe.clip_dim), torch.randn(2, pipe.clip_dim), torch.tensor([10, 900])
     abar = pipe.scheduler.schedule.alphas_cumprod[t].float()[:, None]
     torch.testing.assert_close(scheduler.add_noise(x0, noise, t, shift_mean=mean, shift_std=std),
                                abar.sqrt() * x0 + (1 - abar.sqrt()) * mean + (1 - abar).sqrt() * std * noise)
