@@ -16,7 +16,6 @@ import argparse
 import sys
 from pathlib import Path
 
-
 from .checks import check_embedding_file
 from .data import open_rgb, read_image_folder
 from .decoder import SCHEDULERS, default_device_dtype, load_decoder, load_embedding
