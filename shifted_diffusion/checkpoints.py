@@ -176,8 +176,12 @@ def find_checkpoint(output_dir, resume: Optional[str]) -> Optional[Path]:
     if not resume:
         return None
     if resume != "latest":
-        read_state(resume)
-        return Path(resume)
+        path = Path(resume)
+        if not path.is_dir() and (Path(output_dir) / path).is_dir():  # "checkpoint-500", relative to output_dir
+            path = Path(output_dir) / path
+        read_state(path)
+        _refuse_newer(output_dir, path)
+        return path
     found, pickled = list_checkpoints(output_dir), []
     for path in reversed(found):
         try:
@@ -193,6 +197,19 @@ def find_checkpoint(output_dir, resume: Optional[str]) -> Optional[Path]:
                               "code; start without --resume_from_checkpoint or use another output_dir")
     warnings.warn(f"resume_from_checkpoint=latest: no complete {PREFIX}N in {output_dir}; starting from scratch")
     return None
+
+
+def _refuse_newer(output_dir, path: Path) -> None:
+    """Resuming an older checkpoint of this run would mix two histories: newer checkpoints stay the "latest" ones
+    and pruning by step would delete the new saves first."""
+    if Path(output_dir).resolve() != path.resolve().parent or not path.name[len(PREFIX):].isdigit():
+        return
+    step = int(path.name[len(PREFIX):])
+    newer = [p.name for p in list_checkpoints(output_dir) if int(p.name[len(PREFIX):]) > step]
+    if newer:
+        raise CheckpointError(f"resume_from_checkpoint {path.name}: {output_dir} also holds newer checkpoints "
+                              f"{newer[:4]}; move them away first (they would remain 'latest', and pruning would "
+                              "delete the resumed run's saves), or resume the newest with 'latest'")
 
 
 def prune_checkpoints(output_dir, total_limit: Optional[int]) -> None:
@@ -299,6 +316,11 @@ def load_checkpoint(accelerator, path, *, modules: Mapping[str, torch.nn.Module]
         raise CheckpointError(f"{path} holds modules {state['modules']}, this run trains {sorted(modules)}")
     for name, module in modules.items():
         _check_module(path, name, module, state, config)
+    changed = _differences(state.get("config", {}), config or {})
+    if changed:
+        warnings.warn(f"resuming {path} with settings that differ from the checkpoint's: {'; '.join(changed[:8])}. The "
+                      "checkpoint's optimizer and learning-rate schedule state are restored as saved, and a changed "
+                      "batch size, accumulation or seed changes which data the remaining steps read")
     for name, module in modules.items():
         load_model(module, str(path / f"{name}.safetensors"), strict=True, device=str(next(module.parameters()).device))
     trainer = join_state(state["state"], load_file(str(path / TENSORS_NAME)))

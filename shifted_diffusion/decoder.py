@@ -287,6 +287,7 @@ def load_decoder(
         feature_extractor=None,
         requires_safety_checker=False,
         torch_dtype=dtype,
+        use_safetensors=True,
     )
     pipeline.to(device)
     projection = ImageEmbeddingProjection.from_pretrained(

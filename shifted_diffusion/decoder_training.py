@@ -186,13 +186,14 @@ def load_models(cfg: DecoderTrainConfig):
     import diffusers
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-    common = {"revision": cfg.revision}
+    common = {"revision": cfg.revision}  # safetensors weights only (no pickle fallback) for the models below
     noise_scheduler = DDPMScheduler.from_pretrained(cfg.pretrained_model_name_or_path, subfolder="scheduler", **common)
     scheduler_config = DDPMScheduler.load_config(cfg.pretrained_model_name_or_path, subfolder="scheduler", **common)
     scheduler_cls = getattr(diffusers, scheduler_config.get("_class_name", "DDIMScheduler"), diffusers.DDIMScheduler)
     inference_scheduler = scheduler_cls.from_config(scheduler_config)
-    vae = AutoencoderKL.from_pretrained(cfg.pretrained_model_name_or_path, subfolder="vae", variant=cfg.variant, **common)
-    unet = UNet2DConditionModel.from_pretrained(cfg.pretrained_model_name_or_path, subfolder="unet",
+    vae = AutoencoderKL.from_pretrained(cfg.pretrained_model_name_or_path, subfolder="vae", variant=cfg.variant,
+                                        use_safetensors=True, **common)
+    unet = UNet2DConditionModel.from_pretrained(cfg.pretrained_model_name_or_path, subfolder="unet", use_safetensors=True,
                                                 variant=cfg.variant, **common)
     vae.requires_grad_(False)
     return noise_scheduler, inference_scheduler, vae, unet
@@ -202,7 +203,7 @@ def build_projection(cfg: DecoderTrainConfig, clip_dim: int, cross_attention_dim
     """A new projection, or the pretrained folder's own (continuing a fine-tuned decoder)."""
     existing = Path(cfg.pretrained_model_name_or_path) / PROJECTION_SUBFOLDER
     if existing.is_dir():
-        projection = ImageEmbeddingProjection.from_pretrained(existing)
+        projection = ImageEmbeddingProjection.from_pretrained(existing, use_safetensors=True)
         check_dim("the multi-CLIP image embedding", f"--clip_models {' '.join(cfg.clip_models)}", clip_dim,
                   projection.config.clip_dim, f"{existing}/config.json")
         logger.info(f"continuing from the projection in {existing}")

@@ -571,11 +571,13 @@ class T5TextEncoder:
         self.dtype = resolve_dtype(dtype, self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(self.name_or_path)
         if offload:
-            self.model = T5EncoderModel.from_pretrained(self.name_or_path, dtype=self.dtype, device_map="auto")
+            self.model = T5EncoderModel.from_pretrained(self.name_or_path, dtype=self.dtype, device_map="auto",
+                                                         use_safetensors=True)
             first = self.model.get_input_embeddings().weight.device  # accelerate hooks move inputs onward
             self.device = first if first.type != "meta" else torch.device("cpu")
         else:
-            self.model = T5EncoderModel.from_pretrained(self.name_or_path, dtype=self.dtype).to(self.device)
+            self.model = T5EncoderModel.from_pretrained(self.name_or_path, dtype=self.dtype,
+                                                         use_safetensors=True).to(self.device)
         self.model.eval().requires_grad_(False)
         self.dim = int(self.model.config.d_model)
 

@@ -147,7 +147,7 @@ def load_original(path: Path, *, clip=None, text_encoder=None, **options):
     _check_checkpoint_file(path)
     prior = load_original_checkpoint(path, **options)
     mean_path, std_path = path.parent / "mean.pth", path.parent / "std.pth"
-    if mean_path.is_file() and std_path.is_file():
+    if prior.arch.has_cluster_token and mean_path.is_file() and std_path.is_file():
         shift = ClusterVocab.from_original(mean_path, std_path, dim=prior.arch.clip_dim)
         if shift.num_clusters > prior.arch.vocab_size:  # the release's files may hold extra rows: it read [:1024]
             shift = ClusterVocab(shift.means[: prior.arch.vocab_size], shift.stds[: prior.arch.vocab_size], shift.std_scale)

@@ -96,10 +96,14 @@ class ShiftedDiffusionPriorPipeline(DiffusionPipeline):
 
     # ---- loading and saving ----------------------------------------------------------------------
 
+    COMPONENTS = ("prior", "vocabulary", "scheduler", "unconditional")
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "ShiftedDiffusionPriorPipeline":
-        """Only safetensors weights are read (``use_safetensors=True`` unless given)."""
+        """Only safetensors weights are read (``use_safetensors=True`` unless given). ``torch_dtype`` applies to
+        the network only: the vocabulary and the unconditional inputs are loaded and kept in float32."""
         kwargs.setdefault("use_safetensors", True)
+        dtype = kwargs.pop("torch_dtype", None)
         pipeline = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         folder = Path(pretrained_model_name_or_path)
         if folder.is_dir():  # local encoder paths stored relative to a training run's working directory
@@ -107,15 +111,24 @@ class ShiftedDiffusionPriorPipeline(DiffusionPipeline):
 
             folder = folder.resolve()
             pipeline.register_to_config(encoders=resolve_encoder_paths(pipeline.encoders, bases=[folder, *folder.parents]))
-        return pipeline
+        return pipeline.to(dtype=dtype) if dtype is not None else pipeline
 
     def save_pretrained(self, save_directory, **kwargs) -> None:
-        """diffusers' save_pretrained (safetensors), built under a temporary name and renamed into place:
-        an interrupted save leaves the previous folder."""
+        """diffusers' save_pretrained (safetensors), built under a temporary name and renamed into place: an
+        interrupted save leaves the previous folder. A folder holding anything but an earlier save of a pipeline is
+        refused (the rename would replace it). With ``push_to_hub``, diffusers' own save runs in place."""
+        kwargs.setdefault("safe_serialization", True)
+        if kwargs.get("push_to_hub"):
+            return super().save_pretrained(str(save_directory), **kwargs)
         save_directory = Path(save_directory)
+        if save_directory.is_dir():
+            foreign = sorted(p.name for p in save_directory.iterdir()
+                             if p.name not in ("model_index.json", *self.COMPONENTS))
+            if foreign:
+                raise FileExistsError(f"save_pretrained: {os.fspath(save_directory)} holds other files ({foreign[:5]}); "
+                                      "save the pipeline into its own (new or earlier-saved) folder")
         partial = partial_folder(save_directory)
         shutil.rmtree(partial, ignore_errors=True)
-        kwargs.setdefault("safe_serialization", True)
         super().save_pretrained(str(partial), **kwargs)
         replace_folder(partial, save_directory)
 
@@ -131,9 +144,19 @@ class ShiftedDiffusionPriorPipeline(DiffusionPipeline):
     def encoders(self) -> dict:
         return dict(self.config.encoders)
 
-    def to(self, device=None, dtype=None) -> "ShiftedDiffusionPriorPipeline":
-        """The network to ``device`` / ``dtype`` (bf16 weights sample faster on a GPU); the vocabulary and the
-        unconditional inputs stay float32."""
+    def to(self, *args, **kwargs) -> "ShiftedDiffusionPriorPipeline":
+        """``to(device)``, ``to(dtype)``, ``to(device, dtype)`` or keywords, as ``DiffusionPipeline.to``: the network
+        takes the dtype (bf16 weights sample faster on a GPU); the vocabulary and the unconditional inputs move to
+        the device and stay float32. Encoders already loaded stay where they are (their outputs are moved)."""
+        device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+        kwargs.pop("silence_dtype_warnings", None)
+        if kwargs:
+            raise TypeError(f"to(): unexpected arguments {sorted(kwargs)}")
+        for arg in args:
+            if isinstance(arg, torch.dtype):
+                dtype = arg
+            elif arg is not None:
+                device = arg
         moves = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
         if moves:
             self.prior.to(**moves)

@@ -198,3 +198,22 @@ def test_mismatched_model_is_one_sentence_naming_the_setting(accelerator, tmp_pa
     assert "\n" not in message
     with pytest.raises(CheckpointError, match=r"holds modules \['net'\], this run trains \['unet'\]"):
         load_checkpoint(accelerator, path, modules={"unet": other}, optimizer=optimizer2, lr_scheduler=scheduler2)
+
+
+def test_resume_paths_relative_to_the_run_and_older_checkpoints_refused(accelerator, tmp_path):
+    model, optimizer, scheduler, ema = _objects()
+    for step in (2, 4):
+        save_checkpoint(accelerator, tmp_path, step, modules={"net": model}, optimizer=optimizer, lr_scheduler=scheduler)
+    assert find_checkpoint(tmp_path, "checkpoint-4") == tmp_path / "checkpoint-4"  # relative to output_dir
+    with pytest.raises(CheckpointError, match=r"also holds newer checkpoints \['checkpoint-4'\]"):
+        find_checkpoint(tmp_path, "checkpoint-2")
+
+
+def test_resume_with_changed_settings_warns_naming_them(accelerator, tmp_path):
+    model, optimizer, scheduler, ema = _objects()
+    path = save_checkpoint(accelerator, tmp_path, 2, modules={"net": model}, optimizer=optimizer, lr_scheduler=scheduler,
+                           config={"learning_rate": 0.1, "max_train_steps": 5})
+    with pytest.warns(UserWarning, match=r"learning_rate=0\.1 \(checkpoint\) vs 0\.2 \(now\)") as record:
+        load_checkpoint(accelerator, path, modules={"net": model}, optimizer=optimizer, lr_scheduler=scheduler,
+                        config={"learning_rate": 0.2, "max_train_steps": 9})
+    assert "max_train_steps" not in str(record[0].message)  # a run-control setting may change freely

@@ -451,3 +451,22 @@ def test_scheduler_steps_reproduce_the_pipeline(tiny_prior_pipeline, prior_capti
                                abar.sqrt() * x0 + (1 - abar.sqrt()) * mean + (1 - abar).sqrt() * std * noise)
     with pytest.raises(ValueError, match="not one of this schedule's"):
         scheduler.step(x, torch.tensor(5), x, shift_mean=mean, shift_std=std)
+
+
+def test_pipeline_to_and_dtype_keep_the_vocabulary_float32_and_save_refuses_foreign_folders(tmp_path, tiny_prior_pipeline):
+    from shifted_diffusion import ShiftedDiffusionPriorPipeline
+
+    pipe = tiny_prior_pipeline()
+    pipe.save_pretrained(tmp_path / "p")
+    pipe.save_pretrained(tmp_path / "p")  # over an earlier save: allowed
+    low = ShiftedDiffusionPriorPipeline.from_pretrained(tmp_path / "p", torch_dtype=torch.bfloat16)
+    assert next(low.prior.parameters()).dtype == torch.bfloat16
+    assert low.vocabulary.means.dtype == low.unconditional.null_text_tokens.dtype == torch.float32
+    pipe.to(torch.bfloat16)  # positional dtype, as DiffusionPipeline.to
+    assert next(pipe.prior.parameters()).dtype == torch.bfloat16 and pipe.vocabulary.means.dtype == torch.float32
+    pipe.to("cpu", silence_dtype_warnings=True)  # what enable_model_cpu_offload passes
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint-5").mkdir()
+    with pytest.raises(FileExistsError, match=r"holds other files \['checkpoint-5'\]"):
+        pipe.save_pretrained(tmp_path / "run")
+    assert (tmp_path / "run" / "checkpoint-5").is_dir()

@@ -260,7 +260,7 @@ def ensure_vae(folder, world_folder, config: ToyDecoderConfig, *, log_every: int
     folder = Path(folder)
     if vae_is_cached(folder, config, world_folder):
         info = json.loads((folder / VAE_CONFIG_FILE).read_text())
-        return AutoencoderKL.from_pretrained(str(folder)), info["info"]
+        return AutoencoderKL.from_pretrained(str(folder), use_safetensors=True), info["info"]
     folder.mkdir(parents=True, exist_ok=True)
     marker = folder / VAE_CONFIG_FILE
     if marker.exists():
