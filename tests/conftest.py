@@ -311,7 +311,7 @@ def small_images():
 
 # ---------------------------------------------------------------------------------------------- tiny unCLIP decoders
 
-def _tokenizer(folder):
+def _tokenizer(folder, model_max_length=77):
     """A CLIPTokenizer from a 54-token vocabulary written to disk (letters, bos / eos), 77 positions."""
     from transformers import CLIPTokenizer
 
@@ -321,8 +321,15 @@ def _tokenizer(folder):
     vocab.update({c + "</w>": len(vocab) for c in letters})
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77,
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=model_max_length,
                          pad_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_tokenizer():
+    """Builder of a tiny offline CLIPTokenizer (54 tokens: letters, bos / eos, ids < 54):
+    ``tiny_clip_tokenizer(folder, model_max_length=77)``; its vocab files are written to ``folder``."""
+    return _tokenizer
 
 
 def _text_config(hidden_size, projection_dim):
