@@ -177,3 +177,16 @@ def pipeline_image_embeds(image_embeds: torch.Tensor, guidance: bool,
         negative = torch.zeros_like(image_embeds)
     negative = negative.reshape(-1, image_embeds.shape[1]).to(image_embeds).expand_as(image_embeds)
     return [torch.cat([negative[:, None], positive])]  # (2B, 1, D)
+
+
+def detach_adapter(unet) -> dict[str, torch.Tensor]:
+    """Remove the attached adapter (as stock ``unload_ip_adapter`` does: no image projection, the default
+    attention processors back) and return it in the file layout; the UNet then saves as a stock one."""
+    from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
+
+    state = adapter_state_from_unet(unet)
+    unet.encoder_hid_proj = None
+    unet.config.encoder_hid_dim_type = None
+    unet.set_attn_processor({name: AttnProcessor2_0() if isinstance(proc, IPAdapterAttnProcessor2_0)
+                             else proc.__class__() for name, proc in unet.attn_processors.items()})
+    return state
