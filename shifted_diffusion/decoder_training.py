@@ -178,6 +178,12 @@ def preflight(cfg: DecoderTrainConfig) -> None:
         raise ValueError("--train_data_dir is required (a folder of training images)")
     if cfg.resume_from_checkpoint and cfg.resume_from_checkpoint != "latest":
         read_state(cfg.resume_from_checkpoint)
+    local = Path(cfg.pretrained_model_name_or_path)
+    if cfg.decoder_type == "text_and_image" and local.is_dir():
+        missing = [name for name in ("tokenizer", "text_encoder") if not (local / name).is_dir()]
+        if missing:
+            raise ValueError(f"--decoder_type text_and_image needs the tokenizer and text_encoder of "
+                             f"--pretrained_model_name_or_path {local} (missing: {', '.join(missing)})")
 
 
 def parse_decoder_config(argv: Optional[Sequence[str]] = None, defaults: Optional[dict] = None) -> DecoderTrainConfig:

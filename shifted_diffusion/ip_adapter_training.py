@@ -97,6 +97,13 @@ def load_text_encoder(cfg):
     """The pretrained folder's tokenizer and (frozen) CLIP text encoder; SystemExit when it has none."""
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    where = f"--pretrained_model_name_or_path {cfg.pretrained_model_name_or_path}"
+    local = Path(cfg.pretrained_model_name_or_path)
+    if local.is_dir():
+        missing = [name for name in ("tokenizer", "text_encoder") if not (local / name).is_dir()]
+        if missing:
+            raise SystemExit(f"finetune: --decoder_type text_and_image needs the tokenizer and text_encoder of "
+                             f"{where} (missing: {', '.join(missing)})")
     try:
         tokenizer = CLIPTokenizer.from_pretrained(cfg.pretrained_model_name_or_path, subfolder="tokenizer",
                                                   revision=cfg.revision)
@@ -104,7 +111,11 @@ def load_text_encoder(cfg):
                                                      revision=cfg.revision, variant=cfg.variant)
     except (OSError, ValueError) as error:
         raise SystemExit(f"finetune: --decoder_type text_and_image needs the tokenizer and text_encoder of "
-                         f"--pretrained_model_name_or_path {cfg.pretrained_model_name_or_path} ({error})") from error
+                         f"{where} ({error})") from error
+    positions = text_encoder.config.max_position_embeddings
+    if tokenizer.model_max_length > positions:
+        raise SystemExit(f"finetune: {where}: the tokenizer pads to {tokenizer.model_max_length} tokens, the text "
+                         f"encoder has {positions} positions")
     return tokenizer, text_encoder.requires_grad_(False).eval()
 
 

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from shifted_diffusion import ip_adapter
-from shifted_diffusion.decoder_training import parse_decoder_config, train_decoder
+from shifted_diffusion.decoder_training import DecoderTrainConfig, parse_decoder_config, train_decoder
 from shifted_diffusion.ip_adapter_training import condition_masks
 
 RESOLUTION = 32
@@ -25,7 +25,7 @@ def world(tmp_path_factory, tiny_sd_pipeline, tiny_decoder_clips, small_images, 
     StableDiffusionPipeline.from_pretrained(
         base, tokenizer=tiny_clip_tokenizer(root / "tok", model_max_length=16), safety_checker=None,
         requires_safety_checker=False).save_pretrained(root / "sd")
-    return {"sd": root / "sd", "images": root / "images", "clips": tiny_decoder_clips(root)}
+    return {"sd": root / "sd", "base": base, "images": root / "images", "clips": tiny_decoder_clips(root)}
 
 
 def _args(world, out, *extra):
@@ -101,3 +101,25 @@ def test_train_unet_too(world, tmp_path):
     after = UNet2DConditionModel.from_pretrained(out, subfolder="unet").state_dict()
     assert before.keys() == after.keys()
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_gradient_checkpointing_with_frozen_unet_still_trains_every_adapter_layer(world, tmp_path):
+    out = train_decoder(parse_decoder_config(_args(world, tmp_path / "run", "--max_train_steps", "1",
+                                                   "--gradient_checkpointing")))
+    from diffusers import UNet2DConditionModel
+
+    init = ip_adapter.init_adapter_state(UNet2DConditionModel.from_pretrained(world["sd"], subfolder="unet"), 56,
+                                         generator=torch.Generator().manual_seed(0))
+    trained = load_file(str(out / ip_adapter.ADAPTER_WEIGHT_NAME))
+    unchanged = [k for k in init if torch.equal(init[k], trained[k])]
+    assert unchanged == []
+
+
+def test_a_pretrained_folder_without_tokenizer_is_a_clear_error(world, tmp_path):
+    args = _args(world, tmp_path / "run", "--max_train_steps", "1")
+    args[args.index(str(world["sd"]))] = str(world["base"])  # the tiny SD folder has no tokenizer
+    with pytest.raises(SystemExit):  # a usage error of the command line, before any work
+        parse_decoder_config(args)
+    with pytest.raises(ValueError, match="needs the tokenizer and text_encoder"):
+        train_decoder(DecoderTrainConfig(**{**parse_decoder_config(_args(world, tmp_path)).to_dict(),
+                                            "pretrained_model_name_or_path": str(world["base"])}))
