@@ -271,12 +271,28 @@ def load_decoder(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     scheduler: str | None = None,
+    image_scale: float | None = None,
 ) -> Decoder:
-    """Load pipeline (text encoder skipped), projection, empty embedding and CLIP specs from one folder."""
+    """Load pipeline (text encoder skipped), projection, empty embedding and CLIP specs from one folder.
+
+    A text + image decoder folder (``"decoder_type": "text_and_image"``, finetune.py --decoder_type
+    text_and_image) loads as ``text_image_decoder.TextImageDecoder`` instead, its image attention weighted by
+    ``image_scale`` (default 1); the language-free decoder takes no ``image_scale``."""
     from diffusers import StableDiffusionPipeline
 
     path = Path(path)
     config = read_decoder_config(path)
+    decoder_type = config.get("decoder_type", "image")
+    if decoder_type == "text_and_image":
+        from .text_image_decoder import load_text_image_decoder
+
+        return load_text_image_decoder(path, config, device=device, dtype=dtype, scheduler=scheduler,
+                                       image_scale=1.0 if image_scale is None else image_scale)
+    if decoder_type != "image":
+        raise ValueError(f"{path / DECODER_CONFIG_NAME}: unknown decoder_type {decoder_type!r} (expected image or "
+                         f"text_and_image)")
+    if image_scale is not None:
+        raise ValueError(f"image_scale: {path} is a language-free decoder (no text + image attention to weight)")
     dtype = dtype or torch.float32
     device = torch.device(device) if device is not None else torch.device("cpu")
     pipeline = StableDiffusionPipeline.from_pretrained(

@@ -1,7 +1,9 @@
 """Which decoder a ``--decoder`` names, behind the one ``generate`` call text-to-image uses.
 
 * a shifted-diffusion decoder folder (``shifted_decoder.json``, read by ``decoder.read_decoder_config``;
-  written by finetune.py or the toy decoder recipe): ``decoder.load_decoder``, the default path;
+  written by finetune.py or the toy decoder recipe): ``decoder.load_decoder``, the default path; with
+  ``"decoder_type": "text_and_image"`` it is the text + image decoder (``text_image_decoder``), which also
+  takes the caption;
 * a stock unCLIP decoder pipeline folder or hub id (Kandinsky 2.2, Stable unCLIP, Karlo image variation),
   detected by its ``model_index.json`` ``_class_name``: ``unclip.load_unclip_decoder`` wrapped in
   ``UnclipDecoder``, which feeds the prior's image embeddings (and, for Kandinsky 2.2, the negative

@@ -42,6 +42,7 @@ from .encoders import PAPER_CLIP_MODELS, parse_clip_specs
 logger = logging.getLogger(__name__)
 
 DEFAULT_CLIP_MODELS = PAPER_CLIP_MODELS
+DECODER_TYPES = ("image", "text_and_image")
 CONFIG_NAME = "train_config.json"  # the resolved settings, in the output folder (and in every checkpoint)
 SUMMARY_NAME = "train_summary.json"
 
@@ -79,6 +80,13 @@ class DecoderTrainConfig(config_cli.FlagConfig):
     empty_embedding: Optional[str] = _field(None, "file of the 'empty' embedding (D,) used for guidance dropout; "
                                             "default: CLIP of a black image")
     conditioning_dropout_prob: float = 0.1
+    # decoder type
+    decoder_type: str = _field("image", "image: language-free (the projection replaces the text); text_and_image: "
+                               "the SD text encoder (frozen) plus an IP-Adapter for the embedding (ip_adapter.py)")
+    text_dropout_prob: float = _field(0.05, "text_and_image: probability of the empty caption alone")
+    image_dropout_prob: float = _field(0.05, "text_and_image: probability of the zero image embedding alone")
+    both_dropout_prob: float = _field(0.05, "text_and_image: probability of dropping both")
+    train_unet: bool = _field(False, "text_and_image: fine-tune the UNet too (default: only the adapter trains)")
     # training
     output_dir: str = "sd-shifted-decoder"
     seed: int = _field(0, "same on every process and on resume")
@@ -139,12 +147,18 @@ class DecoderTrainConfig(config_cli.FlagConfig):
             check_range(f"--{name}", getattr(self, name), low, integer=True, optional=optional)
         for name in ("learning_rate", "projection_lr_scale", "adam_epsilon", "max_grad_norm"):
             check_range(f"--{name}", getattr(self, name), 0.0, low_open=True)
-        for name in ("conditioning_dropout_prob", "ema_decay"):
+        for name in ("conditioning_dropout_prob", "ema_decay", "text_dropout_prob", "image_dropout_prob",
+                     "both_dropout_prob"):
             check_range(f"--{name}", getattr(self, name), 0.0, 1.0)
         for name in ("adam_beta1", "adam_beta2"):
             check_range(f"--{name}", getattr(self, name), 0.0, 1.0, high_open=True)
         check_range("--adam_weight_decay", self.adam_weight_decay, 0.0)
         check_range("--validation_guidance_scale", self.validation_guidance_scale, 0.0)
+        check_choice("--decoder_type", self.decoder_type, set(DECODER_TYPES))
+        total = self.text_dropout_prob + self.image_dropout_prob + self.both_dropout_prob
+        if total > 1.0:
+            raise ValueError(f"--text_dropout_prob + --image_dropout_prob + --both_dropout_prob: expected at most 1, "
+                             f"got {total}")
         check_choice("--lr_scheduler", self.lr_scheduler, {t.value for t in SchedulerType})
         check_choice("--mixed_precision", self.mixed_precision, {None, "no", "fp16", "bf16"})
         if self.resolution % 8 != 0:
@@ -164,6 +178,12 @@ def preflight(cfg: DecoderTrainConfig) -> None:
         raise ValueError("--train_data_dir is required (a folder of training images)")
     if cfg.resume_from_checkpoint and cfg.resume_from_checkpoint != "latest":
         read_state(cfg.resume_from_checkpoint)
+    local = Path(cfg.pretrained_model_name_or_path)
+    if cfg.decoder_type == "text_and_image" and local.is_dir():
+        missing = [name for name in ("tokenizer", "text_encoder") if not (local / name).is_dir()]
+        if missing:
+            raise ValueError(f"--decoder_type text_and_image needs the tokenizer and text_encoder of "
+                             f"--pretrained_model_name_or_path {local} (missing: {', '.join(missing)})")
 
 
 def parse_decoder_config(argv: Optional[Sequence[str]] = None, defaults: Optional[dict] = None) -> DecoderTrainConfig:
@@ -222,11 +242,9 @@ def prediction_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tenso
     raise ValueError(f"unsupported scheduler prediction_type {prediction_type!r} (expected epsilon or v_prediction)")
 
 
-def diffusion_loss(unet, projection, vae, noise_scheduler, batch: dict, empty_embedding: torch.Tensor, *,
-                   generator: torch.Generator, dropout_prob: float, random_flip: bool,
-                   weight_dtype: torch.dtype) -> torch.Tensor:
-    """train_text_to_image's loss with encoder_hidden_states = projection(x0 or, with prob. dropout_prob, empty)."""
-    device = empty_embedding.device
+def noised_latents(vae, noise_scheduler, batch: dict, *, generator: torch.Generator, random_flip: bool,
+                   weight_dtype: torch.dtype, device):
+    """(latents, noise, timesteps, noisy latents) of a batch: optional flip, VAE sample, noise, timestep."""
     pixel_values = batch["pixel_values"].to(device, weight_dtype)  # (B, 3, H, W)
     bsz = pixel_values.shape[0]
     if random_flip:
@@ -237,7 +255,18 @@ def diffusion_loss(unet, projection, vae, noise_scheduler, batch: dict, empty_em
         latents = latents * vae.config.scaling_factor  # (B, 4, h, w)
     noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), generator=generator, device=device)
-    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)  # (B, 4, h, w)
+    return latents, noise, timesteps, noise_scheduler.add_noise(latents, noise, timesteps)  # noisy: (B, 4, h, w)
+
+
+def diffusion_loss(unet, projection, vae, noise_scheduler, batch: dict, empty_embedding: torch.Tensor, *,
+                   generator: torch.Generator, dropout_prob: float, random_flip: bool,
+                   weight_dtype: torch.dtype) -> torch.Tensor:
+    """train_text_to_image's loss with encoder_hidden_states = projection(x0 or, with prob. dropout_prob, empty)."""
+    device = empty_embedding.device
+    latents, noise, timesteps, noisy_latents = noised_latents(vae, noise_scheduler, batch, generator=generator,
+                                                              random_flip=random_flip, weight_dtype=weight_dtype,
+                                                              device=device)
+    bsz = latents.shape[0]
     image_embeds = batch["image_embeds"].to(device, torch.float32)  # (B, D)
     drop = torch.rand(bsz, generator=generator, device=device) < dropout_prob
     image_embeds = torch.where(drop[:, None], empty_embedding[None].float(), image_embeds)  # (B, D)
@@ -313,8 +342,13 @@ def _write_output_folder(cfg, output_dir: Path, vae, unet, projection, inference
 
 
 def train_decoder(cfg: DecoderTrainConfig) -> Path:
-    """Fine-tune as configured; returns the output folder (load it with ``decoder.load_decoder``)."""
+    """Fine-tune as configured; returns the output folder (load it with ``decoder.load_decoder``).
+    ``decoder_type`` text_and_image trains an IP-Adapter instead (``ip_adapter_training``)."""
     preflight(cfg)
+    if cfg.decoder_type == "text_and_image":
+        from .ip_adapter_training import train_text_image_decoder
+
+        return train_text_image_decoder(cfg)
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
 

@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scheduler", default=None, help=f"one of {sorted(SCHEDULERS)} (default: the decoder's own)")
     parser.add_argument("--negative", default=None,
                         help="embedding file (D,) for the unconditional branch; default: the decoder's empty embedding")
+    parser.add_argument("--prompt", default=None,
+                        help="text+image decoder only: a caption for every image (default: none, image only)")
+    parser.add_argument("--image_scale", type=float, default=None,
+                        help="text+image decoder only: weight of the image embedding's attention (default 1)")
     parser.add_argument("--num_images", type=int, default=1, help="reconstructions per input image")
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--height", type=int, default=None)
@@ -61,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 def validate_args(parser: argparse.ArgumentParser, args) -> None:
     """Check every flag before any work (no model is loaded or trained for a bad command line)."""
     check_flags(parser, args, counts=("num_inference_steps", "num_images", "batch_size", "num_toy_images",
-                                      "num_threads"), scales=("guidance_scale",))
+                                      "num_threads"), scales=("guidance_scale", "image_scale"))
     if args.negative is not None:
         try:
             check_embedding_file("--negative", args.negative)
@@ -131,7 +135,14 @@ def run(args, toy_inputs: bool) -> list[Path]:
         args.images = write_toy_inputs(args, Path(args.output_dir) / "inputs")
 
     device, dtype = default_device_dtype(args.device, args.dtype)
-    decoder = load_decoder(args.decoder, device=device, dtype=dtype, scheduler=args.scheduler)
+    try:
+        decoder = load_decoder(args.decoder, device=device, dtype=dtype, scheduler=args.scheduler,
+                               image_scale=args.image_scale)
+    except ValueError as error:
+        raise SystemExit(f"{SCRIPT}: --decoder {args.decoder}: {error}") from None
+    takes_prompts = getattr(decoder, "takes_prompts", False)
+    if args.prompt is not None and not takes_prompts:
+        raise SystemExit(f"{SCRIPT}: --prompt: {args.decoder} is a language-free decoder (it reads no caption)")
     specs = parse_clip_specs(args.clip_models) if args.clip_models else decoder.clip_specs
     clip = MultiCLIP(specs, device=device, dtype=dtype)
     if clip.dim != decoder.clip_dim:
@@ -157,7 +168,8 @@ def run(args, toy_inputs: bool) -> list[Path]:
             continue
         image_embeds = clip.encode_image(images)  # (B, D)
         generators = seeded_generators(device, args.seed, [seed_index for _, _, seed_index in batch])
-        outputs = decoder.generate(image_embeds, guidance_scale=args.guidance_scale,
+        captions = {"prompts": args.prompt} if takes_prompts else {}
+        outputs = decoder.generate(image_embeds, **captions, guidance_scale=args.guidance_scale,
                                    num_inference_steps=args.num_inference_steps, negative_embeds=negative,
                                    generator=generators, height=args.height, width=args.width)
         for (_, target, _), image in zip(batch, outputs):

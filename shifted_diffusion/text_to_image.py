@@ -65,7 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_inference_steps", type=int, default=50, help="decoder sampling steps")
     parser.add_argument("--scheduler", default=None, help=f"decoder scheduler, one of {sorted(SCHEDULERS)}")
     parser.add_argument("--negative", default="prior",
-                        help='"prior" (the prior\'s sample for ""), "empty" (the decoder\'s empty embedding) or a file')
+                        help='"prior" (the prior\'s sample for ""), "empty" (the decoder\'s empty embedding; zeros for '
+                             'a text+image decoder, what it was trained with) or a file')
+    parser.add_argument("--image_scale", type=float, default=None,
+                        help="text+image decoder (finetune.py --decoder_type text_and_image): weight of the image "
+                             "embedding's attention (0: text only; default 1); the caption also goes to its text encoder")
     parser.add_argument("--save_negative", default=None,
                         help="also write the negative embedding (D,) to this .safetensors file (e.g. for finetune.py "
                              "--empty_embedding: the prior's sample for the empty caption, as the original used)")
@@ -84,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
 def validate_args(parser: argparse.ArgumentParser, args) -> None:
     """Check every flag before any work (no model is loaded or trained for a bad command line)."""
     check_flags(parser, args, counts=("num_images", "batch_size", "prior_num_inference_steps", "num_inference_steps",
-                                      "num_threads"), scales=("guidance_scale", "prior_guidance_scale"))
+                                      "num_threads"), scales=("guidance_scale", "prior_guidance_scale",
+                                                                   "image_scale"))
     if args.negative not in ("prior", "empty"):
         try:
             check_embedding_file("--negative", args.negative)
@@ -216,7 +221,13 @@ def load_any_decoder(args, kind: str, device, dtype):
     """Our decoder folder (load_decoder) or a stock unCLIP pipeline (decoder_choice.UnclipDecoder), with
     the --negative / --scheduler choices that decoder cannot take refused before it is loaded."""
     if kind == SHIFTED:
-        return load_decoder(args.decoder, device=device, dtype=dtype, scheduler=args.scheduler)
+        try:
+            return load_decoder(args.decoder, device=device, dtype=dtype, scheduler=args.scheduler,
+                                image_scale=args.image_scale)
+        except ValueError as error:
+            raise SystemExit(f"{SCRIPT}: --decoder {args.decoder}: {error}") from None
+    if args.image_scale is not None:
+        raise SystemExit(f"{SCRIPT}: --image_scale: {args.decoder} is not a text+image decoder")
     decoder = load_unclip(args.decoder, kind, SCRIPT, device, dtype)
     if decoder.takes_negative and args.negative == "empty":
         raise SystemExit(f"{SCRIPT}: --negative empty: {decoder.kind} stores no empty embedding; use --negative prior "
@@ -304,7 +315,8 @@ def run(args) -> list[Path]:
     for start in range(0, len(jobs), args.batch_size):
         rows = slice(start, start + args.batch_size)
         generators = seeded_generators(device, args.seed, range(start, min(start + args.batch_size, len(jobs))))
-        images += decoder.generate(image_embeds[rows], guidance_scale=args.guidance_scale,
+        captions = {"prompts": [prompts[p] for p, _ in jobs[rows]]} if getattr(decoder, "takes_prompts", False) else {}
+        images += decoder.generate(image_embeds[rows], **captions, guidance_scale=args.guidance_scale,
                                    num_inference_steps=args.num_inference_steps, negative_embeds=negative,
                                    generator=generators, height=args.height, width=args.width)
     written = []

@@ -325,6 +325,27 @@ def _tokenizer(folder):
                          pad_token="<|endoftext|>")
 
 
+def build_clip_tokenizer(folder, model_max_length=77):
+    """A CLIPTokenizer of 54 distinct tokens (bos 0, eos / pad 1, each letter, each letter ending a word), so
+    different captions give different ids; vocab.json / merges.txt written to ``folder``."""
+    from transformers import CLIPTokenizer
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    tokens = ["<|startoftext|>", "<|endoftext|>", *letters, *(c + "</w>" for c in letters)]
+    folder = Path(folder)
+    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=model_max_length,
+                         pad_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_tokenizer():
+    """Builder of a tiny offline CLIPTokenizer (54 distinct tokens, ids < 54; it survives save_pretrained):
+    ``tiny_clip_tokenizer(folder, model_max_length=77)``."""
+    return build_clip_tokenizer
+
+
 def _text_config(hidden_size, projection_dim):
     from transformers import CLIPTextConfig
 

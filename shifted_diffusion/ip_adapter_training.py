@@ -1,0 +1,271 @@
+"""Training the text + image decoder (``DecoderTrainConfig.decoder_type = "text_and_image"``).
+
+Stable Diffusion's own text encoder (frozen) reads each image's caption (its first caption in the folder's
+metadata.jsonl / .txt convention, "" when it has none); an IP-Adapter (``ip_adapter``: image projection of
+the frozen multi-CLIP embedding x0 to 4 tokens + to_k_ip / to_v_ip per cross-attention layer, initialised from
+the text ones) adds x0. Per sample, one uniform draw u picks the condition, so guidance works on either:
+    u < p_text: empty caption; next p_image: zero image embedding; next p_both: both dropped; else both kept.
+The UNet stays frozen (only the adapter trains) unless ``train_unet``. Loss, data order, per-step randomness,
+checkpoints and exact resume are the language-free trainer's (``decoder_training``, ``training``).
+
+The output folder: the stock StableDiffusionPipeline (text encoder and tokenizer included, the UNet without
+the adapter), ``ip_adapter.safetensors`` (stock ``load_ip_adapter`` reads it) and ``shifted_decoder.json`` with
+``"decoder_type": "text_and_image"``. A pretrained folder that already holds ``ip_adapter.safetensors``
+continues from that adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import ip_adapter, training
+from .checkpoints import save_checkpoint, step_generator
+
+logger = logging.getLogger(__name__)
+
+DECODER_TYPE = "text_and_image"
+
+
+def image_captions(folder: str, paths: list[Path]) -> list[str]:
+    """The first caption of each image (the image folder convention of ``data.read_image_folder``), or ""."""
+    from .data import read_image_folder
+
+    by_path = {record.path.resolve(): record.captions for record in read_image_folder(folder)}
+    return [(by_path.get(Path(p).resolve()) or ("",))[0] for p in paths]
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    """Token ids (N, tokenizer.model_max_length), padded and truncated as StableDiffusionPipeline does."""
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+class CaptionedDataset(torch.utils.data.Dataset):
+    """An ImageEmbeddingDataset with each item's caption token ids ("input_ids") added."""
+
+    def __init__(self, images, input_ids: torch.Tensor):
+        if len(images) != input_ids.shape[0]:
+            raise ValueError(f"input_ids: expected {len(images)} rows (one per image), got {input_ids.shape[0]}")
+        self.images, self.input_ids = images, input_ids
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        return {**self.images[index], "input_ids": self.input_ids[index]}
+
+
+def condition_masks(bsz: int, *, generator, device, text_prob: float, image_prob: float, both_prob: float):
+    """(drop_text, drop_image) boolean masks (B,) from one uniform draw per sample."""
+    u = torch.rand(bsz, generator=generator, device=device)
+    only_text = u < text_prob
+    only_image = (u >= text_prob) & (u < text_prob + image_prob)
+    both = (u >= text_prob + image_prob) & (u < text_prob + image_prob + both_prob)
+    return only_text | both, only_image | both
+
+
+def text_image_loss(unet, text_encoder, vae, noise_scheduler, batch: dict, empty_ids: torch.Tensor, *,
+                    generator: torch.Generator, cfg, weight_dtype: torch.dtype) -> torch.Tensor:
+    """The noise-prediction loss with encoder_hidden_states = (text states, [projected image tokens])."""
+    from .decoder_training import noised_latents, prediction_target
+
+    device = empty_ids.device
+    latents, noise, timesteps, noisy = noised_latents(vae, noise_scheduler, batch, generator=generator,
+                                                      random_flip=cfg.random_flip, weight_dtype=weight_dtype,
+                                                      device=device)
+    bsz = latents.shape[0]
+    drop_text, drop_image = condition_masks(bsz, generator=generator, device=device, text_prob=cfg.text_dropout_prob,
+                                            image_prob=cfg.image_dropout_prob, both_prob=cfg.both_dropout_prob)
+    input_ids = torch.where(drop_text[:, None], empty_ids[None], batch["input_ids"].to(device))  # (B, L)
+    with torch.no_grad():
+        text_states = text_encoder(input_ids)[0].to(weight_dtype)  # (B, L, C)
+    image_embeds = batch["image_embeds"].to(device, torch.float32)  # (B, D)
+    image_embeds = torch.where(drop_image[:, None], torch.zeros_like(image_embeds), image_embeds)
+    model_pred = unet(noisy, timesteps, text_states, added_cond_kwargs={"image_embeds": [image_embeds[:, None]]},
+                      return_dict=False)[0]
+    target = prediction_target(noise_scheduler, latents, noise, timesteps)
+    return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+
+
+def load_text_encoder(cfg):
+    """The pretrained folder's tokenizer and (frozen) CLIP text encoder; SystemExit when it has none."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    where = f"--pretrained_model_name_or_path {cfg.pretrained_model_name_or_path}"
+    local = Path(cfg.pretrained_model_name_or_path)
+    if local.is_dir():
+        missing = [name for name in ("tokenizer", "text_encoder") if not (local / name).is_dir()]
+        if missing:
+            raise SystemExit(f"finetune: --decoder_type text_and_image needs the tokenizer and text_encoder of "
+                             f"{where} (missing: {', '.join(missing)})")
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(cfg.pretrained_model_name_or_path, subfolder="tokenizer",
+                                                  revision=cfg.revision)
+        text_encoder = CLIPTextModel.from_pretrained(cfg.pretrained_model_name_or_path, subfolder="text_encoder",
+                                                     revision=cfg.revision, variant=cfg.variant)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"finetune: --decoder_type text_and_image needs the tokenizer and text_encoder of "
+                         f"{where} ({error})") from error
+    positions = text_encoder.config.max_position_embeddings
+    if tokenizer.model_max_length > positions:
+        raise SystemExit(f"finetune: {where}: the tokenizer pads to {tokenizer.model_max_length} tokens, the text "
+                         f"encoder has {positions} positions")
+    return tokenizer, text_encoder.requires_grad_(False).eval()
+
+
+def initial_adapter(cfg, unet, clip_dim: int) -> dict:
+    """The pretrained folder's adapter (continuing a text+image decoder) or a new one seeded by cfg.seed."""
+    existing = Path(cfg.pretrained_model_name_or_path) / ip_adapter.ADAPTER_WEIGHT_NAME
+    if existing.is_file():
+        state = ip_adapter.load_adapter_state(existing)
+        dim = ip_adapter.check_adapter_state(state, unet, source=str(existing))
+        if dim != clip_dim:
+            raise SystemExit(f"finetune: {existing} takes embeddings of dim {dim}; --clip_models give {clip_dim}")
+        logger.info(f"continuing from the adapter in {existing}")
+        return state
+    return ip_adapter.init_adapter_state(unet, clip_dim, generator=torch.Generator().manual_seed(cfg.seed))
+
+
+def write_output_folder(cfg, output_dir: Path, vae, text_encoder, tokenizer, unet, scheduler, clip_dim: int) -> None:
+    """Stock pipeline (the UNet without the adapter) + ip_adapter.safetensors + shifted_decoder.json."""
+    from diffusers import StableDiffusionPipeline
+
+    from .decoder import DECODER_CONFIG_NAME
+    from .encoders import resolve_clip_spec
+
+    state = ip_adapter.detach_adapter(unet)
+    pipeline = StableDiffusionPipeline(
+        vae=vae.to(torch.float32), text_encoder=text_encoder.to(torch.float32), tokenizer=tokenizer,
+        unet=unet.to(torch.float32), scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    pipeline.save_pretrained(str(output_dir))
+    ip_adapter.save_adapter(state, output_dir)
+    config = {"decoder_type": DECODER_TYPE, "clip_models": [list(resolve_clip_spec(*s)) for s in cfg.clip_specs],
+              "clip_dim": int(clip_dim), "adapter_weights": ip_adapter.ADAPTER_WEIGHT_NAME,
+              "num_tokens": ip_adapter.NUM_TOKENS, "negative_image_embedding": "zeros"}
+    (output_dir / DECODER_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def train_text_image_decoder(cfg) -> Path:
+    """Train the text + image decoder as configured; returns the output folder."""
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+
+    from .decoder_data import (ImageEmbeddingDataset, list_training_images, training_image_embeddings)
+    from .decoder_training import CONFIG_NAME, SUMMARY_NAME, _split_validation, load_models
+    from .encoders import MultiCLIP
+
+    output_dir = Path(cfg.output_dir)
+    accelerator, trackers = training.build_accelerator(
+        output_dir, mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        report_to=cfg.report_to, logging_dir=cfg.logging_dir)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    set_seed(cfg.seed)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+    try:
+        paths = list_training_images(cfg.train_data_dir)
+    except FileNotFoundError as error:
+        raise SystemExit(f"finetune: --train_data_dir: {error}") from error
+    paths, _ = _split_validation(cfg, paths)  # held out as the image decoder does (validation: not yet here)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(output_dir / CONFIG_NAME)
+    clip = MultiCLIP(cfg.clip_specs, device=device, dtype=weight_dtype)
+    image_embeds, readable = training_image_embeddings(cfg, accelerator, clip, paths)
+    clip_dim = clip.dim
+    del clip
+    paths, image_embeds = [p for p, ok in zip(paths, readable.tolist()) if ok], image_embeds[readable]
+    if not paths:
+        raise SystemExit(f"finetune: none of the training images in {cfg.train_data_dir} could be read")
+    try:
+        training.check_batches(len(paths), cfg.train_batch_size, world, f"readable training images in "
+                               f"{cfg.train_data_dir}")
+    except ValueError as error:
+        raise SystemExit(f"finetune: {error}") from error
+
+    noise_scheduler, inference_scheduler, vae, unet = load_models(cfg)
+    tokenizer, text_encoder = load_text_encoder(cfg)
+    ip_adapter.attach_adapter(unet, initial_adapter(cfg, unet, clip_dim))
+    unet.requires_grad_(cfg.train_unet)
+    for parameter in ip_adapter.adapter_parameters(unet):
+        parameter.requires_grad_(True)
+    vae.to(device, dtype=weight_dtype)
+    text_encoder.to(device, dtype=weight_dtype)
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    trained_params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained_params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    captions = image_captions(cfg.train_data_dir, paths)
+    dataset = CaptionedDataset(ImageEmbeddingDataset(paths, image_embeds, cfg.resolution, cfg.center_crop),
+                               tokenize(tokenizer, captions))
+    empty_ids = tokenize(tokenizer, [""])[0].to(device)
+    steps_per_epoch = training.steps_per_epoch(len(dataset), cfg.train_batch_size, world,
+                                               cfg.gradient_accumulation_steps)
+    max_steps = cfg.max_train_steps if cfg.max_train_steps is not None else cfg.num_train_epochs * steps_per_epoch
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps * world,
+                                 num_training_steps=max_steps * world)
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    trained_params = [p for p in unet.parameters() if p.requires_grad]
+    ema = training.build_ema(trained_params, cfg.use_ema, cfg.ema_decay, device)
+    trained = {"unet": accelerator.unwrap_model(unet)}
+    global_step = training.resume_step(accelerator, output_dir, cfg.resume_from_checkpoint, modules=trained,
+                                       optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema, config=cfg.to_dict())
+    training.init_trackers(accelerator, trackers, "shifted-diffusion-text-image-decoder", cfg.to_dict())
+    samples_per_step = cfg.train_batch_size * world * cfg.gradient_accumulation_steps
+    logger.info(f"{len(dataset)} training images ({sum(bool(c) for c in captions)} captioned), clip_dim {clip_dim}, "
+                f"{sum(p.numel() for p in trained_params)} trained weights, {max_steps} steps")
+    step_log = training.StepLog(
+        accelerator, max_steps=max_steps, initial_step=global_step, logging_steps=cfg.logging_steps,
+        checkpointing_steps=cfg.checkpointing_steps, samples_per_step=samples_per_step,
+        desc="text+image decoder training", advice=f"Lower --learning_rate ({cfg.learning_rate}) or check the images")
+    steps_run, wall_start = 0, time.perf_counter()
+    micro_step = global_step * cfg.gradient_accumulation_steps
+    while global_step < max_steps:
+        loader = training.epoch_loader(dataset, micro_step, batch_size=cfg.train_batch_size, seed=cfg.seed, rank=rank,
+                                       world=world, num_workers=cfg.dataloader_num_workers)
+        for batch in loader:
+            generator = step_generator(cfg.seed, rank, micro_step, device)
+            with accelerator.accumulate(unet):
+                loss = text_image_loss(unet, text_encoder, vae, noise_scheduler, batch, empty_ids,
+                                       generator=generator, cfg=cfg, weight_dtype=weight_dtype)
+                training.backward_step(accelerator, loss, trained_params, cfg.max_grad_norm, optimizer, lr_scheduler)
+            micro_step += 1
+            step_log.add(loss)
+            if accelerator.sync_gradients and ema is not None:
+                ema.step(trained_params)
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            steps_run += 1
+            step_log.step(global_step, lr_scheduler.get_last_lr()[0])
+            if training.due(global_step, cfg.checkpointing_steps):
+                path = save_checkpoint(accelerator, output_dir, global_step, modules=trained, optimizer=optimizer,
+                                       lr_scheduler=lr_scheduler, ema=ema, config=cfg.to_dict(),
+                                       total_limit=cfg.checkpoints_total_limit)
+                logger.info(f"saved {path}")
+            if global_step >= max_steps:
+                break
+    step_log.close()
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if ema is not None:
+            ema.copy_to(trained_params)
+        write_output_folder(cfg, output_dir, vae, text_encoder, tokenizer, trained["unet"], inference_scheduler,
+                            clip_dim)
+        summary = {"global_step": global_step, "steps_this_run": steps_run, "last_train_loss": step_log.last_loss,
+                   "num_train_images": len(dataset), "decoder_type": DECODER_TYPE,
+                   "wall_s": time.perf_counter() - wall_start}
+        (output_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
+        logger.info(f"text+image decoder written to {output_dir}")
+    accelerator.end_training()
+    return output_dir
