@@ -1,0 +1,192 @@
+"""The evaluation command's package side: evaluation sets, FID through torchmetrics with an injected feature
+extractor, the CLIP scores, the prior-only cosines, resumable shards and the dim check (tiny models, CPU)."""
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from shifted_diffusion.eval_data import EvalPair, read_captioned_folder, read_coco_captions, sample_pairs
+from shifted_diffusion.evaluation import (EvalSettings, Evaluator, check_prior_fits_decoder, fid_from_features,
+                                          images_to_uint8, make_fid_metric, real_fid_state)
+from shifted_diffusion.metrics import blockwise_cosine, frechet_distance
+
+
+class PoolFeatures(torch.nn.Module):
+    """uint8 (N, 3, H, W) -> (N, 12): channel means over a 2 x 2 grid (no Inception download)."""
+
+    def forward(self, x):
+        return torch.nn.functional.adaptive_avg_pool2d(x.float() / 255.0, 2).flatten(1)
+
+
+class FakeCLIP:
+    """A deterministic stand-in for MultiCLIP: image -> pooled pixels projected, caption -> hashed vector."""
+
+    def __init__(self, block_sizes=(40, 24), seed=0):
+        self.block_sizes = list(block_sizes)
+        self.dim = sum(block_sizes)
+        self.projection = torch.randn(48, self.dim, generator=torch.Generator().manual_seed(seed))
+        self.spec = {"type": "fake", "block_sizes": self.block_sizes}
+
+    def encode_image(self, images):
+        pixels = images_to_uint8(images, 16)
+        return torch.nn.functional.adaptive_avg_pool2d(pixels.float() / 255.0, 4).flatten(1) @ self.projection
+
+    def encode_text(self, texts):
+        rows = [torch.randn(self.dim, generator=torch.Generator().manual_seed(
+            int(hashlib.sha256(t.encode()).hexdigest()[:8], 16))) for t in texts]
+        return torch.stack(rows)
+
+
+class FakeTextEncoder:
+    def __init__(self, length, width):
+        self.length, self.width = length, width
+
+    def encode(self, texts):
+        return torch.stack([torch.randn(self.length, self.width, generator=torch.Generator().manual_seed(
+            int(hashlib.sha256(t.encode()).hexdigest()[:8], 16))) for t in texts])
+
+
+class FakeDecoder:
+    """Images coloured by the embedding (one call counted per ``generate``)."""
+
+    takes_negative = True
+    device = torch.device("cpu")
+
+    def __init__(self, clip_dim=64):
+        self.clip_dim, self.calls = clip_dim, 0
+
+    def generate(self, image_embeds, *, guidance_scale, num_inference_steps, negative_embeds=None, generator=None,
+                 height=None, width=None):
+        self.calls += 1
+        images = []
+        for row in image_embeds:
+            colour = (torch.sigmoid(row[:3] * guidance_scale) * 255).byte().numpy()
+            array = np.zeros((height, width, 3), np.uint8)
+            array[...] = colour
+            array[: height // 2, : width // 2] = 255 - colour
+            images.append(Image.fromarray(array))
+        return images
+
+
+@pytest.fixture
+def eval_folder(tmp_path, small_images):
+    folder = small_images(tmp_path / "images", count=8)
+    for i in range(8):
+        (folder / f"img{i:02d}.txt").write_text(f"caption number {i}")
+    return folder
+
+
+@pytest.fixture
+def prior(tiny_prior_pipeline):
+    config = tiny_prior_pipeline.config
+    return tiny_prior_pipeline().set_encoders(clip=FakeCLIP((32, 32), seed=1),
+                                              text_encoder=FakeTextEncoder(config.text_len, config.text_dim))
+
+
+def test_coco_captions_and_sampling(tmp_path, small_images):
+    images = small_images(tmp_path / "val2014", count=3)
+    data = {"images": [{"id": 7, "file_name": "img00.png"}, {"id": 9, "file_name": "img01.png"}],
+            "annotations": [{"image_id": 7, "caption": " a cat "}, {"image_id": 9, "caption": "a dog"},
+                            {"image_id": 7, "caption": "a cat again"}]}
+    (tmp_path / "captions.json").write_text(json.dumps(data))
+    pairs = read_coco_captions(tmp_path / "captions.json", images)
+    assert pairs[0] == EvalPair("a cat", images / "img00.png") and len(pairs) == 3
+    assert sample_pairs(pairs, 2, seed=3) == sample_pairs(pairs, 2, seed=3)
+    assert len(sample_pairs(pairs, 2, seed=3)) == 2 and len(sample_pairs(pairs, 30000, seed=0)) == 3
+    with pytest.raises(FileNotFoundError, match="--coco_captions"):
+        read_coco_captions(tmp_path / "missing.json", images)
+    (tmp_path / "bad.json").write_text(json.dumps({"images": []}))
+    with pytest.raises(ValueError, match="not a COCO captions file"):
+        read_coco_captions(tmp_path / "bad.json", images)
+
+
+def test_fid_known_answers():
+    metric = make_fid_metric(PoolFeatures())
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(200, 12, generator=g, dtype=torch.float64)
+    fake = torch.randn(150, 12, generator=g, dtype=torch.float64) * 1.3 + 0.4
+    assert abs(fid_from_features(metric, real_fid_state(real), real)) < 1e-6
+    expected = frechet_distance(real, fake)
+    assert expected > 1.0
+    assert fid_from_features(metric, real_fid_state(real), fake) == pytest.approx(expected, rel=1e-4)
+    # the states match torchmetrics' own update on images
+    images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8, generator=g)
+    reference = make_fid_metric(PoolFeatures())
+    reference.update(images, real=True)
+    reference.update(images.flip(0)[:5] // 2, real=False)
+    fake_features = PoolFeatures()(images.flip(0)[:5] // 2).double()
+    ours = fid_from_features(metric, real_fid_state(PoolFeatures()(images).double()), fake_features)
+    assert ours == pytest.approx(float(reference.compute()), rel=1e-5)
+
+
+def test_dim_mismatch_is_named(prior):
+    with pytest.raises(ValueError, match=r"--prior shifted: .*dim 64 .*expects 56"):
+        check_prior_fits_decoder("shifted", prior, FakeDecoder(clip_dim=56))
+
+
+def _evaluator(pairs, prior, out, decoder, **settings):
+    settings = EvalSettings(**{**dict(prior_guidance_scales=[1.0, 2.0], guidance_scales=[1.0, 3.0],
+                                      prior_num_inference_steps="2", num_inference_steps=1, image_size=16,
+                                      shard_size=3), **settings})
+    return Evaluator(pairs, {"shifted": prior}, out, settings, decoder=decoder, eval_clip=FakeCLIP(),
+                     fid_metric=make_fid_metric(PoolFeatures()), progress=False)
+
+
+def test_evaluation_numbers_and_resume(tmp_path, eval_folder, prior):
+    pairs = sample_pairs(read_captioned_folder(eval_folder), 7, seed=0)
+    decoder = FakeDecoder()
+    evaluator = _evaluator(pairs, prior, tmp_path / "out", decoder)
+    results = evaluator.run()
+    assert decoder.calls == 3 * 2 * 2  # 3 shards x 2 prior scales x 2 decoder scales
+    entries = results["priors"]["shifted"]
+    assert [(e["prior_guidance_scale"], e["guidance_scale"]) for e in entries] == [(1, 1), (1, 3), (2, 1), (2, 3)]
+    assert json.loads((tmp_path / "out" / "results.json").read_text()) == results
+
+    # hand computation of one entry from the images the fake decoder makes for the stored embeddings
+    store = evaluator.store
+    embeds = torch.cat([store.load(k, m)["embeds"] for k, m, _ in evaluator._embed_jobs("shifted", 2.0, mine=False)])
+    assert embeds.shape == (7, 64)
+    fake_images = FakeDecoder().generate(embeds, guidance_scale=3.0, num_inference_steps=1, height=16, width=16)
+    real_images = [Image.open(p.image).convert("RGB") for p in pairs]
+    clip = FakeCLIP()
+    generated = clip.encode_image(fake_images)
+    entry = entries[3]
+    assert entry["clip_image_text"] == pytest.approx(
+        float(blockwise_cosine(generated, clip.encode_text([p.caption for p in pairs]), [40, 24])[1].mean()), abs=1e-5)
+    assert entry["clip_image_image"] == pytest.approx(
+        float(blockwise_cosine(generated, clip.encode_image(real_images), [40, 24])[1].mean()), abs=1e-5)
+    fid = frechet_distance(PoolFeatures()(images_to_uint8(real_images, 16)),
+                           PoolFeatures()(images_to_uint8(fake_images, 16)))
+    assert entry["fid"] == pytest.approx(fid, rel=1e-4, abs=1e-6)
+    prior_clip = prior.clip
+    own = prior_clip.encode_image(real_images)
+    assert entry["prior_cos_image"] == pytest.approx(float(blockwise_cosine(embeds, own, [32, 32])[1].mean()), abs=1e-5)
+    unrelated = own[[(i + 3) % 7 for i in range(7)]]
+    assert entry["prior_cos_unrelated"] == pytest.approx(
+        float(blockwise_cosine(embeds, unrelated, [32, 32])[1].mean()), abs=1e-5)
+
+    # a rerun computes nothing; another decoder scale computes only its own shards
+    again = FakeDecoder()
+    rerun = _evaluator(pairs, prior, tmp_path / "out", again)
+    assert rerun.run() == results and again.calls == 0 and rerun.store.computed == 0
+    more = FakeDecoder()
+    extended = _evaluator(pairs, prior, tmp_path / "out", more, guidance_scales=[1.0, 3.0, 5.0])
+    extended.run()
+    assert more.calls == 3 * 2 and extended.store.computed == 3 * 2
+
+
+def test_prior_only_and_missing_image(tmp_path, eval_folder, prior):
+    pairs = read_captioned_folder(eval_folder)
+    results = Evaluator(pairs, {"shifted": prior}, tmp_path / "out",
+                        EvalSettings(prior_guidance_scales=[1.0], prior_num_inference_steps="2"), progress=False).run()
+    (entry,) = results["priors"]["shifted"]
+    assert set(entry) == {"prior_guidance_scale", "prior_cos_image", "prior_cos_text", "prior_cos_unrelated"}
+    assert all(-1.0 <= entry[k] <= 1.0 for k in entry if k.startswith("prior_cos"))
+    with pytest.raises(FileNotFoundError, match="do not exist, e.g. .*nope.png"):
+        Evaluator([EvalPair("x", tmp_path / "nope.png")], {"shifted": prior}, tmp_path / "o2", EvalSettings())
+    with pytest.raises(ValueError, match="dim 64 .*expects 56"):
+        _evaluator(pairs, prior, tmp_path / "o3", FakeDecoder(clip_dim=56))
