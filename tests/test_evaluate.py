@@ -190,3 +190,32 @@ def test_prior_only_and_missing_image(tmp_path, eval_folder, prior):
         Evaluator([EvalPair("x", tmp_path / "nope.png")], {"shifted": prior}, tmp_path / "o2", EvalSettings())
     with pytest.raises(ValueError, match="dim 64 .*expects 56"):
         _evaluator(pairs, prior, tmp_path / "o3", FakeDecoder(clip_dim=56))
+
+
+def test_plots_written(tmp_path):
+    from shifted_diffusion.eval_plots import PLOTS, plot_tradeoffs
+
+    entry = dict(prior_guidance_scale=1.0, guidance_scale=3.0, fid=10.0, clip_image_image=0.5, clip_image_text=0.2)
+    results = {"priors": {"a": [entry, {**entry, "guidance_scale": 5.0, "fid": 12.0}], "b": [entry]}}
+    paths = plot_tradeoffs(results, tmp_path)
+    assert sorted(p.name for p in paths) == sorted(PLOTS.values())
+    assert all(Image.open(p).size[0] > 100 for p in paths)
+    assert plot_tradeoffs({"priors": {"a": [{"prior_guidance_scale": 1.0, "prior_cos_image": 0.3}]}}, tmp_path / "x") == []
+
+
+def test_cli_errors_name_the_input(tmp_path, eval_folder, capsys):
+    from shifted_diffusion.eval_cli import main
+
+    out = ["--output_dir", str(tmp_path / "out")]
+    with pytest.raises(SystemExit, match="--coco_captions .*missing.json: no such file"):
+        main(["--prior", f"a={tmp_path}", "--coco_captions", str(tmp_path / "missing.json"),
+              "--coco_images", str(eval_folder), *out])
+    with pytest.raises(SystemExit, match=r"--prior a=.*nowhere: prior not found"):
+        main(["--prior", f"a={tmp_path / 'nowhere'}", "--image_folder", str(eval_folder), *out])
+    for argv in (["--prior", "no_equals_sign", "--image_folder", str(eval_folder)],
+                 ["--prior", "a=x", "--image_folder", str(eval_folder), "--coco_images", str(eval_folder)],
+                 ["--prior", "a=x", "--prior", "a=y", "--image_folder", str(eval_folder)]):
+        with pytest.raises(SystemExit) as error:
+            main([*argv, *out])
+        assert error.value.code == 2
+    assert "NAME=PATH" in capsys.readouterr().err
