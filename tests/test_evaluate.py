@@ -219,3 +219,19 @@ def test_cli_errors_name_the_input(tmp_path, eval_folder, capsys):
             main([*argv, *out])
         assert error.value.code == 2
     assert "NAME=PATH" in capsys.readouterr().err
+
+
+def test_stock_unclip_decoder_end_to_end(tmp_path, eval_folder, prior, tiny_unclip_decoder):
+    """The real generate call of a (tiny) Kandinsky 2.2 decoder behind decoder_choice, with the prior's negative."""
+    from shifted_diffusion.decoder_choice import decoder_kind, load_unclip
+
+    folder = tiny_unclip_decoder("kandinsky", tmp_path / "kandinsky", 64)
+    decoder = load_unclip(str(folder), decoder_kind(str(folder), "test"), "test", "cpu", torch.float32)
+    pairs = read_captioned_folder(eval_folder)[:4]
+    results = _evaluator(pairs, prior, tmp_path / "out", decoder, prior_guidance_scales=[1.0], guidance_scales=[2.0],
+                         image_size=32, shard_size=2, save_images=True).run()
+    (entry,) = results["priors"]["shifted"]
+    assert np.isfinite(entry["fid"]) and entry["fid"] >= 0
+    assert -1 <= entry["clip_image_text"] <= 1 and -1 <= entry["clip_image_image"] <= 1
+    written = sorted((tmp_path / "out" / "images" / "shifted" / "pg1_g2").glob("*.png"))
+    assert len(written) == 4 and Image.open(written[0]).size == (32, 32)
