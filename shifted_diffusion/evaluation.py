@@ -93,13 +93,16 @@ def make_fid_metric(feature=2048, inception_weights=None):
 
 @torch.no_grad()
 def fid_features(metric, images_uint8: torch.Tensor) -> torch.Tensor:
-    """(N, d) float64 features of the metric's extractor for uint8 images (N, 3, H, W)."""
-    features = metric.inception(images_uint8)
-    return features.reshape(images_uint8.shape[0], -1).double()
+    """(N, d) float64 features (on the CPU) of the metric's extractor for uint8 images (N, 3, H, W), run on the
+    extractor's device."""
+    parameter = next(metric.inception.parameters(), None)
+    device = parameter.device if parameter is not None else metric.device
+    features = metric.inception(images_uint8.to(device))
+    return features.reshape(images_uint8.shape[0], -1).double().cpu()
 
 
 def _fill(metric, prefix: str, features: torch.Tensor) -> None:
-    features = features.double()
+    features = features.double().to(metric.device)
     setattr(metric, f"{prefix}_features_sum", features.sum(dim=0))
     setattr(metric, f"{prefix}_features_cov_sum", features.t() @ features)
     setattr(metric, f"{prefix}_features_num_samples", torch.tensor(features.shape[0]).long())
@@ -115,9 +118,9 @@ def real_fid_state(real_features: torch.Tensor) -> Dict[str, torch.Tensor]:
 def fid_from_features(metric, real_state: Mapping[str, torch.Tensor], fake_features: torch.Tensor) -> float:
     """torchmetrics' FID (its ``compute``) with its states set from the cached real statistics and fake features."""
     metric.reset()
-    metric.real_features_sum = real_state["sum"].double()
-    metric.real_features_cov_sum = real_state["cov_sum"].double()
-    metric.real_features_num_samples = real_state["num_samples"].long()
+    metric.real_features_sum = real_state["sum"].double().to(metric.device)
+    metric.real_features_cov_sum = real_state["cov_sum"].double().to(metric.device)
+    metric.real_features_num_samples = real_state["num_samples"].long().to(metric.device)
     _fill(metric, "fake", fake_features)
     metric.orig_dtype = torch.float64  # what update() records from the extractor's output; compute() returns it
     metric._update_count = 1  # the states were set, not updated: no "compute before update" warning

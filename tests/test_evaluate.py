@@ -123,6 +123,14 @@ def test_fid_known_answers():
     assert ours == pytest.approx(float(reference.compute()), rel=1e-5)
 
 
+def test_process_shards_split_every_shard_once():
+    from shifted_diffusion.eval_shards import process_shards
+
+    parts = [list(process_shards(7, i, 3)) for i in range(3)]
+    assert parts == [[0, 3, 6], [1, 4], [2, 5]]
+    assert list(process_shards(7, 0, 1)) == list(range(7))
+
+
 def test_dim_mismatch_is_named(prior):
     with pytest.raises(ValueError, match=r"--prior shifted: .*dim 64 .*expects 56"):
         check_prior_fits_decoder("shifted", prior, FakeDecoder(clip_dim=56))
