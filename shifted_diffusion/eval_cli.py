@@ -85,8 +85,25 @@ def read_pairs(args, parser):
     return sample_pairs(pairs, args.num_captions, args.seed)
 
 
-def main(argv=None) -> dict:
-    """What ``python evaluate.py ARGV`` does: the results (the main process; None on the others)."""
+def source_stamp(path) -> str:
+    """PATH#hash of its files' names, sizes and modification times: a retrained prior (or decoder) at the same
+    path gets new shards instead of the old ones."""
+    import hashlib
+
+    path = Path(path)
+    if not path.exists():
+        return str(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for file in files:
+        stat = file.stat()
+        digest.update(f"{file.relative_to(path) if file != path else file.name}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return f"{path}#{digest.hexdigest()[:16]}"
+
+
+def main(argv=None, *, fid_feature=None) -> dict:
+    """What ``python evaluate.py ARGV`` does: the results (the main process; None on the others).
+    ``fid_feature``: an ``nn.Module`` (uint8 images -> (N, d)) instead of InceptionV3 (tests, other extractors)."""
     from accelerate import PartialState
 
     from .decoder import default_device_dtype, load_decoder
@@ -118,7 +135,7 @@ def main(argv=None) -> dict:
 
         eval_clip = MultiCLIP(parse_clip_specs(args.clip_models), device=device)
         try:
-            fid = make_fid_metric(2048, args.inception_weights).to(device)
+            fid = make_fid_metric(2048 if fid_feature is None else fid_feature, args.inception_weights).to(device)
         except (FileNotFoundError, ValueError) as error:
             raise SystemExit(f"{SCRIPT}: {error}") from None
     settings = EvalSettings(prior_guidance_scales=args.prior_guidance_scales, guidance_scales=args.guidance_scales,
@@ -127,7 +144,8 @@ def main(argv=None) -> dict:
                             shard_size=args.shard_size, save_images=args.save_images)
     try:
         evaluator = Evaluator(pairs, priors, args.output_dir, settings, decoder=decoder, eval_clip=eval_clip,
-                              fid_metric=fid, prior_sources=dict(args.prior), decoder_source=args.decoder or "",
+                              fid_metric=fid, prior_sources={name: source_stamp(path) for name, path in args.prior},
+                              decoder_source=source_stamp(args.decoder) if args.decoder else "",
                               state=state)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"{SCRIPT}: {error}") from None

@@ -231,7 +231,9 @@ class Evaluator:
             def compute(rows=rows):
                 prior.load_encoders()
                 return {"image": prior.clip.encode_image(self._images(rows)).float().cpu(),
-                        "text": prior.clip.encode_text([self.pairs[i].caption for i in rows]).float().cpu()}
+                        "text": prior.clip.encode_text([self.pairs[i].caption for i in rows]).float().cpu(),
+                        # the CLIP blocks, kept with the shard: a resumed run need not load the CLIPs
+                        "block_sizes": torch.tensor([list(prior.clip.block_sizes)] * len(rows))}
             yield f"{name}/real/{rows.start:08d}", meta, compute
 
     def _embed_jobs(self, name, prior_scale, mine=True):
@@ -310,7 +312,7 @@ class Evaluator:
                    "priors": {}}
         for name in self.priors:
             prior_real = self._gather([(k, m) for k, m, _ in self._prior_real_jobs(name, mine=False)])
-            blocks = list(getattr(self.priors[name].clip, "block_sizes", [prior_real["image"].shape[1]]))
+            blocks = prior_real["block_sizes"][0].tolist()
             entries = []
             for prior_scale in s.prior_guidance_scales:
                 embeds = self._gather([(k, m) for k, m, _ in self._embed_jobs(name, prior_scale, mine=False)])["embeds"]

@@ -243,3 +243,43 @@ def test_stock_unclip_decoder_end_to_end(tmp_path, eval_folder, prior, tiny_uncl
     assert -1 <= entry["clip_image_text"] <= 1 and -1 <= entry["clip_image_image"] <= 1
     written = sorted((tmp_path / "out" / "images" / "shifted" / "pg1_g2").glob("*.png"))
     assert len(written) == 4 and Image.open(written[0]).size == (32, 32)
+
+
+def test_command_end_to_end(tmp_path, eval_folder, tiny_decoder_clips, tiny_unclip_decoder):
+    """evaluate.py's main on a saved prior folder (its own tiny CLIPs), a tiny Kandinsky 2.2 folder, a caption
+    folder: results.json, both plots; a second run resumes without computing anything."""
+    from shifted_diffusion.eval_cli import main
+    from shifted_diffusion.prior import PriorConfig, ShiftedPrior
+    from shifted_diffusion.prior_pipeline import save_prior
+    from shifted_diffusion.schedule import ScheduleConfig
+    from shifted_diffusion.vocab import ClusterVocab
+
+    clips = tiny_decoder_clips(tmp_path / "clips")
+    torch.manual_seed(0)
+    config = PriorConfig.preset("tiny", clip_dim=56, text_dim=16, text_len=8, vocab_size=4)
+    encoders = {"clip_models": clips, "t5_model": f"clip-tokens:{clips[0]}", "text_max_length": 8}
+    save_prior(tmp_path / "prior", ShiftedPrior.from_prior_config(config),
+               ClusterVocab(torch.randn(4, 56), torch.rand(4, 56) + 0.1), ScheduleConfig(), encoders,
+               torch.randn(56), torch.randn(8, 16))
+    decoder = tiny_unclip_decoder("kandinsky", tmp_path / "kandinsky", 56)
+    argv = ["--prior", f"shifted={tmp_path / 'prior'}", "--decoder", str(decoder), "--image_folder", str(eval_folder),
+            "--num_captions", "4", "--prior_guidance_scales", "1", "--guidance_scales", "1,2",
+            "--prior_num_inference_steps", "2", "--num_inference_steps", "1", "--image_size", "32",
+            "--clip_models", *clips, "--device", "cpu", "--output_dir", str(tmp_path / "out")]
+    results = main(argv, fid_feature=PoolFeatures())
+    assert len(results["priors"]["shifted"]) == 2 and results["settings"]["num_captions"] == 4
+    assert (tmp_path / "out" / "fid_vs_clip_image_text.png").is_file()
+    assert (tmp_path / "out" / "fid_vs_clip_image_image.png").is_file()
+    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "shards").rglob("*.safetensors")}
+    assert main(argv, fid_feature=PoolFeatures()) == results
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+    # a prior rewritten at the same path is sampled again
+    config_file = tmp_path / "prior" / "model_index.json"
+    config_file.write_text(config_file.read_text() + " ")
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "shards" / "shifted").rglob("*.safetensors")}
+    main(argv, fid_feature=PoolFeatures())
+    assert all(p.stat().st_mtime_ns != t for p, t in before.items())
+    # a decoder of another dim is refused, naming both
+    other = tiny_unclip_decoder("kandinsky", tmp_path / "kandinsky40", 40)
+    with pytest.raises(SystemExit, match="dim 56 .*expects 40"):
+        main([*argv[:3], str(other), *argv[4:]], fid_feature=PoolFeatures())
