@@ -283,3 +283,15 @@ def test_command_end_to_end(tmp_path, eval_folder, tiny_decoder_clips, tiny_uncl
     other = tiny_unclip_decoder("kandinsky", tmp_path / "kandinsky40", 40)
     with pytest.raises(SystemExit, match="dim 56 .*expects 40"):
         main([*argv[:3], str(other), *argv[4:]], fid_feature=PoolFeatures())
+
+
+def test_inception_weights_file_is_checked_before_torch_fidelity_unpickles_it(tmp_path):
+    from shifted_diffusion.evaluation import check_inception_weights
+
+    torch.save({"conv.weight": torch.zeros(2, 2)}, tmp_path / "plain.pth")
+    check_inception_weights(tmp_path / "plain.pth")  # plain tensors pass
+    torch.save({"conv.weight": torch.zeros(2, 2), "code": PoolFeatures()}, tmp_path / "pickled.pth")
+    with pytest.raises(ValueError, match="--inception_weights .*pickled.pth: not a plain state dict"):
+        check_inception_weights(tmp_path / "pickled.pth")
+    with pytest.raises(FileNotFoundError, match="--inception_weights .*missing.pth: no such file"):
+        make_fid_metric(2048, tmp_path / "missing.pth")
