@@ -26,7 +26,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ROOT / "tests"
 PACKAGE = ROOT / "shifted_diffusion"
-SCRIPTS = ("train", "finetune", "sft_test", "test", "process_img", "train_toy_decoder")
+SCRIPTS = ("train", "finetune", "sft_test", "test", "process_img", "train_toy_decoder", "evaluate")
 SCRIPT_FILES = [ROOT / f"{name}.py" for name in SCRIPTS]
 BENCHMARK_FILES = sorted((ROOT / "benchmarks").glob("*.py"))
 # test helper modules: every file of tests/ but conftest.py

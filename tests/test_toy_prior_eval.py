@@ -207,3 +207,18 @@ def test_format_table_rows_and_missing_values():
     assert lines[0].startswith("| prior | steps |") and len(lines) == 4
     assert lines[2] == "| shifted | 4 | 0.400 | 0.200 | 1.000 | - | 0.200 |"  # sorted by step count, nan as "-"
     assert lines[3] == "| shifted | 8 | 0.500 | 0.250 | 123.5 | 0.100 | 0.200 |"
+
+
+def test_fidelity_metrics_on_the_hand_bank():
+    from shifted_diffusion.toy.prior_eval import fidelity_metrics
+
+    data = hand_data()
+    # the bank itself, one sample per real image: on the real manifold, every real image covered
+    same = fidelity_metrics(data.bank, dataclasses.replace(data, true_embeddings=data.bank,
+                                                           caption_attributes=data.bank_attributes,
+                                                           mentioned=torch.ones(4, 5, dtype=torch.bool)), 1)
+    assert same["precision"] == same["recall"] == same["coverage"] == 1.0
+    assert same["probe_acc_real"] == 1.0 and same["probe_acc"] == 1.0  # probes trained on this very pool
+    assert same["probe_tv"] == pytest.approx(0.0)  # each caption's conditional is its own image's attributes
+    far = fidelity_metrics(-torch.ones(4, 4), data, 2)  # block-normalised: distance 1.49 > every radius (1)
+    assert far["precision"] == 0.0 and far["coverage"] == 0.0

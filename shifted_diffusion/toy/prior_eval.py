@@ -13,6 +13,20 @@ measures them against real held-out image embeddings:
 * ``diversity_real`` the same for real training images drawn from those that match the caption's
                    mentioned attributes: what a perfect prior would give at this sample count.
 
+Fidelity metrics that do not lean on one nearest neighbour (``fidelity_metrics``, ``embedding_metrics``):
+
+* ``probe_acc``    linear attribute probes trained on the training images' embeddings: accuracy on the
+                   generated samples for the attributes their caption mentions (``probe_acc_real``: on the
+                   held-out real images, the ceiling);
+* ``probe_tv``     total variation between a probe's predicted distribution over one caption's samples and the
+                   attribute's real conditional distribution (training images matching the caption's mentioned
+                   attributes), mean over (caption, attribute);
+* ``precision`` / ``recall`` (k-NN manifolds) and ``density`` / ``coverage`` of the generated set against the
+                   held-out images, on block-normalised embeddings.
+
+``nn_attr_acc`` stays, with its caveat: one nearest neighbour in a finite bank rewards a sample that lands on
+any matching real image, so it cannot tell a faithful distribution from a collapsed one.
+
 The same real-image draw ("oracle prior") is scored with every metric and returned as ``reference``.
 The metric part takes embeddings in (``score_embeddings``), so it can be checked on known inputs.
 """
@@ -28,6 +42,7 @@ import numpy as np
 import torch
 
 from ..cache import EmbeddingDataset, load_image_embeddings, load_image_records
+from ..embedding_metrics import conditional_total_variation, density_coverage, fit_linear_probe, precision_recall
 from ..metrics import blockwise_cosine, frechet_distance
 from .evaluate import load_attributes, mentioned_attribute_accuracy, nearest_neighbour_attributes, unmentioned_diversity
 from .world import ATTRIBUTES
@@ -166,7 +181,52 @@ def score_embeddings(generated: torch.Tensor, data: ToyEvalData, samples_per_cap
         "nn_attr_acc_by_attribute": by_attribute,
         "diversity_by_attribute": diversity_by_attribute,
         "norm_ratio": float(generated.norm(dim=1).mean() / real_norm),
+        **fidelity_metrics(generated, data, s),
     }
+
+
+def _block_normalised(x: torch.Tensor, block_sizes) -> torch.Tensor:
+    """Each CLIP block scaled to unit norm (concatenation / sqrt(J)): Euclidean distance tracks block cosine."""
+    blocks = [torch.nn.functional.normalize(b.double(), dim=1) for b in x.split(list(block_sizes), dim=1)]
+    return torch.cat(blocks, dim=1) / len(blocks) ** 0.5
+
+
+def fidelity_metrics(generated: torch.Tensor, data: ToyEvalData, samples_per_caption: int, k: int = 3) -> dict:
+    """probe_acc / probe_acc_real / probe_tv (per attribute too) and precision / recall / density / coverage of
+    generated embeddings (C * S, D), caption-major."""
+    c, s = data.num_captions, int(samples_per_caption)
+    if generated.ndim != 2 or generated.shape[0] != c * s:
+        raise ValueError(f"generated: expected {c * s} rows (captions x samples_per_caption), got {tuple(generated.shape)}")
+    group = torch.arange(c).repeat_interleave(s)
+    pool, bank, gen = (_block_normalised(x.float(), data.block_sizes) for x in (data.pool, data.bank, generated))
+    match = ((data.pool_attributes[None] == data.caption_attributes[:, None]) | ~data.mentioned[:, None]).all(-1)
+    acc, acc_real, tv = {}, {}, {}
+    for j, (name, num_values) in enumerate(zip(ATTRIBUTES, data.num_values)):
+        labels = data.pool_attributes[:, j]
+        if labels.unique().numel() < 2:
+            continue
+        probe = fit_linear_probe(pool, labels, int(num_values))
+        acc_real[name] = probe.accuracy(bank, data.bank_attributes[:, j])
+        rows = data.mentioned[group, j]
+        if rows.any():
+            acc[name] = probe.accuracy(gen[rows], data.caption_attributes[group[rows], j])
+        has_real = match.any(dim=1)
+        if has_real.any():
+            real = torch.stack([torch.bincount(labels[match[i]], minlength=int(num_values)).double()
+                                for i in range(c) if has_real[i]])
+            predicted = probe.predict(gen).view(c, s)[has_real]
+            tv[name] = conditional_total_variation(predicted, real / real.sum(1, keepdim=True))
+
+    def mean(values: dict) -> float:
+        return float(np.mean(list(values.values()))) if values else float("nan")
+
+    k_gen, k_bank = min(k, gen.shape[0] - 1), min(k, bank.shape[0] - 1)
+    manifold = {}
+    if min(k_gen, k_bank) >= 1:
+        kk = min(k_gen, k_bank)
+        manifold = {**precision_recall(bank, gen, kk), **density_coverage(bank, gen, kk)}
+    return {"probe_acc": mean(acc), "probe_acc_real": mean(acc_real), "probe_tv": mean(tv),
+            "probe_acc_by_attribute": acc, "probe_tv_by_attribute": tv, **manifold}
 
 
 @torch.no_grad()
