@@ -78,6 +78,18 @@ def check_inception_weights(path) -> None:
                          f"torch-fidelity unpickles it): {error}") from None
 
 
+def default_inception_weights() -> Path:
+    """torch-fidelity's FID Inception weights, downloaded once into torch's hub cache and read with
+    ``weights_only=True`` (torch-fidelity's own download would unpickle them); the cached file's path."""
+    from urllib.parse import urlparse
+
+    from torch.hub import get_dir, load_state_dict_from_url
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    load_state_dict_from_url(URL_INCEPTION_V3, map_location="cpu", progress=True, weights_only=True)
+    return Path(get_dir()) / "checkpoints" / os.path.basename(urlparse(URL_INCEPTION_V3).path)
+
+
 def make_fid_metric(feature=2048, inception_weights=None):
     """torchmetrics' FrechetInceptionDistance: ``feature`` 2048 (InceptionV3's pool features, torch-fidelity's
     weights: downloaded at first use, or ``inception_weights``) or an ``nn.Module`` mapping uint8 (N, 3, H, W) to
@@ -85,7 +97,8 @@ def make_fid_metric(feature=2048, inception_weights=None):
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     kwargs = {}
-    if inception_weights is not None and isinstance(feature, int):
+    if isinstance(feature, int):
+        inception_weights = inception_weights if inception_weights is not None else default_inception_weights()
         check_inception_weights(inception_weights)
         kwargs["feature_extractor_weights_path"] = os.fspath(inception_weights)
     return FrechetInceptionDistance(feature=feature, reset_real_features=False, **kwargs)
