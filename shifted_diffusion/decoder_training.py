@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Optional, Sequence
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import config_cli, training
-from .checkpoints import read_state, save_checkpoint, step_generator
+from .checkpoints import read_state, save_checkpoint
 from .checks import check_choice, check_range
 from .decoder_data import (ImageEmbeddingDataset, check_dim, compute_image_embeddings, empty_image_embedding,
                            list_training_images, list_validation_images, load_training_image,
@@ -359,7 +358,7 @@ def train_decoder(cfg: DecoderTrainConfig) -> Path:
     accelerator, trackers = training.build_accelerator(
         output_dir, mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         report_to=cfg.report_to, logging_dir=cfg.logging_dir)
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    device, world = accelerator.device, accelerator.num_processes
     set_seed(cfg.seed)
     if cfg.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -447,39 +446,28 @@ def train_decoder(cfg: DecoderTrainConfig) -> Path:
         accelerator, max_steps=max_steps, initial_step=global_step, logging_steps=cfg.logging_steps,
         checkpointing_steps=cfg.checkpointing_steps, samples_per_step=samples_per_step, desc="decoder training",
         advice=f"Lower --learning_rate ({cfg.learning_rate}) or check the images")
-    step_cpu_s, step_wall_s, steps_run = 0.0, 0.0, 0
-    micro_step = global_step * cfg.gradient_accumulation_steps
-    while global_step < max_steps:
-        loader = training.epoch_loader(dataset, micro_step, batch_size=cfg.train_batch_size, seed=cfg.seed, rank=rank,
-                                       world=world, num_workers=cfg.dataloader_num_workers)
-        for batch in loader:
-            generator = step_generator(cfg.seed, rank, micro_step, device)
-            cpu_start, wall_start = time.process_time(), time.perf_counter()
-            with accelerator.accumulate(unet, projection):
-                loss = diffusion_loss(unet, projection, vae, noise_scheduler, batch, empty_on_device,
-                                      generator=generator, dropout_prob=cfg.conditioning_dropout_prob,
-                                      random_flip=cfg.random_flip, weight_dtype=weight_dtype)
-                training.backward_step(accelerator, loss, trained_params, cfg.max_grad_norm, optimizer, lr_scheduler)
-            micro_step += 1
-            step_log.add(loss)  # summed on the device, read at logging / checkpoint steps only
-            if accelerator.sync_gradients and ema is not None:
-                ema.step(trained_params)
-            step_cpu_s += time.process_time() - cpu_start
-            step_wall_s += time.perf_counter() - wall_start
-            if not accelerator.sync_gradients:
-                continue
-            global_step += 1
-            steps_run += 1
-            step_log.step(global_step, lr_scheduler.get_last_lr()[0])
-            if training.due(global_step, cfg.checkpointing_steps):
-                path = save_checkpoint(accelerator, output_dir, global_step, modules=trained, optimizer=optimizer,
-                                       lr_scheduler=lr_scheduler, ema=ema, config=cfg.to_dict(),
-                                       total_limit=cfg.checkpoints_total_limit)
-                logger.info(f"saved {path}")
-            training.validate_if_due(accelerator, global_step, cfg.validation_steps if val_paths else 0,
-                                     validation_hook, main_process_only=True)
-            if global_step >= max_steps:
-                break
+    timing, steps_run = {"cpu_s": 0.0, "wall_s": 0.0}, 0
+
+    def micro_batch_loss(batch, generator):
+        return diffusion_loss(unet, projection, vae, noise_scheduler, batch, empty_on_device, generator=generator,
+                              dropout_prob=cfg.conditioning_dropout_prob, random_flip=cfg.random_flip,
+                              weight_dtype=weight_dtype)
+
+    for global_step in training.optimizer_steps(
+            accelerator, dataset, global_step=global_step, max_steps=max_steps, micro_batch_loss=micro_batch_loss,
+            accumulate=(unet, projection), parameters=trained_params, max_grad_norm=cfg.max_grad_norm,
+            optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema, step_log=step_log, seed=cfg.seed,
+            batch_size=cfg.train_batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            num_workers=cfg.dataloader_num_workers, timing=timing):
+        steps_run += 1
+        if training.due(global_step, cfg.checkpointing_steps):
+            path = save_checkpoint(accelerator, output_dir, global_step, modules=trained, optimizer=optimizer,
+                                   lr_scheduler=lr_scheduler, ema=ema, config=cfg.to_dict(),
+                                   total_limit=cfg.checkpoints_total_limit)
+            logger.info(f"saved {path}")
+        training.validate_if_due(accelerator, global_step, cfg.validation_steps if val_paths else 0,
+                                 validation_hook, main_process_only=True)
+    step_cpu_s, step_wall_s = timing["cpu_s"], timing["wall_s"]
     step_log.close()
     if steps_run:
         logger.info(f"trained {steps_run} steps: {step_cpu_s / steps_run:.3f} CPU s/step, "

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ip_adapter, training
-from .checkpoints import save_checkpoint, step_generator
+from .checkpoints import save_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ def train_text_image_decoder(cfg) -> Path:
     accelerator, trackers = training.build_accelerator(
         output_dir, mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         report_to=cfg.report_to, logging_dir=cfg.logging_dir)
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    device, world = accelerator.device, accelerator.num_processes
     set_seed(cfg.seed)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
@@ -228,32 +228,22 @@ def train_text_image_decoder(cfg) -> Path:
         checkpointing_steps=cfg.checkpointing_steps, samples_per_step=samples_per_step,
         desc="text+image decoder training", advice=f"Lower --learning_rate ({cfg.learning_rate}) or check the images")
     steps_run, wall_start = 0, time.perf_counter()
-    micro_step = global_step * cfg.gradient_accumulation_steps
-    while global_step < max_steps:
-        loader = training.epoch_loader(dataset, micro_step, batch_size=cfg.train_batch_size, seed=cfg.seed, rank=rank,
-                                       world=world, num_workers=cfg.dataloader_num_workers)
-        for batch in loader:
-            generator = step_generator(cfg.seed, rank, micro_step, device)
-            with accelerator.accumulate(unet):
-                loss = text_image_loss(unet, text_encoder, vae, noise_scheduler, batch, empty_ids,
-                                       generator=generator, cfg=cfg, weight_dtype=weight_dtype)
-                training.backward_step(accelerator, loss, trained_params, cfg.max_grad_norm, optimizer, lr_scheduler)
-            micro_step += 1
-            step_log.add(loss)
-            if accelerator.sync_gradients and ema is not None:
-                ema.step(trained_params)
-            if not accelerator.sync_gradients:
-                continue
-            global_step += 1
-            steps_run += 1
-            step_log.step(global_step, lr_scheduler.get_last_lr()[0])
-            if training.due(global_step, cfg.checkpointing_steps):
-                path = save_checkpoint(accelerator, output_dir, global_step, modules=trained, optimizer=optimizer,
-                                       lr_scheduler=lr_scheduler, ema=ema, config=cfg.to_dict(),
-                                       total_limit=cfg.checkpoints_total_limit)
-                logger.info(f"saved {path}")
-            if global_step >= max_steps:
-                break
+
+    def micro_batch_loss(batch, generator):
+        return text_image_loss(unet, text_encoder, vae, noise_scheduler, batch, empty_ids, generator=generator,
+                               cfg=cfg, weight_dtype=weight_dtype)
+
+    for global_step in training.optimizer_steps(
+            accelerator, dataset, global_step=global_step, max_steps=max_steps, micro_batch_loss=micro_batch_loss,
+            accumulate=(unet,), parameters=trained_params, max_grad_norm=cfg.max_grad_norm, optimizer=optimizer,
+            lr_scheduler=lr_scheduler, ema=ema, step_log=step_log, seed=cfg.seed, batch_size=cfg.train_batch_size,
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps, num_workers=cfg.dataloader_num_workers):
+        steps_run += 1
+        if training.due(global_step, cfg.checkpointing_steps):
+            path = save_checkpoint(accelerator, output_dir, global_step, modules=trained, optimizer=optimizer,
+                                   lr_scheduler=lr_scheduler, ema=ema, config=cfg.to_dict(),
+                                   total_limit=cfg.checkpoints_total_limit)
+            logger.info(f"saved {path}")
     step_log.close()
 
     accelerator.wait_for_everyone()

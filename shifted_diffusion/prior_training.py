@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from . import training
-from .checkpoints import save_checkpoint, step_generator
+from .checkpoints import save_checkpoint
 from .cache import EmbeddingDataset, load_image_embeddings, load_manifest, precompute
 from .loss import LossConfig, ShiftedDiffusionLoss
 from .metrics import blockwise_cosine
@@ -159,7 +159,7 @@ def train_prior(cfg: TrainConfig) -> Path:
     accelerator, trackers = training.build_accelerator(
         output_dir, mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         report_to=cfg.report_to)
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    device, world = accelerator.device, accelerator.num_processes
     log = logger.info
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -249,40 +249,28 @@ def train_prior(cfg: TrainConfig) -> Path:
         advice=f"Lower learning_rate ({cfg.learning_rate}), use mixed_precision 'no' or 'bf16' (now "
                f"{cfg.mixed_precision!r}), or check the embedding cache for bad values")
     metrics = {}
-    micro_step = global_step * cfg.gradient_accumulation_steps
-    while global_step < max_steps:
-        loader = training.epoch_loader(train_set, micro_step, batch_size=cfg.train_batch_size, seed=cfg.seed,
-                                       rank=rank, world=world, num_workers=cfg.dataloader_num_workers,
-                                       pin_memory=device.type == "cuda")
-        for batch in loader:
-            batch = to_device(batch, device)
-            generator = step_generator(cfg.seed, rank, micro_step, device)
-            with accelerator.accumulate(model):
-                cluster_idx = shift.assign(batch["clip_text"])
-                shift_mean, shift_std = shift.shift(cluster_idx, check=False)  # valid by construction: no host sync
-                losses = loss_fn(
-                    model, batch["clip_image"], batch["text_tokens"], batch["clip_text"],
-                    cluster_idx if model_config.has_cluster_token else None, shift_mean, shift_std,
-                    null_text_tokens=null_text_tokens, null_clip_text_emb=null_clip_text, generator=generator,
-                    timesteps_per_caption=cfg.timesteps_per_caption,
-                )
-                loss = losses.mean()
-                training.backward_step(accelerator, loss, model.parameters(), cfg.max_grad_norm, optimizer,
-                                       lr_scheduler)
-            micro_step += 1
-            step_log.add(loss)  # stays on the device: no host sync per step
-            if not accelerator.sync_gradients:
-                continue
-            if ema is not None:
-                ema.step(unwrapped.parameters())
-            global_step += 1
-            step_log.step(global_step, lr_scheduler.get_last_lr()[0])
-            if training.due(global_step, cfg.checkpointing_steps):
-                write_checkpoint(global_step)
-            metrics = training.validate_if_due(accelerator, global_step, cfg.validation_steps, run_validation,
-                                               default=metrics)
-            if global_step >= max_steps:
-                break
+
+    def micro_batch_loss(batch, generator):
+        batch = to_device(batch, device)
+        cluster_idx = shift.assign(batch["clip_text"])
+        shift_mean, shift_std = shift.shift(cluster_idx, check=False)  # valid by construction: no host sync
+        return loss_fn(
+            model, batch["clip_image"], batch["text_tokens"], batch["clip_text"],
+            cluster_idx if model_config.has_cluster_token else None, shift_mean, shift_std,
+            null_text_tokens=null_text_tokens, null_clip_text_emb=null_clip_text, generator=generator,
+            timesteps_per_caption=cfg.timesteps_per_caption,
+        ).mean()
+
+    for global_step in training.optimizer_steps(
+            accelerator, train_set, global_step=global_step, max_steps=max_steps, micro_batch_loss=micro_batch_loss,
+            accumulate=(model,), parameters=unwrapped.parameters(), max_grad_norm=cfg.max_grad_norm,
+            optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema, step_log=step_log, seed=cfg.seed,
+            batch_size=cfg.train_batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            num_workers=cfg.dataloader_num_workers, pin_memory=device.type == "cuda"):
+        if training.due(global_step, cfg.checkpointing_steps):
+            write_checkpoint(global_step)
+        metrics = training.validate_if_due(accelerator, global_step, cfg.validation_steps, run_validation,
+                                           default=metrics)
     step_log.close()
 
     # the prior folder: EMA weights when EMA is on, plus vocabulary, empty-caption encodings, config

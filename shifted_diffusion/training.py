@@ -211,6 +211,48 @@ def check_finite_loss(step: int, value: float, advice: str) -> None:
                                  f"nothing more is saved). {advice}")
 
 
+def optimizer_steps(accelerator, dataset, *, global_step: int, max_steps: int, micro_batch_loss: Callable,
+                    accumulate: Iterable[torch.nn.Module], parameters, max_grad_norm: float, optimizer, lr_scheduler,
+                    ema, step_log: "StepLog", seed: int, batch_size: int, gradient_accumulation_steps: int,
+                    num_workers: int = 0, pin_memory: bool = False, timing: Optional[dict] = None):
+    """The training loop both trainers share, as a generator of optimizer-step numbers.
+
+    From ``global_step`` to ``max_steps``: the micro-batches of ``epoch_loader`` (the same batches an
+    uninterrupted run reads), each with its own ``step_generator(seed, process, micro-step)``; the loss of
+    ``micro_batch_loss(batch, generator)`` backpropagated inside ``accelerator.accumulate(*accumulate)``; at each
+    window's end clipping, the optimizer and schedule steps, the EMA update and the loss log; then the new step
+    number is yielded (the caller checkpoints / validates there). ``timing``: {"cpu_s", "wall_s"} summed over
+    the micro-steps (hooks excluded)."""
+    from .checkpoints import step_generator
+
+    parameters = list(parameters)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    micro_step = global_step * gradient_accumulation_steps
+    while global_step < max_steps:
+        loader = epoch_loader(dataset, micro_step, batch_size=batch_size, seed=seed, rank=rank, world=world,
+                              num_workers=num_workers, pin_memory=pin_memory)
+        for batch in loader:
+            generator = step_generator(seed, rank, micro_step, accelerator.device)
+            cpu_start, wall_start = time.process_time(), time.perf_counter()
+            with accelerator.accumulate(*accumulate):
+                loss = micro_batch_loss(batch, generator)
+                backward_step(accelerator, loss, parameters, max_grad_norm, optimizer, lr_scheduler)
+            micro_step += 1
+            step_log.add(loss)  # summed on the device: no host sync per micro-step
+            if accelerator.sync_gradients and ema is not None:
+                ema.step(parameters)
+            if timing is not None:
+                timing["cpu_s"] = timing.get("cpu_s", 0.0) + time.process_time() - cpu_start
+                timing["wall_s"] = timing.get("wall_s", 0.0) + time.perf_counter() - wall_start
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            step_log.step(global_step, lr_scheduler.get_last_lr()[0])
+            yield global_step
+            if global_step >= max_steps:
+                return
+
+
 class StepLog:
     """The progress bar and loss log of a run.
 
