@@ -163,6 +163,27 @@ def training_image_embeddings(cfg, accelerator, clip, paths: list[Path]) -> tupl
         return f.get_tensor("image_embeds"), f.get_tensor("readable")
 
 
+
+def readable_training_embeddings(cfg, accelerator, clip, paths: list[Path]) -> tuple[list[Path], torch.Tensor, int]:
+    """(readable paths, their embeddings (N, D), how many were unreadable): the training images through
+    ``training_image_embeddings``, unreadable ones left out with a warning; SystemExit when none or too few
+    for one batch on every process remain."""
+    from . import training
+
+    image_embeds, readable = training_image_embeddings(cfg, accelerator, clip, paths)
+    num_unreadable = int((~readable).sum())
+    if num_unreadable:
+        logger.warning(f"{num_unreadable} of {len(paths)} training images are unreadable and left out")
+        paths, image_embeds = [p for p, ok in zip(paths, readable.tolist()) if ok], image_embeds[readable]
+    if not paths:
+        raise SystemExit(f"finetune: none of the training images in {cfg.train_data_dir} could be read")
+    try:
+        training.check_batches(len(paths), cfg.train_batch_size, accelerator.num_processes,
+                               f"readable training images in {cfg.train_data_dir}")
+    except ValueError as error:
+        raise SystemExit(f"finetune: {error}") from error
+    return paths, image_embeds, num_unreadable
+
 def empty_image_embedding(cfg, clip) -> tuple[torch.Tensor, str]:
     """The unconditional embedding (D,) and where it came from."""
     if cfg.empty_embedding:

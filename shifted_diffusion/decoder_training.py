@@ -34,7 +34,7 @@ from .checkpoints import read_state, save_checkpoint
 from .checks import check_choice, check_range
 from .decoder_data import (ImageEmbeddingDataset, check_dim, compute_image_embeddings, empty_image_embedding,
                            list_training_images, list_validation_images, load_training_image,
-                           training_image_embeddings)
+                           readable_training_embeddings)
 from .projection import PROJECTION_SUBFOLDER, ImageEmbeddingProjection
 from .encoders import PAPER_CLIP_MODELS, parse_clip_specs
 
@@ -374,18 +374,7 @@ def train_decoder(cfg: DecoderTrainConfig) -> Path:
         output_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(output_dir / CONFIG_NAME)
     clip = MultiCLIP(cfg.clip_specs, device=device, dtype=weight_dtype)
-    image_embeds, readable = training_image_embeddings(cfg, accelerator, clip, paths)
-    num_unreadable = int((~readable).sum())
-    if num_unreadable:
-        logger.warning(f"{num_unreadable} of {len(paths)} training images are unreadable and left out")
-        paths, image_embeds = [p for p, ok in zip(paths, readable.tolist()) if ok], image_embeds[readable]
-    if not paths:
-        raise SystemExit(f"finetune: none of the training images in {cfg.train_data_dir} could be read")
-    try:
-        training.check_batches(len(paths), cfg.train_batch_size, world, f"readable training images in "
-                               f"{cfg.train_data_dir}")
-    except ValueError as error:
-        raise SystemExit(f"finetune: {error}") from error
+    paths, image_embeds, num_unreadable = readable_training_embeddings(cfg, accelerator, clip, paths)
     val_embeds = None
     if val_paths:
         val_embeds, val_readable = compute_image_embeddings(clip, val_paths, cfg.clip_batch_size, "validation", True)

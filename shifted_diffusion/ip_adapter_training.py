@@ -157,7 +157,7 @@ def train_text_image_decoder(cfg) -> Path:
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
 
-    from .decoder_data import (ImageEmbeddingDataset, list_training_images, training_image_embeddings)
+    from .decoder_data import ImageEmbeddingDataset, list_training_images, readable_training_embeddings
     from .decoder_training import CONFIG_NAME, SUMMARY_NAME, _split_validation, load_models
     from .encoders import MultiCLIP
 
@@ -178,17 +178,9 @@ def train_text_image_decoder(cfg) -> Path:
         output_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(output_dir / CONFIG_NAME)
     clip = MultiCLIP(cfg.clip_specs, device=device, dtype=weight_dtype)
-    image_embeds, readable = training_image_embeddings(cfg, accelerator, clip, paths)
+    paths, image_embeds, _ = readable_training_embeddings(cfg, accelerator, clip, paths)
     clip_dim = clip.dim
     del clip
-    paths, image_embeds = [p for p, ok in zip(paths, readable.tolist()) if ok], image_embeds[readable]
-    if not paths:
-        raise SystemExit(f"finetune: none of the training images in {cfg.train_data_dir} could be read")
-    try:
-        training.check_batches(len(paths), cfg.train_batch_size, world, f"readable training images in "
-                               f"{cfg.train_data_dir}")
-    except ValueError as error:
-        raise SystemExit(f"finetune: {error}") from error
 
     noise_scheduler, inference_scheduler, vae, unet = load_models(cfg)
     tokenizer, text_encoder = load_text_encoder(cfg)
