@@ -362,7 +362,7 @@ def train_decoder(cfg: DecoderTrainConfig) -> Path:
     set_seed(cfg.seed)
     if cfg.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    weight_dtype = training.mixed_precision_dtype(accelerator)
 
     # ---- data + frozen CLIP embeddings
     try:

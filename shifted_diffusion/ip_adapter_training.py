@@ -167,7 +167,7 @@ def train_text_image_decoder(cfg) -> Path:
         report_to=cfg.report_to, logging_dir=cfg.logging_dir)
     device, world = accelerator.device, accelerator.num_processes
     set_seed(cfg.seed)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    weight_dtype = training.mixed_precision_dtype(accelerator)
 
     try:
         paths = list_training_images(cfg.train_data_dir)

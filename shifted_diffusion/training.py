@@ -211,6 +211,11 @@ def check_finite_loss(step: int, value: float, advice: str) -> None:
                                  f"nothing more is saved). {advice}")
 
 
+def mixed_precision_dtype(accelerator) -> torch.dtype:
+    """The dtype of the frozen models' weights under the accelerator's mixed precision (float32 without)."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
 def optimizer_steps(accelerator, dataset, *, global_step: int, max_steps: int, micro_batch_loss: Callable,
                     accumulate: Iterable[torch.nn.Module], parameters, max_grad_norm: float, optimizer, lr_scheduler,
                     ema, step_log: "StepLog", seed: int, batch_size: int, gradient_accumulation_steps: int,
