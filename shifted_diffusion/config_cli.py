@@ -69,6 +69,16 @@ class FlagConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
 
+def _number_or_none(tp):
+    """argparse type of an optional number: "none" / "null" stays a string (``from_dict`` makes it None, so a flag
+    can clear what a YAML preset set, e.g. ``--max_train_steps none``), anything else must parse as ``tp``."""
+    def parse(text: str):
+        return text if text.lower() in NONE_STRINGS else tp(text)
+
+    parse.__name__ = tp.__name__  # argparse's "invalid int value: ..."
+    return parse
+
+
 def _default_text(f: dataclasses.Field) -> str:
     default = f.default
     if isinstance(default, tuple):
@@ -85,14 +95,15 @@ def build_parser(cls, description: str = "", prog: Optional[str] = None) -> argp
                         "later files and flags override earlier ones")
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        tp, _ = _optional_inner(hints[f.name])
+        tp, optional = _optional_inner(hints[f.name])
         flag, help_text = f"--{f.name}", f"{f.metadata.get('help', '')} {_default_text(f)}".strip()
         if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif _is_sequence(tp) and not f.metadata.get("comma_separated"):
             parser.add_argument(flag, nargs=f.metadata.get("nargs", "+"), default=None, help=help_text)
         else:
-            parser.add_argument(flag, type=tp if tp in (int, float) else str, default=None, help=help_text)
+            number = _number_or_none(tp) if optional and tp in (int, float) else tp
+            parser.add_argument(flag, type=number if tp in (int, float) else str, default=None, help=help_text)
     return parser
 
 

@@ -270,12 +270,12 @@ def train_prior(cfg: TrainConfig) -> Path:
         if training.due(global_step, cfg.checkpointing_steps):
             write_checkpoint(global_step)
         metrics = training.validate_if_due(accelerator, global_step, cfg.validation_steps, run_validation,
-                                           default=metrics)
+                                           default=metrics, main_process_only=True)
     step_log.close()
 
     # the prior folder: EMA weights when EMA is on, plus vocabulary, empty-caption encodings, config
-    if len(val_set) and not training.due(global_step, cfg.validation_steps):
-        metrics = run_validation(global_step)  # unless the loop just validated this very step
+    if accelerator.is_main_process and len(val_set) and not training.due(global_step, cfg.validation_steps):
+        metrics = run_validation(global_step)  # unless the loop just validated this very step (main process only)
     accelerator.wait_for_everyone()
     prior_dir = output_dir / "prior"
     if accelerator.is_main_process:

@@ -330,3 +330,13 @@ def test_non_finite_loss_stops_the_run_naming_the_step(caption_image_folder, tin
         run_prior_job(args(caption_image_folder, tiny_open_clip_dir, out, "--max_train_steps", "6", "--logging_steps", "2",
                         "--checkpointing_steps", "2", "--validation_steps", "0", "--report_to", "none"))
     assert not (out / "prior").exists() and [p.name for p in list_checkpoints(out)] == ["checkpoint-2"]
+
+
+def test_a_flag_clears_an_optional_setting_of_a_preset(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("max_train_steps: 300\ncheckpoints_total_limit: 2\n")
+    cfg = parse_config(["--config", str(preset), "--max_train_steps", "none", "--checkpoints_total_limit", "null"])
+    assert cfg.max_train_steps is None and cfg.checkpoints_total_limit is None
+    assert parse_config(["--config", str(preset)]).max_train_steps == 300
+    with pytest.raises(SystemExit):
+        parse_config(["--max_train_steps", "lots"])
