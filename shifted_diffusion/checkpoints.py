@@ -8,8 +8,7 @@ A checkpoint is a folder ``<output_dir>/checkpoint-N``::
     train_state.json          format, global step, config, the non-tensor state, every file's size: written last
 
 Nothing in it is a pickle, so resuming a checkpoint someone else wrote cannot run code. (accelerate's
-``save_state`` / ``load_state`` unpickle the registered objects' ``custom_checkpoint_N.pkl`` with
-``weights_only=False``; they are not used.) A save writes into ``.checkpoint-N.partial``, fsyncs every
+``save_state`` / ``load_state`` are not used: they unpickle the state of registered objects.) A save writes into ``.checkpoint-N.partial``, fsyncs every
 file, writes ``train_state.json`` last and renames the folder into place; older checkpoints are pruned only
 after that. ``find_checkpoint(.., "latest")`` takes the newest *complete* checkpoint, skipping (with a
 warning) folders a crash left behind. Per-step random generators (``step_generator``) make resuming exact.

@@ -18,9 +18,9 @@ INCEPTION_HELP = (
     "InceptionV3 weights for FID on a machine without internet: torch-fidelity's file "
     "weights-inception-2015-12-05-6726825d.pth (download it once where there is internet: torch-fidelity fetches it "
     "from its GitHub release on first use of FID and keeps it in torch's hub cache, ~/.cache/torch/hub/checkpoints). "
-    "Without this flag it is downloaded at first use into that cache (read with weights_only=True). torch-fidelity "
-    "loads the file with torch.load(weights_only=False), which unpickles: this command first opens it with "
-    "weights_only=True and refuses a file that is not plain tensors.")
+    "Without this flag it is downloaded at first use into that cache. Either way the file is read here with "
+    "weights_only=True (refused unless it holds plain tensors), and torch-fidelity is given a copy written from "
+    "those tensors, never the file itself.")
 
 
 def _floats(text: str) -> list:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Sequence
@@ -65,17 +66,21 @@ def images_to_uint8(images, size: int) -> torch.Tensor:
     return torch.stack(out) if out else torch.zeros(0, 3, size, size, dtype=torch.uint8)
 
 
-def check_inception_weights(path) -> None:
-    """Refuse an Inception weights file that is not plain tensors: torch-fidelity loads it with
-    ``torch.load(weights_only=False)`` (it unpickles), so it is first opened here with ``weights_only=True``."""
+def check_inception_weights(path) -> dict:
+    """The Inception weights of ``path`` as a state dict, read with ``weights_only=True``; refused unless they are
+    plain tensors. (torch-fidelity's own loader would unpickle the file: it is only ever given a copy written
+    here from these tensors, see ``make_fid_metric``.)"""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--inception_weights {path}: no such file")
     try:
-        torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise ValueError(f"--inception_weights {path}: not a plain state dict of tensors (refused before "
-                         f"torch-fidelity unpickles it): {error}") from None
+        raise ValueError(f"--inception_weights {path}: not a plain state dict of tensors (refused without "
+                         f"unpickling it): {error}") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise ValueError(f"--inception_weights {path}: not a plain state dict of tensors")
+    return state
 
 
 def default_inception_weights() -> Path:
@@ -96,12 +101,14 @@ def make_fid_metric(feature=2048, inception_weights=None):
     (N, d) features."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    kwargs = {}
-    if isinstance(feature, int):
-        inception_weights = inception_weights if inception_weights is not None else default_inception_weights()
-        check_inception_weights(inception_weights)
-        kwargs["feature_extractor_weights_path"] = os.fspath(inception_weights)
-    return FrechetInceptionDistance(feature=feature, reset_real_features=False, **kwargs)
+    if not isinstance(feature, int):
+        return FrechetInceptionDistance(feature=feature, reset_real_features=False)
+    state = check_inception_weights(inception_weights if inception_weights is not None else default_inception_weights())
+    with tempfile.TemporaryDirectory() as folder:  # the only file torch-fidelity reads: tensors we just wrote
+        copy = Path(folder) / "inception_weights.pth"
+        torch.save(state, copy)
+        return FrechetInceptionDistance(feature=feature, reset_real_features=False,
+                                        feature_extractor_weights_path=os.fspath(copy))
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ from .decoder import SCHEDULERS, default_device_dtype, load_decoder, load_embedd
 from .generation import check_flags, numbered, one_thread_for_toy_defaults, seeded_generators
 from .threads import torch_threads
 from .toy.decoder_recipe import add_toy_default_arguments, default_toy_decoder, toy_decoder_world
-from .train_config import parse_clip_specs
+from .encoders import parse_clip_specs
 
 OUTPUT_PREFIX = "re_"
 TOY_OUTPUT_DIR = "outputs/toy_test"

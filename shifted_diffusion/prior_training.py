@@ -24,7 +24,6 @@ from .prior_pipeline import ShiftedDiffusionPriorPipeline, build_pipeline, save_
 from .schedule import DiffusionSchedule, ScheduleConfig
 from .encoders import parse_clip_specs
 from .train_config import TrainConfig
-from .training import epoch_batches  # noqa: F401  (the shared data order; imported from here before)
 from .vocab import ClusterVocab, StandardNormalShift
 
 logger = logging.getLogger(__name__)

@@ -151,7 +151,7 @@ def prior_generate(prior, prompts, *, num_images_per_prompt, num_inference_steps
 def _clip_paths(folder, key_path) -> list:
     import json
 
-    from .train_config import parse_clip_specs
+    from .encoders import parse_clip_specs
 
     config = Path(folder) / key_path[0]
     if not config.is_file():
@@ -263,7 +263,7 @@ def check_dims(prior, decoder, args) -> int:
                          f"({args.decoder}/image_projection) expects {decoder.clip_dim}: they use different CLIP models")
     prior_clips = getattr(prior, "encoders", {}).get("clip_models")
     if prior_clips is not None:
-        from .train_config import parse_clip_specs
+        from .encoders import parse_clip_specs
 
         if not same_clip_specs(parse_clip_specs(prior_clips), decoder.clip_specs):
             print(f"{SCRIPT}: warning: the prior was trained with CLIP models {list(prior_clips)} but the decoder "

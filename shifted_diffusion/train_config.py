@@ -14,7 +14,7 @@ from typing import ClassVar, Optional, Sequence
 
 from . import config_cli
 from .checks import check_choice, check_range
-from .encoders import PAPER_CLIP_MODELS, parse_clip_specs  # noqa: F401  (parse_clip_specs: its old import path)
+from .encoders import PAPER_CLIP_MODELS
 
 
 @dataclass(frozen=True)

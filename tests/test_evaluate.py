@@ -285,13 +285,31 @@ def test_command_end_to_end(tmp_path, eval_folder, tiny_decoder_clips, tiny_uncl
         main([*argv[:3], str(other), *argv[4:]], fid_feature=PoolFeatures())
 
 
-def test_inception_weights_file_is_checked_before_torch_fidelity_unpickles_it(tmp_path):
+def test_inception_weights_file_is_read_without_unpickling(tmp_path):
     from shifted_diffusion.evaluation import check_inception_weights
 
     torch.save({"conv.weight": torch.zeros(2, 2)}, tmp_path / "plain.pth")
-    check_inception_weights(tmp_path / "plain.pth")  # plain tensors pass
+    state = check_inception_weights(tmp_path / "plain.pth")  # plain tensors pass
+    assert torch.equal(state["conv.weight"], torch.zeros(2, 2))
     torch.save({"conv.weight": torch.zeros(2, 2), "code": PoolFeatures()}, tmp_path / "pickled.pth")
     with pytest.raises(ValueError, match="--inception_weights .*pickled.pth: not a plain state dict"):
         check_inception_weights(tmp_path / "pickled.pth")
     with pytest.raises(FileNotFoundError, match="--inception_weights .*missing.pth: no such file"):
         make_fid_metric(2048, tmp_path / "missing.pth")
+
+
+def test_torch_fidelity_only_gets_a_copy_written_from_the_vetted_tensors(tmp_path, monkeypatch):
+    import torchmetrics.image.fid as fid_module
+
+    seen = {}
+
+    class Recorder:
+        def __init__(self, feature, reset_real_features, feature_extractor_weights_path):
+            seen["path"] = feature_extractor_weights_path
+            seen["state"] = torch.load(feature_extractor_weights_path, weights_only=True)  # what it would read
+
+    monkeypatch.setattr(fid_module, "FrechetInceptionDistance", Recorder)
+    weights = tmp_path / "inception.pth"
+    torch.save({"fc.weight": torch.arange(6.0).reshape(2, 3)}, weights)
+    make_fid_metric(2048, weights)
+    assert seen["path"] != str(weights) and torch.equal(seen["state"]["fc.weight"], torch.arange(6.0).reshape(2, 3))

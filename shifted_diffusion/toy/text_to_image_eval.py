@@ -100,7 +100,7 @@ def _clip_hashes(specs) -> list:
 
 def _prior_clip_specs(prior_dir: Path):
     from ..prior_pipeline import read_prior_info
-    from ..train_config import parse_clip_specs
+    from ..encoders import parse_clip_specs
 
     if not ((prior_dir / "model_index.json").is_file() or (prior_dir / "config.json").is_file()):
         return None
