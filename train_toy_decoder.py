@@ -1,7 +1,7 @@
 """Train the toy decoder: a tiny Stable Diffusion on the toy world, conditioned on the toy CLIP's image embeddings.
 
-    python train_toy_decoder.py        # -> outputs/toy_decoder: 18 CPU-minutes (autoencoder 3.5 + UNet 14.4),
-                                       # 24 min wall on a busy shared 2-core machine
+    python train_toy_decoder.py        # -> outputs/toy_decoder: autoencoder 3000 steps + UNet 4000 steps, one thread
+                                       # (wall time: the README, "Text-to-image in the toy world")
     python train_toy_decoder.py --output_dir DIR --unet_steps 2400 --config my_toy_decoder.yaml
     python train_toy_decoder.py --world_dir W --clip_dir C    # an existing world + toy CLIP
 

@@ -13,7 +13,7 @@ from PIL import Image
 from shifted_diffusion import image_to_image, text_to_image
 from shifted_diffusion.toy import ToyWorldConfig, decoder_recipe, ensure_toy_assets
 from shifted_diffusion.toy import text_to_image_eval as benchmark
-from shifted_diffusion.toy.decoder import foreground_weights, kl_to_standard_normal
+from shifted_diffusion.toy.decoder import build_scheduler, foreground_weights, kl_to_standard_normal
 from shifted_diffusion.toy.reader import ToyAttributeReader, largest_blob, reader_accuracy
 from shifted_diffusion.toy.text_to_image_report import format_table
 from shifted_diffusion.toy.world import ATTRIBUTES, COLOUR_RGB, render_image, sample_record
@@ -142,6 +142,30 @@ def test_fast_toy_decoder_is_a_standard_pipeline_folder_and_is_cached(toy):
     assert decoder_recipe.train_toy_decoder(["--fast", "--toy_root", toy["toy_root"], "--output_dir",
                                              str(decoder_dir)]) == decoder_dir
     assert weights.stat().st_mtime_ns == before  # reused, not retrained
+    scheduler = json.loads((decoder_dir / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "v_prediction" and scheduler["rescale_betas_zero_snr"]
+    assert scheduler["timestep_spacing"] == "trailing"
+
+
+def test_zero_terminal_snr_schedule_against_the_formula():
+    """Lin et al. (2024), Algorithm 1 written out: sqrt(abar) shifted so the last step is 0 and scaled so the
+    first is unchanged; SD's scaled-linear betas before. The DDPM noise scheduler the trainer builds from the
+    same config agrees, and the old schedule keeps sqrt(abar_T) = 0.068 of the image."""
+    from diffusers import DDPMScheduler
+
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    root = torch.cumprod(1 - betas, 0).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    rescaled = (root - last) * first / (first - last)
+    for scheduler in (build_scheduler(True), DDPMScheduler.from_config(build_scheduler(True).config)):
+        assert torch.allclose(scheduler.alphas_cumprod.double().sqrt(), rescaled, atol=1e-6)
+        assert float(scheduler.alphas_cumprod[-1]) == 0.0
+    old = build_scheduler(False)
+    assert old.config.prediction_type == "epsilon"
+    assert abs(float(old.alphas_cumprod[-1].sqrt()) - float(last)) < 1e-6 and 0.06 < float(last) < 0.07
+    sampler = build_scheduler(True)
+    sampler.set_timesteps(25)
+    assert int(sampler.timesteps[0]) == 999  # trailing: sampling starts at the pure-noise step
 
 
 # ---------------------------------------------------------------------------------------------- script defaults

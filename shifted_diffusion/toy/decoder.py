@@ -33,7 +33,7 @@ class ToyDecoderConfig:
     vae_layers_per_block: int = 1
     vae_norm_groups: int = 8
     latent_channels: int = 4
-    vae_steps: int = 1000
+    vae_steps: int = 3000
     vae_batch_size: int = 8
     vae_learning_rate: float = 2e-3
     vae_warmup_frac: float = 0.05
@@ -54,6 +54,11 @@ class ToyDecoderConfig:
     unet_warmup_steps: int = 100
     ema_decay: float = 0.998
     conditioning_dropout_prob: float = 0.1
+    # noise schedule: SD's scaled-linear betas, rescaled to zero terminal SNR (Lin et al. 2024) with the
+    # v target and "trailing" sampling steps. Without it the last training step keeps sqrt(abar) = 0.068 of
+    # the image, enough to leak a 16 x 16 latent's mean colour, and sampling from pure noise gets the
+    # background wrong; False: SD's own schedule (epsilon target, "leading" steps).
+    zero_terminal_snr: bool = True
     seed: int = 0
 
     def __post_init__(self):
@@ -126,10 +131,16 @@ def build_unet(config: ToyDecoderConfig, image_size: int):
     )
 
 
-def build_scheduler():
-    """Stable Diffusion's DDIM scheduler settings (scaled-linear betas 0.00085..0.012, epsilon target)."""
+def build_scheduler(zero_terminal_snr: bool = True):
+    """Stable Diffusion's DDIM scheduler (scaled-linear betas 0.00085..0.012); with ``zero_terminal_snr`` the
+    betas rescaled so that the last step is pure noise, the v target and trailing timesteps, else SD's
+    epsilon target and leading steps. The decoder trainer's DDPM noise scheduler reads the same config."""
     from diffusers import DDIMScheduler
 
+    if zero_terminal_snr:
+        return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                             set_alpha_to_one=False, rescale_betas_zero_snr=True, timestep_spacing="trailing",
+                             prediction_type="v_prediction")
     return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                          set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
 

@@ -1,7 +1,7 @@
 """The toy decoder recipe: a tiny Stable Diffusion on the toy world, conditioned on the toy CLIP's image embeddings.
 
-    python train_toy_decoder.py        # -> outputs/toy_decoder: 18 CPU-minutes (autoencoder 3.5 + UNet 14.4),
-                                       # 24 min wall on a busy shared 2-core machine
+    python train_toy_decoder.py        # -> outputs/toy_decoder: autoencoder 3000 steps + UNet 4000 steps, one thread
+                                       # (wall time: the README, "Text-to-image in the toy world")
     python train_toy_decoder.py --output_dir DIR --unet_steps 2400 --config my_toy_decoder.yaml
     python train_toy_decoder.py --world_dir W --clip_dir C    # an existing world + toy CLIP
 
@@ -167,7 +167,7 @@ def train(args) -> Path:
     image_size = int(vae.config.sample_size)
     torch.manual_seed(config.seed)
     unet = build_unet(config, image_size)
-    init_dir = write_pretrained_folder(stages / "init", vae, unet, build_scheduler())
+    init_dir = write_pretrained_folder(stages / "init", vae, unet, build_scheduler(config.zero_terminal_snr))
     cache = args.embedding_cache or default_embedding_cache(args.fast)
     start, start_cpu = time.time(), time.process_time()
     train_decoder(toy_decoder_config(config, init_dir, assets["world"], assets["clip"], output_dir, cache))
