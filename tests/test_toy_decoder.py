@@ -155,7 +155,7 @@ def test_zero_terminal_snr_schedule_against_the_formula():
 
     betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
     root = torch.cumprod(1 - betas, 0).sqrt()
-    first, last = root[0].clone(), root[-1].clone()
+    first, last = root[0], root[-1]
     rescaled = (root - last) * first / (first - last)
     for scheduler in (build_scheduler(True), DDPMScheduler.from_config(build_scheduler(True).config)):
         assert torch.allclose(scheduler.alphas_cumprod.double().sqrt(), rescaled, atol=1e-6)

@@ -137,12 +137,10 @@ def build_scheduler(zero_terminal_snr: bool = True):
     epsilon target and leading steps. The decoder trainer's DDPM noise scheduler reads the same config."""
     from diffusers import DDIMScheduler
 
-    if zero_terminal_snr:
-        return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                             set_alpha_to_one=False, rescale_betas_zero_snr=True, timestep_spacing="trailing",
-                             prediction_type="v_prediction")
+    schedule = dict(rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="v_prediction") \
+        if zero_terminal_snr else dict(steps_offset=1, prediction_type="epsilon")
     return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                         set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+                         set_alpha_to_one=False, **schedule)
 
 
 def write_pretrained_folder(directory, vae, unet, scheduler) -> Path:
