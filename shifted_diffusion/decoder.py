@@ -277,7 +277,8 @@ def load_decoder(
 
     A text + image decoder folder (``"decoder_type": "text_and_image"``, finetune.py --decoder_type
     text_and_image) loads as ``text_image_decoder.TextImageDecoder`` instead, its image attention weighted by
-    ``image_scale`` (default 1); the language-free decoder takes no ``image_scale``."""
+    ``image_scale`` (default 1); the language-free decoder takes no ``image_scale``. A GAN decoder folder
+    (``"decoder_type": "gan"``) loads as ``gan.decoder.GanDecoder``."""
     from diffusers import StableDiffusionPipeline
 
     path = Path(path)
@@ -288,9 +289,16 @@ def load_decoder(
 
         return load_text_image_decoder(path, config, device=device, dtype=dtype, scheduler=scheduler,
                                        image_scale=1.0 if image_scale is None else image_scale)
+    if decoder_type == "gan":
+        from .gan.decoder import load_gan_decoder
+
+        if image_scale is not None or scheduler:
+            raise ValueError(f"{'image_scale' if image_scale is not None else 'scheduler'}: {path} is a GAN decoder "
+                             "(one step, no text attention, no scheduler)")
+        return load_gan_decoder(path, config, device=device, dtype=dtype)
     if decoder_type != "image":
-        raise ValueError(f"{path / DECODER_CONFIG_NAME}: unknown decoder_type {decoder_type!r} (expected image or "
-                         f"text_and_image)")
+        raise ValueError(f"{path / DECODER_CONFIG_NAME}: unknown decoder_type {decoder_type!r} (expected image, "
+                         f"text_and_image or gan)")
     if image_scale is not None:
         raise ValueError(f"image_scale: {path} is a language-free decoder (no text + image attention to weight)")
     dtype = dtype or torch.float32

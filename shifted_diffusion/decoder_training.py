@@ -41,7 +41,7 @@ from .encoders import PAPER_CLIP_MODELS, parse_clip_specs
 logger = logging.getLogger(__name__)
 
 DEFAULT_CLIP_MODELS = PAPER_CLIP_MODELS
-DECODER_TYPES = ("image", "text_and_image")
+DECODER_TYPES = ("image", "text_and_image", "gan")
 CONFIG_NAME = "train_config.json"  # the resolved settings, in the output folder (and in every checkpoint)
 SUMMARY_NAME = "train_summary.json"
 
@@ -81,11 +81,28 @@ class DecoderTrainConfig(config_cli.FlagConfig):
     conditioning_dropout_prob: float = 0.1
     # decoder type
     decoder_type: str = _field("image", "image: language-free (the projection replaces the text); text_and_image: "
-                               "the SD text encoder (frozen) plus an IP-Adapter for the embedding (ip_adapter.py)")
+                               "the SD text encoder (frozen) plus an IP-Adapter for the embedding (ip_adapter.py); "
+                               "gan: a StyleGAN2-style generator trained from scratch, Lafite's language-free "
+                               "recipe (shifted_diffusion.gan; the gan_* settings)")
     text_dropout_prob: float = _field(0.05, "text_and_image: probability of the empty caption alone")
     image_dropout_prob: float = _field(0.05, "text_and_image: probability of the zero image embedding alone")
     both_dropout_prob: float = _field(0.05, "text_and_image: probability of dropping both")
     train_unet: bool = _field(False, "text_and_image: fine-tune the UNet too (default: only the adapter trains)")
+    # gan (decoder_type gan: shifted_diffusion.gan; --resolution is the generator's; Lafite's loss values)
+    gan_z_dim: int = _field(512, "gan: latent z size")
+    gan_w_dim: int = _field(512, "gan: style vector size")
+    gan_mapping_layers: int = _field(8, "gan: layers of the mapping network")
+    gan_channel_base: int = _field(16384, "gan: channels at resolution r = min(channel_base / r, channel_max)")
+    gan_channel_max: int = 512
+    gan_r1_gamma: float = _field(10.0, "gan: R1 weight on real images (Lafite: 10)")
+    gan_r1_interval: int = _field(16, "gan: R1 every N discriminator steps (lazy), weighted x N")
+    gan_contrastive_temperature: float = _field(0.5, "gan: temperature of the contrastive losses (Lafite: 0.5)")
+    gan_clip_contrastive_weight: float = _field(10.0, "gan: generator's contrastive loss between the CLIP embedding "
+                                                "of its image and the conditioning (Lafite's itc: 10)")
+    gan_d_contrastive_weight: float = _field(10.0, "gan: contrastive loss between the discriminator's features and "
+                                             "the conditioning, both players (Lafite's itd: 10)")
+    gan_perturbation: float = _field(0.75, "gan: conditioning perturbation level xi (Lafite, image features: 0.75)")
+    gan_truncation_psi: float = _field(1.0, "gan: truncation used at inference, saved with the decoder")
     # training
     output_dir: str = "sd-shifted-decoder"
     seed: int = _field(0, "same on every process and on resume")
@@ -140,7 +157,9 @@ class DecoderTrainConfig(config_cli.FlagConfig):
             "num_train_epochs": (1, False), "max_train_steps": (1, True), "gradient_accumulation_steps": (1, False),
             "lr_warmup_steps": (0, False), "checkpointing_steps": (0, False), "checkpoints_total_limit": (1, True),
             "logging_steps": (1, False), "validation_steps": (0, False), "num_validation_images": (0, False),
-            "validation_num_inference_steps": (1, False),
+            "validation_num_inference_steps": (1, False), "gan_z_dim": (1, False), "gan_w_dim": (1, False),
+            "gan_mapping_layers": (1, False), "gan_channel_base": (1, False), "gan_channel_max": (1, False),
+            "gan_r1_interval": (1, False),
         }
         for name, (low, optional) in ints.items():
             check_range(f"--{name}", getattr(self, name), low, integer=True, optional=optional)
@@ -152,6 +171,13 @@ class DecoderTrainConfig(config_cli.FlagConfig):
         for name in ("adam_beta1", "adam_beta2"):
             check_range(f"--{name}", getattr(self, name), 0.0, 1.0, high_open=True)
         check_range("--adam_weight_decay", self.adam_weight_decay, 0.0)
+        for name in ("gan_r1_gamma", "gan_clip_contrastive_weight", "gan_d_contrastive_weight"):
+            check_range(f"--{name}", getattr(self, name), 0.0)
+        check_range("--gan_contrastive_temperature", self.gan_contrastive_temperature, 0.0, low_open=True)
+        check_range("--gan_perturbation", self.gan_perturbation, 0.0, 1.0)
+        check_range("--gan_truncation_psi", self.gan_truncation_psi, 0.0)
+        if self.decoder_type == "gan" and (self.resolution < 4 or self.resolution & (self.resolution - 1)):
+            raise ValueError(f"--resolution: the GAN decoder needs a power of two, got {self.resolution}")
         check_range("--validation_guidance_scale", self.validation_guidance_scale, 0.0)
         check_choice("--decoder_type", self.decoder_type, set(DECODER_TYPES))
         total = self.text_dropout_prob + self.image_dropout_prob + self.both_dropout_prob
@@ -284,7 +310,7 @@ def run_validation(cfg: DecoderTrainConfig, accelerator, vae, unet, projection, 
     """Image-to-image on held-out images -> a grid [original | reconstruction] per row, saved under validation/."""
     from diffusers import StableDiffusionPipeline
 
-    from .decoder import Decoder, make_grid
+    from .decoder import Decoder
 
     pipeline = StableDiffusionPipeline(
         vae=vae, text_encoder=None, tokenizer=None, unet=accelerator.unwrap_model(unet),
@@ -299,18 +325,70 @@ def run_validation(cfg: DecoderTrainConfig, accelerator, vae, unet, projection, 
             image = decoder.generate(embed[None].to(accelerator.device), guidance_scale=cfg.validation_guidance_scale,
                                      num_inference_steps=cfg.validation_num_inference_steps, generator=generator,
                                      height=cfg.resolution, width=cfg.resolution)[0]
-        pixels = load_training_image(path, cfg.resolution, center_crop=True)
-        original = Image.fromarray(((pixels.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy())
-        rows.append([original, image])
+        rows.append([validation_original(path, cfg.resolution), image])
     projection.train()
+    return save_validation_grid(cfg, rows, step, "image | reconstruction")
+
+
+def save_validation_grid(cfg: DecoderTrainConfig, rows: list, step: int, columns: str) -> Path:
+    """``validation/step-N.png`` under the output folder: one row of PIL images per validation image."""
+    from .decoder import make_grid
+
     out = Path(cfg.output_dir) / "validation" / f"step-{step:07d}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     make_grid(rows).save(out)
-    logger.info(f"validation grid written to {out}")
+    logger.info(f"validation grid written to {out} (columns: {columns})")
     return out
 
 
+def step_schedule(cfg: DecoderTrainConfig, optimizer, num_items: int, world: int) -> tuple:
+    """(optimizer steps of the run, diffusers' learning-rate schedule over them)."""
+    from diffusers.optimization import get_scheduler
+
+    steps_per_epoch = training.steps_per_epoch(num_items, cfg.train_batch_size, world, cfg.gradient_accumulation_steps)
+    max_steps = cfg.max_train_steps if cfg.max_train_steps is not None else cfg.num_train_epochs * steps_per_epoch
+    return max_steps, get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps * world,
+                                    num_training_steps=max_steps * world)
+
+
+def start_run(cfg: DecoderTrainConfig) -> tuple:
+    """What every decoder trainer starts with: (Accelerator, trackers, training images, validation images); the
+    seed set, the resolved config saved in the output folder."""
+    from accelerate.utils import set_seed
+
+    accelerator, trackers = training.build_accelerator(
+        cfg.output_dir, mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, report_to=cfg.report_to,
+        logging_dir=cfg.logging_dir)
+    set_seed(cfg.seed)
+    if cfg.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        paths = list_training_images(cfg.train_data_dir)
+    except FileNotFoundError as error:
+        raise SystemExit(f"finetune: --train_data_dir: {error}") from error
+    paths, val_paths = _split_validation(cfg, paths)
+    if accelerator.is_main_process:
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        cfg.save(Path(cfg.output_dir) / CONFIG_NAME)
+    return accelerator, trackers, paths, val_paths
+
+
 # ---- the run -------------------------------------------------------------------------------------------
+
+
+def validation_embeddings(cfg: DecoderTrainConfig, clip, val_paths: list[Path]) -> tuple:
+    """(readable validation images, their CLIP image embeddings (N, D) or None when there are none)."""
+    if not val_paths:
+        return val_paths, None
+    embeds, readable = compute_image_embeddings(clip, val_paths, cfg.clip_batch_size, "validation", True)
+    return [p for p, ok in zip(val_paths, readable.tolist()) if ok], embeds[readable]
+
+
+def validation_original(path, resolution: int) -> Image.Image:
+    """A validation image as the trainer sees it (centre crop at the training resolution), for the grid."""
+    pixels = load_training_image(path, resolution, center_crop=True)
+    return Image.fromarray(((pixels.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy())
 
 
 def _split_validation(cfg: DecoderTrainConfig, paths: list[Path]) -> tuple[list[Path], list[Path]]:
@@ -348,37 +426,22 @@ def train_decoder(cfg: DecoderTrainConfig) -> Path:
         from .ip_adapter_training import train_text_image_decoder
 
         return train_text_image_decoder(cfg)
-    from accelerate.utils import set_seed
-    from diffusers.optimization import get_scheduler
+    if cfg.decoder_type == "gan":
+        from .gan.training import train_gan_decoder
 
+        return train_gan_decoder(cfg)
     from .ema import EmaWeights
     from .encoders import MultiCLIP
 
     output_dir = Path(cfg.output_dir)
-    accelerator, trackers = training.build_accelerator(
-        output_dir, mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        report_to=cfg.report_to, logging_dir=cfg.logging_dir)
+    accelerator, trackers, paths, val_paths = start_run(cfg)
     device, world = accelerator.device, accelerator.num_processes
-    set_seed(cfg.seed)
-    if cfg.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
     weight_dtype = training.mixed_precision_dtype(accelerator)
 
     # ---- data + frozen CLIP embeddings
-    try:
-        paths = list_training_images(cfg.train_data_dir)
-    except FileNotFoundError as error:
-        raise SystemExit(f"finetune: --train_data_dir: {error}") from error
-    paths, val_paths = _split_validation(cfg, paths)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(output_dir / CONFIG_NAME)
     clip = MultiCLIP(cfg.clip_specs, device=device, dtype=weight_dtype)
     paths, image_embeds, num_unreadable = readable_training_embeddings(cfg, accelerator, clip, paths)
-    val_embeds = None
-    if val_paths:
-        val_embeds, val_readable = compute_image_embeddings(clip, val_paths, cfg.clip_batch_size, "validation", True)
-        val_paths, val_embeds = [p for p, ok in zip(val_paths, val_readable.tolist()) if ok], val_embeds[val_readable]
+    val_paths, val_embeds = validation_embeddings(cfg, clip, val_paths)
     empty_embedding, empty_source = empty_image_embedding(cfg, clip)
     clip_dim, clip_source = clip.dim, f"--clip_models {' '.join(cfg.clip_models)}"
     del clip
@@ -408,11 +471,7 @@ def train_decoder(cfg: DecoderTrainConfig) -> Path:
         betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon,
     )
     dataset = ImageEmbeddingDataset(paths, image_embeds, cfg.resolution, cfg.center_crop)
-    steps_per_epoch = training.steps_per_epoch(len(dataset), cfg.train_batch_size, world,
-                                               cfg.gradient_accumulation_steps)
-    max_steps = cfg.max_train_steps if cfg.max_train_steps is not None else cfg.num_train_epochs * steps_per_epoch
-    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps * world,
-                                 num_training_steps=max_steps * world)
+    max_steps, lr_scheduler = step_schedule(cfg, optimizer, len(dataset), world)
     unet, projection, optimizer, lr_scheduler = accelerator.prepare(unet, projection, optimizer, lr_scheduler)
     trained_params = list(unet.parameters()) + list(projection.parameters())
     ema = training.build_ema(trained_params, cfg.use_ema, cfg.ema_decay, device)

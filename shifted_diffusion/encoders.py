@@ -480,6 +480,29 @@ class MultiCLIP:
             out.append(clip.encode_image(x).float())  # (B, d_k)
         return torch.cat(out, dim=-1)  # (B, D)
 
+    def encode_image_tensor(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> (B, D) float32, differentiable (gradients reach the images; the
+        weights stay as they are): each model's input resized (bicubic, antialiased) to its square size and
+        normalised with its mean / std. Square images match ``encode_image``'s resize + centre crop up to
+        interpolation; for training signals (a GAN's contrastive loss), not for the cache."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images: expected (B, 3, H, W) in [-1, 1], got {tuple(images.shape)}")
+        from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+        x = (images.float() + 1.0) / 2.0
+        out = []
+        for clip in self.models:
+            cfg = getattr(clip.visual, "preprocess_cfg", {}) or {}
+            size = cfg.get("size", 224)
+            size = tuple(size) if isinstance(size, (list, tuple)) else (int(size), int(size))
+            y = x if tuple(x.shape[-2:]) == size else torch.nn.functional.interpolate(
+                x, size=size, mode="bicubic", align_corners=False, antialias=True)
+            mean = torch.tensor(cfg.get("mean", OPENAI_DATASET_MEAN), device=y.device).view(1, 3, 1, 1)
+            std = torch.tensor(cfg.get("std", OPENAI_DATASET_STD), device=y.device).view(1, 3, 1, 1)
+            y = ((y - mean) / std).to(self.device, self.dtype)
+            out.append(clip.encode_image(y).float())
+        return torch.cat(out, dim=-1)
+
     def encode_image(self, images: Sequence) -> torch.Tensor:
         """PIL images -> (B, D) float32 un-normalised concatenated CLIP image embeddings."""
         if not isinstance(images, (list, tuple)):

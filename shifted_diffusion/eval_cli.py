@@ -1,9 +1,26 @@
 """evaluate.py: the shifted-vs-baseline comparison as one command (the logic of ``evaluation.Evaluator``).
 
-    python evaluate.py --prior shifted=runs/shifted --prior baseline=runs/baseline --decoder runs/decoder \\
-        --coco_captions annotations/captions_val2014.json --coco_images val2014 --output_dir eval/coco
+The paper's COCO protocol, end to end:
+  1. COCO 2014: annotations/captions_val2014.json and the val2014 image folder (cocodataset.org);
+  2. --num_captions 30000 captions drawn at random (one draw seeded by --seed over every caption of every image),
+     used as written: no prompt templates; one generated image per caption;
+  3. each prior samples an image embedding per caption (--prior_guidance_scales, --prior_num_inference_steps);
+     the decoder turns it into an image (--guidance_scales, --num_inference_steps, --image_size);
+  4. FID (torchmetrics, InceptionV3 pool features) of the generated images against the sampled captions' val2014
+     images, centre-cropped to --image_size (their statistics computed once and cached in the output folder);
+     CLIP image-text and image-image similarity per CLIP of --clip_models (default the paper's ViT-B/16, ViT-B/32,
+     RN101), averaged over the CLIPs, then over the captions; without --decoder only the priors' embedding cosines;
+  5. results.json (every number with its settings) and two plots: FID against CLIP image-image and against CLIP
+     image-text similarity, one curve per prior, points labelled "prior guidance / decoder guidance".
 
-Run it under ``accelerate launch`` to split the shards over processes; rerun the same command to resume.
+    accelerate launch evaluate.py --prior shifted=runs/prior_shifted --prior baseline=runs/prior_baseline \\
+        --decoder runs/decoder --coco_captions coco/annotations/captions_val2014.json --coco_images coco/val2014 \\
+        --num_captions 30000 --seed 0 --prior_guidance_scales 1,2 --guidance_scales 1.5,3,5,7.5 \\
+        --prior_num_inference_steps 64 --num_inference_steps 50 --image_size 256 --output_dir eval/coco
+
+Each accelerate process computes its share of the shards; rerun the same command to resume (finished shards are
+loaded; a new guidance scale computes only its own). Offline: --inception_weights. The toy world's version of the
+comparison: benchmarks/toy_shifted_vs_baseline.py (--fd_clip, --toy_attributes).
 """
 
 from __future__ import annotations
@@ -60,6 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip_models", nargs="+", default=list(PAPER_CLIP_MODELS),
                    help="the CLIPs of the image-text / image-image scores (MODEL:PRETRAINED or local folders)")
     p.add_argument("--inception_weights", default=None, help=INCEPTION_HELP)
+    p.add_argument("--negative", choices=("prior", "empty"), default="prior",
+                   help='the decoder guidance\'s negative embedding: the prior\'s sample for "" (as sft_test.py) or '
+                        "the decoder's own empty embedding (what a decoder of finetune.py was trained with)")
+    p.add_argument("--fd_clip", nargs="+", default=None, metavar="CLIP",
+                   help="compute the Frechet distance in these CLIPs' image-embedding space (concatenated) instead "
+                        "of InceptionV3's; reported as fd_clip, not fid (e.g. the toy world's CLIP folder)")
+    p.add_argument("--toy_attributes", action="store_true",
+                   help="toy world only (the evaluation images are a generated toy world): read each generated "
+                        "image's attributes from its pixels and report their accuracy on the attributes its caption "
+                        "mentions (attribute_accuracy)")
     p.add_argument("--shard_size", type=int, default=256)
     p.add_argument("--save_images", action="store_true", help="also write the generated images as PNG")
     p.add_argument("--output_dir", required=True, help="shards, results.json and the plots (resumed when present)")
@@ -109,7 +136,7 @@ def main(argv=None, *, fid_feature=None) -> dict:
     from .decoder import default_device_dtype, load_decoder
     from .decoder_choice import SHIFTED, decoder_kind, load_unclip
     from .eval_plots import plot_tradeoffs
-    from .evaluation import EvalSettings, Evaluator, make_fid_metric
+    from .evaluation import EncoderFeatures, EvalSettings, Evaluator, make_fid_metric
     from .prior_pipeline import load_prior
 
     parser = build_parser()
@@ -117,7 +144,17 @@ def main(argv=None, *, fid_feature=None) -> dict:
     names = [name for name, _ in args.prior]
     if len(set(names)) != len(names):
         parser.error(f"--prior names must differ; got {names}")
+    if args.decoder is None and (args.fd_clip or args.toy_attributes):
+        parser.error("--fd_clip and --toy_attributes measure generated images: they need --decoder")
     pairs = read_pairs(args, parser)
+    scorer = None
+    if args.toy_attributes:
+        from .toy.attribute_scorer import ToyAttributeScorer
+
+        try:
+            scorer = ToyAttributeScorer(pairs)
+        except ValueError as error:
+            raise SystemExit(f"{SCRIPT}: {error}") from None
     state = PartialState()
     device, dtype = default_device_dtype(args.device or str(state.device), args.dtype)
     priors = {}
@@ -127,13 +164,20 @@ def main(argv=None, *, fid_feature=None) -> dict:
         except (FileNotFoundError, ValueError) as error:
             raise SystemExit(f"{SCRIPT}: --prior {name}={path}: {error}") from None
     decoder = eval_clip = fid = None
+    fd_name = "fid"
     if args.decoder is not None:
         kind = decoder_kind(args.decoder, SCRIPT)
         decoder = (load_decoder(args.decoder, device=device, dtype=dtype) if kind == SHIFTED
                    else load_unclip(args.decoder, kind, SCRIPT, device, dtype))
+        if args.negative == "empty" and kind != SHIFTED and decoder.takes_negative:
+            parser.error(f"--negative empty: {decoder.kind} stores no empty embedding; use --negative prior")
         from .encoders import MultiCLIP, parse_clip_specs
 
         eval_clip = MultiCLIP(parse_clip_specs(args.clip_models), device=device)
+        if fid_feature is None and args.fd_clip:
+            fid_feature = EncoderFeatures(eval_clip if args.fd_clip == args.clip_models
+                                          else MultiCLIP(parse_clip_specs(args.fd_clip), device=device))
+            fd_name = "fd_clip"
         try:
             fid = make_fid_metric(2048 if fid_feature is None else fid_feature, args.inception_weights).to(device)
         except (FileNotFoundError, ValueError) as error:
@@ -141,11 +185,12 @@ def main(argv=None, *, fid_feature=None) -> dict:
     settings = EvalSettings(prior_guidance_scales=args.prior_guidance_scales, guidance_scales=args.guidance_scales,
                             prior_num_inference_steps=str(args.prior_num_inference_steps),
                             num_inference_steps=args.num_inference_steps, image_size=args.image_size, seed=args.seed,
-                            shard_size=args.shard_size, save_images=args.save_images)
+                            shard_size=args.shard_size, save_images=args.save_images, negative=args.negative)
     try:
         evaluator = Evaluator(pairs, priors, args.output_dir, settings, decoder=decoder, eval_clip=eval_clip,
-                              fid_metric=fid, prior_sources={name: source_stamp(path) for name, path in args.prior},
-                              decoder_source=source_stamp(args.decoder) if args.decoder else "",
+                              fid_metric=fid, fd_name=fd_name,
+                              prior_sources={name: source_stamp(path) for name, path in args.prior},
+                              decoder_source=source_stamp(args.decoder) if args.decoder else "", image_scorer=scorer,
                               state=state)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"{SCRIPT}: {error}") from None

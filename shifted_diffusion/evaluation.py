@@ -6,7 +6,9 @@ the caption's text embedding), ``prior_cos_unrelated`` cos(generated, another ca
 With a decoder, per decoder guidance scale too: ``fid`` (torchmetrics' FrechetInceptionDistance of the generated
 images against the evaluation set's images, whose statistics are cached), ``clip_image_text`` and
 ``clip_image_image`` (the evaluation CLIPs' per-block cosine of a generated image to its caption / to the ground
-truth image, averaged over blocks, then over captions: the seed's definition).
+truth image, averaged over blocks, then over captions: the seed's definition). The Frechet distance can be
+computed in another encoder's space (``EncoderFeatures``, e.g. a CLIP's image embeddings) under another name than
+``fid``; an image scorer adds its own per-image numbers (the toy world's attribute reader).
 
 Everything is computed in shards (``eval_shards``) under the output folder: a rerun skips finished shards; each
 accelerate process computes its share (``process_shards``) and the main process gathers the files.
@@ -29,7 +31,7 @@ from .eval_data import EvalPair, pairs_fingerprint
 from .eval_shards import ShardStore, process_shards
 from .metrics import blockwise_cosine
 
-__all__ = ["EvalSettings", "Evaluator", "images_to_uint8", "make_fid_metric", "fid_from_features",
+__all__ = ["EvalSettings", "Evaluator", "EncoderFeatures", "images_to_uint8", "make_fid_metric", "fid_from_features",
            "real_fid_state", "check_prior_fits_decoder", "check_inception_weights"]
 
 
@@ -45,6 +47,7 @@ class EvalSettings:
     seed: int = 0
     shard_size: int = 256
     save_images: bool = False
+    negative: str = "prior"  # the decoder's negative: the prior's sample for "" or ("empty") the decoder's own
     extra: dict = field(default_factory=dict)
 
 
@@ -64,6 +67,31 @@ def images_to_uint8(images, size: int) -> torch.Tensor:
         image = image.crop((left, top, left + size, top + size))
         out.append(torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1))
     return torch.stack(out) if out else torch.zeros(0, 3, size, size, dtype=torch.uint8)
+
+
+class EncoderFeatures(torch.nn.Module):
+    """uint8 images (N, 3, H, W) -> (N, D) float32 image embeddings of an encoder that takes PIL images
+    (``encode_image``, e.g. MultiCLIP): a Frechet distance in that encoder's space instead of InceptionV3's (give it
+    to ``make_fid_metric``; report the number under another name than FID). ``identity``: what the cached
+    statistics are valid for (the encoder's ``spec`` when it has one)."""
+
+    def __init__(self, encoder, identity=None):
+        super().__init__()
+        self.encoder = encoder  # not a registered module: the metric never moves or saves its weights
+        self.identity = identity if identity is not None else getattr(encoder, "spec", type(encoder).__name__)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        from PIL import Image
+
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected uint8 images (N, 3, H, W); got {images.dtype} {tuple(images.shape)}")
+        pixels = images.permute(0, 2, 3, 1).cpu().numpy()
+        return self.encoder.encode_image([Image.fromarray(p) for p in pixels]).float()
+
+
+def fid_identity(metric) -> object:
+    """What a FID metric's features are (cached statistics and shards are valid only for the same)."""
+    return getattr(metric.inception, "identity", type(metric.inception).__name__)
 
 
 def check_inception_weights(path) -> dict:
@@ -168,11 +196,17 @@ class Evaluator:
     loadable}) and an optional ``decoder`` (``generate(embeds, guidance_scale=, num_inference_steps=,
     negative_embeds=, generator=, height=, width=)`` -> PIL images, ``clip_dim``). ``eval_clip``: the CLIPs of
     the image-text / image-image scores (``encode_image`` / ``encode_text`` / ``block_sizes``, e.g. MultiCLIP);
-    ``fid_metric``: ``make_fid_metric(...)``. ``prior_sources``: {name: path} recorded in shards' settings."""
+    ``fid_metric``: ``make_fid_metric(...)``; ``fd_name``: the key of its number in the results (``"fid"`` for
+    InceptionV3; another name for other features, e.g. ``"fd_clip"``). ``prior_sources``: {name: path} recorded in
+    shards' settings. ``image_scorer``: more per-image numbers of the generated images, an object with ``name``
+    (stored in the image shards' settings), ``score(images, rows) -> {key: (n, ...) tensor}`` for the PIL images of
+    pairs ``rows`` and ``summarize({key: (N, ...) tensor over every pair, in order}) -> dict`` (added to each
+    entry); e.g. ``shifted_diffusion.toy.attribute_scorer.ToyAttributeScorer``."""
 
     def __init__(self, pairs: Sequence[EvalPair], priors: Mapping[str, object], output_dir, settings: EvalSettings,
-                 *, decoder=None, eval_clip=None, fid_metric=None, prior_sources: Optional[Mapping[str, str]] = None,
-                 decoder_source: str = "", state=None, progress: bool = True):
+                 *, decoder=None, eval_clip=None, fid_metric=None, fd_name: str = "fid",
+                 prior_sources: Optional[Mapping[str, str]] = None, decoder_source: str = "", image_scorer=None,
+                 state=None, progress: bool = True):
         from accelerate import PartialState
 
         if not pairs:
@@ -191,6 +225,7 @@ class Evaluator:
         self.store = ShardStore(self.output_dir / "shards")
         self.prior_sources = dict(prior_sources or {name: name for name in priors})
         self.decoder_source = decoder_source
+        self.fd_name, self.image_scorer = fd_name, image_scorer
         self.state = state or PartialState()
         self.progress = progress
         self.fingerprint = pairs_fingerprint(self.pairs)
@@ -231,7 +266,7 @@ class Evaluator:
 
     def _real_jobs(self, mine=True):
         s = self.settings
-        fid_id = type(self.fid_metric.inception).__name__ if self.fid_metric is not None else None
+        fid_id = fid_identity(self.fid_metric) if self.fid_metric is not None else None
         for rows in (self._mine() if mine else self.shards):
             meta = self._meta("real", rows, image_size=s.image_size, fid=fid_id,
                               clip=getattr(self.eval_clip, "spec", None) if self.eval_clip is not None else None)
@@ -278,12 +313,15 @@ class Evaluator:
         for rows in (self._mine() if mine else self.shards):
             embed_key = f"{name}/pg{_scale_name(prior_scale)}/embeds/{rows.start:08d}"
             meta = self._meta("images", rows, embeds=embed_jobs[embed_key][1], decoder=self.decoder_source,
-                              guidance_scale=float(scale), steps=int(s.num_inference_steps), image_size=s.image_size)
+                              guidance_scale=float(scale), steps=int(s.num_inference_steps), image_size=s.image_size,
+                              fid=fid_identity(self.fid_metric), negative=s.negative,
+                              scorer=getattr(self.image_scorer, "name", None))
             folder = self.output_dir / "images" / name / f"pg{_scale_name(prior_scale)}_g{_scale_name(scale)}"
 
             def compute(rows=rows, embed_key=embed_key):
                 embeds = self.store.load(embed_key, embed_jobs[embed_key][1])
-                negative = embeds["negative"][0] if getattr(self.decoder, "takes_negative", True) else None
+                uses_negative = s.negative == "prior" and getattr(self.decoder, "takes_negative", True)
+                negative = embeds["negative"][0] if uses_negative else None
                 device = getattr(self.decoder, "device", torch.device("cpu"))
                 generators = [torch.Generator(device=device).manual_seed(s.seed + i) for i in rows]
                 images = self.decoder.generate(embeds["embeds"], guidance_scale=float(scale),
@@ -294,8 +332,10 @@ class Evaluator:
                     folder.mkdir(parents=True, exist_ok=True)
                     for i, image in zip(rows, images):
                         image.save(folder / f"{i:06d}.png")
+                scores = self.image_scorer.score(images, rows) if self.image_scorer is not None else {}
                 return {"fid": fid_features(self.fid_metric, images_to_uint8(images, s.image_size)),
-                        "clip_image": self.eval_clip.encode_image(images).float().cpu()}
+                        "clip_image": self.eval_clip.encode_image(images).float().cpu(),
+                        **{f"score/{key}": value for key, value in scores.items()}}
             yield f"{name}/pg{_scale_name(prior_scale)}/g{_scale_name(scale)}/{rows.start:08d}", meta, compute
 
     # ---- the whole comparison ----------------------------------------------------------------------------
@@ -303,7 +343,7 @@ class Evaluator:
     def real_fid_state(self) -> Dict[str, torch.Tensor]:
         """The real images' FID statistics, cached in ``real_fid_stats.safetensors`` for this image list."""
         meta = {"stage": "real_fid_stats", "pairs": self.fingerprint, "image_size": self.settings.image_size,
-                "fid": type(self.fid_metric.inception).__name__}
+                "fid": fid_identity(self.fid_metric)}
         return self.store.load_or_compute("real_fid_stats", meta,
                                           lambda: real_fid_state(self._gather(
                                               [(k, m) for k, m, _ in self._real_jobs(mine=False)])["fid"]))
@@ -328,7 +368,10 @@ class Evaluator:
         real_state = self.real_fid_state() if self.decoder is not None else None
         results = {"settings": {**asdict(s), "num_captions": len(self.pairs), "pairs_fingerprint": self.fingerprint,
                                 "priors": self.prior_sources, "decoder": self.decoder_source or None,
-                                "eval_clip": getattr(self.eval_clip, "spec", None)},
+                                "eval_clip": getattr(self.eval_clip, "spec", None),
+                                "fd_name": self.fd_name if self.decoder is not None else None,
+                                "fd_features": fid_identity(self.fid_metric) if self.fid_metric is not None else None,
+                                "image_scorer": getattr(self.image_scorer, "name", None)},
                    "priors": {}}
         for name in self.priors:
             prior_real = self._gather([(k, m) for k, m, _ in self._prior_real_jobs(name, mine=False)])
@@ -343,10 +386,13 @@ class Evaluator:
                     continue
                 for scale in s.guidance_scales:
                     fake = self._gather([(k, m) for k, m, _ in self._image_jobs(name, prior_scale, scale, mine=False)])
+                    scores = {key[len("score/"):]: value for key, value in fake.items() if key.startswith("score/")}
                     entries.append({"prior_guidance_scale": float(prior_scale), "guidance_scale": float(scale),
-                                    **prior_numbers, "fid": fid_from_features(self.fid_metric, real_state, fake["fid"]),
+                                    **prior_numbers,
+                                    self.fd_name: fid_from_features(self.fid_metric, real_state, fake["fid"]),
                                     **clip_scores(fake["clip_image"], real["clip_text"], real["clip_image"],
-                                                  list(self.eval_clip.block_sizes))})
+                                                  list(self.eval_clip.block_sizes)),
+                                    **(self.image_scorer.summarize(scores) if self.image_scorer is not None else {})})
             results["priors"][name] = entries
         self.output_dir.mkdir(parents=True, exist_ok=True)
         (self.output_dir / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")

@@ -185,6 +185,13 @@ def write_json(path: PathLike, obj: Any, indent: int = 1) -> None:
     fsync(path.parent)
 
 
+def write_results_json(path: PathLike, obj: Any) -> None:
+    """A benchmark's results (``write_json``, indent 2) with every path under the working directory written
+    relative to it: a committed results file names no machine's folders."""
+    prefix = str(Path.cwd().resolve()) + os.sep
+    write_json(path, json.loads(json.dumps(obj, default=str).replace(json.dumps(prefix)[1:-1], "")), indent=2)
+
+
 def save_tensors(path: PathLike, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str] = None) -> int:
     """A safetensors file written to a temporary name, fsynced, renamed into place -> its size in bytes."""
     from safetensors.torch import save_file

@@ -148,6 +148,16 @@ def adapter_parameters(unet) -> list[torch.nn.Parameter]:
             if name.startswith("encoder_hid_proj.") or ".to_k_ip." in name or ".to_v_ip." in name]
 
 
+def adapter_module(unet) -> torch.nn.Module:
+    """The attached adapter as one module whose weights are the UNet's own (shared, not copied): the image
+    projection and each cross-attention processor (its to_k_ip / to_v_ip), in ``cross_attention_processors``
+    order. What a checkpoint of a frozen UNet stores instead of the whole UNet."""
+    adapter_parameters(unet)  # raises when none is attached
+    processors = unet.attn_processors
+    return torch.nn.ModuleDict({"image_proj": unet.encoder_hid_proj, "processors": torch.nn.ModuleList(
+        [processors[name] for name in cross_attention_processors(unet)])})
+
+
 def adapter_state_from_unet(unet) -> dict[str, torch.Tensor]:
     """The attached adapter (one IP-Adapter) back in the file layout."""
     adapter_parameters(unet)  # raises when none is attached

@@ -152,33 +152,58 @@ def write_output_folder(cfg, output_dir: Path, vae, text_encoder, tokenizer, une
     (output_dir / DECODER_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
 
 
+@torch.no_grad()
+def run_validation(cfg, accelerator, vae, text_encoder, tokenizer, unet, scheduler, clip_dim: int, val_paths,
+                   val_embeds, val_captions, step: int) -> Path:
+    """A grid under validation/, one row per held-out image: the image | from its embedding alone (caption "") |
+    embedding + its caption | its caption alone (image scale 0: the text-only model)."""
+    from diffusers import StableDiffusionPipeline
+
+    from .decoder_training import save_validation_grid, validation_original
+    from .text_image_decoder import TextImageDecoder
+
+    model = accelerator.unwrap_model(unet)
+    pipeline = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=model, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    decoder = TextImageDecoder(pipeline, clip_dim, cfg.clip_specs)
+    generator = torch.Generator(device=accelerator.device).manual_seed(cfg.seed or 0)
+    common = dict(guidance_scale=cfg.validation_guidance_scale, num_inference_steps=cfg.validation_num_inference_steps,
+                  generator=generator, height=cfg.resolution, width=cfg.resolution)
+    model.eval()
+    rows = []
+    try:
+        for path, embed, caption in zip(val_paths, val_embeds, val_captions):
+            embed = embed[None].to(accelerator.device)
+            row = [validation_original(path, cfg.resolution)]
+            with accelerator.autocast():
+                row += decoder.generate(embed, prompts="", **common)
+                row += decoder.generate(embed, prompts=caption, **common)
+                decoder.set_image_scale(0.0)
+                row += decoder.generate(embed, prompts=caption, **common)
+                decoder.set_image_scale(1.0)
+            rows.append(row)
+    finally:
+        decoder.set_image_scale(1.0)
+        model.train()
+    return save_validation_grid(cfg, rows, step, "image | embedding | embedding + caption | caption")
+
+
 def train_text_image_decoder(cfg) -> Path:
     """Train the text + image decoder as configured; returns the output folder."""
-    from accelerate.utils import set_seed
-    from diffusers.optimization import get_scheduler
-
-    from .decoder_data import ImageEmbeddingDataset, list_training_images, readable_training_embeddings
-    from .decoder_training import CONFIG_NAME, SUMMARY_NAME, _split_validation, load_models
+    from .decoder_data import ImageEmbeddingDataset, readable_training_embeddings
+    from .decoder_training import SUMMARY_NAME, load_models, start_run, step_schedule, validation_embeddings
+    from .ema import EmaWeights
     from .encoders import MultiCLIP
 
     output_dir = Path(cfg.output_dir)
-    accelerator, trackers = training.build_accelerator(
-        output_dir, mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        report_to=cfg.report_to, logging_dir=cfg.logging_dir)
+    accelerator, trackers, paths, val_paths = start_run(cfg)
     device, world = accelerator.device, accelerator.num_processes
-    set_seed(cfg.seed)
     weight_dtype = training.mixed_precision_dtype(accelerator)
 
-    try:
-        paths = list_training_images(cfg.train_data_dir)
-    except FileNotFoundError as error:
-        raise SystemExit(f"finetune: --train_data_dir: {error}") from error
-    paths, _ = _split_validation(cfg, paths)  # held out as the image decoder does (validation: not yet here)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(output_dir / CONFIG_NAME)
     clip = MultiCLIP(cfg.clip_specs, device=device, dtype=weight_dtype)
     paths, image_embeds, _ = readable_training_embeddings(cfg, accelerator, clip, paths)
+    val_paths, val_embeds = validation_embeddings(cfg, clip, val_paths)
     clip_dim = clip.dim
     del clip
 
@@ -200,20 +225,26 @@ def train_text_image_decoder(cfg) -> Path:
     dataset = CaptionedDataset(ImageEmbeddingDataset(paths, image_embeds, cfg.resolution, cfg.center_crop),
                                tokenize(tokenizer, captions))
     empty_ids = tokenize(tokenizer, [""])[0].to(device)
-    steps_per_epoch = training.steps_per_epoch(len(dataset), cfg.train_batch_size, world,
-                                               cfg.gradient_accumulation_steps)
-    max_steps = cfg.max_train_steps if cfg.max_train_steps is not None else cfg.num_train_epochs * steps_per_epoch
-    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps * world,
-                                 num_training_steps=max_steps * world)
+    max_steps, lr_scheduler = step_schedule(cfg, optimizer, len(dataset), world)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     trained_params = [p for p in unet.parameters() if p.requires_grad]
     ema = training.build_ema(trained_params, cfg.use_ema, cfg.ema_decay, device)
-    trained = {"unet": accelerator.unwrap_model(unet)}
+    # a frozen UNet is the base model's: checkpoints hold only the adapter's weights (shared with the UNet)
+    unwrapped = accelerator.unwrap_model(unet)
+    trained = {"unet": unwrapped} if cfg.train_unet else {"ip_adapter": ip_adapter.adapter_module(unwrapped)}
     global_step = training.resume_step(accelerator, output_dir, cfg.resume_from_checkpoint, modules=trained,
                                        optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema, config=cfg.to_dict())
     training.init_trackers(accelerator, trackers, "shifted-diffusion-text-image-decoder", cfg.to_dict())
+    val_captions = image_captions(cfg.train_data_dir, val_paths)
+
+    def validation_hook(step: int) -> Path:
+        with EmaWeights(ema, trained_params):
+            return run_validation(cfg, accelerator, vae, text_encoder, tokenizer, unet, inference_scheduler, clip_dim,
+                                  val_paths, val_embeds, val_captions, step)
+
     samples_per_step = cfg.train_batch_size * world * cfg.gradient_accumulation_steps
-    logger.info(f"{len(dataset)} training images ({sum(bool(c) for c in captions)} captioned), clip_dim {clip_dim}, "
+    logger.info(f"{len(val_paths)} validation images; "
+                f"{len(dataset)} training images ({sum(bool(c) for c in captions)} captioned), clip_dim {clip_dim}, "
                 f"{sum(p.numel() for p in trained_params)} trained weights, {max_steps} steps")
     step_log = training.StepLog(
         accelerator, max_steps=max_steps, initial_step=global_step, logging_steps=cfg.logging_steps,
@@ -236,13 +267,15 @@ def train_text_image_decoder(cfg) -> Path:
                                    lr_scheduler=lr_scheduler, ema=ema, config=cfg.to_dict(),
                                    total_limit=cfg.checkpoints_total_limit)
             logger.info(f"saved {path}")
+        training.validate_if_due(accelerator, global_step, cfg.validation_steps if val_paths else 0,
+                                 validation_hook, main_process_only=True)
     step_log.close()
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if ema is not None:
             ema.copy_to(trained_params)
-        write_output_folder(cfg, output_dir, vae, text_encoder, tokenizer, trained["unet"], inference_scheduler,
+        write_output_folder(cfg, output_dir, vae, text_encoder, tokenizer, unwrapped, inference_scheduler,
                             clip_dim)
         summary = {"global_step": global_step, "steps_this_run": steps_run, "last_train_loss": step_log.last_loss,
                    "num_train_images": len(dataset), "decoder_type": DECODER_TYPE,

@@ -54,6 +54,7 @@ def setup_logging(is_main_process: bool = True) -> logging.Logger:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
     logger.setLevel(logging.INFO if is_main_process else logging.WARNING)
+    logger.propagate = False  # a root handler (a library's basicConfig) would print every record a second time
     return logger
 
 
@@ -219,7 +220,8 @@ def mixed_precision_dtype(accelerator) -> torch.dtype:
 def optimizer_steps(accelerator, dataset, *, global_step: int, max_steps: int, micro_batch_loss: Callable,
                     accumulate: Iterable[torch.nn.Module], parameters, max_grad_norm: float, optimizer, lr_scheduler,
                     ema, step_log: "StepLog", seed: int, batch_size: int, gradient_accumulation_steps: int,
-                    num_workers: int = 0, pin_memory: bool = False, timing: Optional[dict] = None):
+                    num_workers: int = 0, pin_memory: bool = False, timing: Optional[dict] = None,
+                    ema_parameters=None):
     """The training loop both trainers share, as a generator of optimizer-step numbers.
 
     From ``global_step`` to ``max_steps``: the micro-batches of ``epoch_loader`` (the same batches an
@@ -227,10 +229,11 @@ def optimizer_steps(accelerator, dataset, *, global_step: int, max_steps: int, m
     ``micro_batch_loss(batch, generator)`` backpropagated inside ``accelerator.accumulate(*accumulate)``; at each
     window's end clipping, the optimizer and schedule steps, the EMA update and the loss log; then the new step
     number is yielded (the caller checkpoints / validates there). ``timing``: {"cpu_s", "wall_s"} summed over
-    the micro-steps (hooks excluded)."""
+    the micro-steps (hooks excluded). ``ema_parameters``: what the EMA averages (default ``parameters``)."""
     from .checkpoints import step_generator
 
     parameters = list(parameters)
+    ema_parameters = parameters if ema_parameters is None else list(ema_parameters)
     rank, world = accelerator.process_index, accelerator.num_processes
     micro_step = global_step * gradient_accumulation_steps
     while global_step < max_steps:
@@ -245,7 +248,7 @@ def optimizer_steps(accelerator, dataset, *, global_step: int, max_steps: int, m
             micro_step += 1
             step_log.add(loss)  # summed on the device: no host sync per micro-step
             if accelerator.sync_gradients and ema is not None:
-                ema.step(parameters)
+                ema.step(ema_parameters)
             if timing is not None:
                 timing["cpu_s"] = timing.get("cpu_s", 0.0) + time.process_time() - cpu_start
                 timing["wall_s"] = timing.get("wall_s", 0.0) + time.perf_counter() - wall_start

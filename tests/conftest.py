@@ -5,7 +5,7 @@ Also the shared fixtures of the encoder / data / cache tests: two tiny random op
 image folder in the Hugging Face ``imagefolder`` convention with ``CAPTION_FOLDER_EXPECTED`` its expected parse.
 The tiny decoder pieces (``tiny_sd_pipeline``: a Stable Diffusion folder, ``tiny_decoder_clips``: two tiny
 open_clips, ``small_images``: an image folder), tiny stock unCLIP decoders (``tiny_unclip_decoder``: Kandinsky 2.2,
-Stable unCLIP, Karlo) and the tiny prior pipeline with its caption inputs (``tiny_prior_pipeline``,
+Stable unCLIP, Karlo), a tiny prior folder on those CLIPs (``tiny_clip_prior``) and the tiny prior pipeline with its caption inputs (``tiny_prior_pipeline``,
 ``prior_captions``), each a builder fixture. And the original prior's network (``reference_prior``:
 tests/reference_prior.py, loaded here by path, the only way tests reach it: no test imports another file of tests/).
 """
@@ -295,6 +295,29 @@ def tiny_sd_pipeline():
     """Builder of a tiny StableDiffusionPipeline folder: ``tiny_sd_pipeline(directory, prediction_type="epsilon",
     with_text_encoder=True, resolution=32) -> directory`` (the decoder trainer's "pretrained" model)."""
     return build_tiny_sd
+
+
+def save_tiny_clip_prior(directory, clips) -> Path:
+    """A random tiny shifted prior folder (prior_pipeline.save_prior) on two tiny CLIPs of build_tiny_clips
+    (D = 56; word-level text: the first CLIP's 16-wide token states)."""
+    from shifted_diffusion.prior import PriorConfig, ShiftedPrior
+    from shifted_diffusion.prior_pipeline import save_prior
+    from shifted_diffusion.schedule import ScheduleConfig
+    from shifted_diffusion.vocab import ClusterVocab
+
+    torch.manual_seed(0)
+    config = PriorConfig.preset("tiny", clip_dim=56, text_dim=16, text_len=8, vocab_size=4)
+    encoders = {"clip_models": list(clips), "t5_model": f"clip-tokens:{clips[0]}", "text_max_length": 8}
+    save_prior(directory, ShiftedPrior.from_prior_config(config),
+               ClusterVocab(torch.randn(4, 56), torch.rand(4, 56) + 0.1), ScheduleConfig(), encoders,
+               torch.randn(56), torch.randn(8, 16))
+    return Path(directory)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_prior():
+    """Writer of a random tiny prior on tiny_decoder_clips' CLIPs: ``tiny_clip_prior(directory, clips)``."""
+    return save_tiny_clip_prior
 
 
 @pytest.fixture(scope="session")

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from shifted_diffusion.eval_data import EvalPair, read_captioned_folder, read_coco_captions, sample_pairs
-from shifted_diffusion.evaluation import (EvalSettings, Evaluator, check_prior_fits_decoder, fid_from_features,
-                                          images_to_uint8, make_fid_metric, real_fid_state)
+from shifted_diffusion.evaluation import (EncoderFeatures, EvalSettings, Evaluator, check_prior_fits_decoder,
+                                          fid_from_features, images_to_uint8, make_fid_metric, real_fid_state)
 from shifted_diffusion.metrics import blockwise_cosine, frechet_distance
 
 
@@ -123,6 +123,29 @@ def test_fid_known_answers():
     assert ours == pytest.approx(float(reference.compute()), rel=1e-5)
 
 
+def test_encoder_features_give_the_frechet_distance_in_that_encoders_space():
+    """torchmetrics' FID with EncoderFeatures (uint8 tensors -> PIL -> encode_image) against frechet_distance of the
+    encoder's embeddings of the same images."""
+    clip = FakeCLIP(block_sizes=(5, 3))
+    features = EncoderFeatures(clip)
+    assert features.identity == clip.spec
+    g = torch.Generator().manual_seed(1)
+    real = torch.randint(0, 256, (40, 3, 16, 16), dtype=torch.uint8, generator=g)
+    fake = (real.flip(0)[:30].float() * 0.6).to(torch.uint8)
+    metric = make_fid_metric(features)
+    metric.update(real, real=True)
+    metric.update(fake, real=False)
+
+    def pil(batch):
+        return [Image.fromarray(x.permute(1, 2, 0).numpy()) for x in batch]
+
+    expected = frechet_distance(clip.encode_image(pil(real)).double(), clip.encode_image(pil(fake)).double())
+    assert expected > 0.1
+    assert float(metric.compute()) == pytest.approx(expected, rel=1e-4)
+    with pytest.raises(ValueError, match="expected uint8 images"):
+        features(real.float())
+
+
 def test_process_shards_split_every_shard_once():
     from shifted_diffusion.eval_shards import process_shards
 
@@ -209,6 +232,10 @@ def test_plots_written(tmp_path):
     assert sorted(p.name for p in paths) == sorted(PLOTS.values())
     assert all(Image.open(p).size[0] > 100 for p in paths)
     assert plot_tradeoffs({"priors": {"a": [{"prior_guidance_scale": 1.0, "prior_cos_image": 0.3}]}}, tmp_path / "x") == []
+    # a Frechet distance in other features is plotted under its own name
+    other = {"settings": {"fd_name": "fd_clip"}, "priors": {"a": [{**entry, "fd_clip": entry.pop("fid")}]}}
+    assert sorted(p.name for p in plot_tradeoffs(other, tmp_path)) == ["fd_clip_vs_clip_image_image.png",
+                                                                       "fd_clip_vs_clip_image_text.png"]
 
 
 def test_cli_errors_name_the_input(tmp_path, eval_folder, capsys):
@@ -222,7 +249,9 @@ def test_cli_errors_name_the_input(tmp_path, eval_folder, capsys):
         main(["--prior", f"a={tmp_path / 'nowhere'}", "--image_folder", str(eval_folder), *out])
     for argv in (["--prior", "no_equals_sign", "--image_folder", str(eval_folder)],
                  ["--prior", "a=x", "--image_folder", str(eval_folder), "--coco_images", str(eval_folder)],
-                 ["--prior", "a=x", "--prior", "a=y", "--image_folder", str(eval_folder)]):
+                 ["--prior", "a=x", "--prior", "a=y", "--image_folder", str(eval_folder)],
+                 ["--prior", f"a={tmp_path}", "--image_folder", str(eval_folder), "--fd_clip", "clip"],
+                 ["--prior", f"a={tmp_path}", "--image_folder", str(eval_folder), "--toy_attributes"]):
         with pytest.raises(SystemExit) as error:
             main([*argv, *out])
         assert error.value.code == 2
@@ -245,22 +274,13 @@ def test_stock_unclip_decoder_end_to_end(tmp_path, eval_folder, prior, tiny_uncl
     assert len(written) == 4 and Image.open(written[0]).size == (32, 32)
 
 
-def test_command_end_to_end(tmp_path, eval_folder, tiny_decoder_clips, tiny_unclip_decoder):
+def test_command_end_to_end(tmp_path, eval_folder, tiny_decoder_clips, tiny_unclip_decoder, tiny_clip_prior):
     """evaluate.py's main on a saved prior folder (its own tiny CLIPs), a tiny Kandinsky 2.2 folder, a caption
     folder: results.json, both plots; a second run resumes without computing anything."""
     from shifted_diffusion.eval_cli import main
-    from shifted_diffusion.prior import PriorConfig, ShiftedPrior
-    from shifted_diffusion.prior_pipeline import save_prior
-    from shifted_diffusion.schedule import ScheduleConfig
-    from shifted_diffusion.vocab import ClusterVocab
 
     clips = tiny_decoder_clips(tmp_path / "clips")
-    torch.manual_seed(0)
-    config = PriorConfig.preset("tiny", clip_dim=56, text_dim=16, text_len=8, vocab_size=4)
-    encoders = {"clip_models": clips, "t5_model": f"clip-tokens:{clips[0]}", "text_max_length": 8}
-    save_prior(tmp_path / "prior", ShiftedPrior.from_prior_config(config),
-               ClusterVocab(torch.randn(4, 56), torch.rand(4, 56) + 0.1), ScheduleConfig(), encoders,
-               torch.randn(56), torch.randn(8, 16))
+    tiny_clip_prior(tmp_path / "prior", clips)
     decoder = tiny_unclip_decoder("kandinsky", tmp_path / "kandinsky", 56)
     argv = ["--prior", f"shifted={tmp_path / 'prior'}", "--decoder", str(decoder), "--image_folder", str(eval_folder),
             "--num_captions", "4", "--prior_guidance_scales", "1", "--guidance_scales", "1,2",
@@ -313,3 +333,12 @@ def test_torch_fidelity_only_gets_a_copy_written_from_the_vetted_tensors(tmp_pat
     torch.save({"fc.weight": torch.arange(6.0).reshape(2, 3)}, weights)
     make_fid_metric(2048, weights)
     assert seen["path"] != str(weights) and torch.equal(seen["state"]["fc.weight"], torch.arange(6.0).reshape(2, 3))
+
+
+def test_results_json_names_paths_relative_to_the_working_directory(tmp_path, monkeypatch):
+    from shifted_diffusion.files import write_results_json
+
+    monkeypatch.chdir(tmp_path)
+    inside, outside = str((tmp_path / "outputs" / "clip").resolve()), "/elsewhere/clip"
+    write_results_json(tmp_path / "r.json", {"clip": [inside, outside], "n": 1.5})
+    assert json.loads((tmp_path / "r.json").read_text()) == {"clip": ["outputs/clip", outside], "n": 1.5}

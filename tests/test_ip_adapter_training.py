@@ -80,6 +80,12 @@ def test_train_adapter_only_output_folder_and_resume(world, tmp_path):
                   num_inference_steps=2, height=32, width=32, output_type="np").images
     assert images.shape == (1, 32, 32, 3)
 
+    # the checkpoint of a frozen UNet holds the adapter's weights (every one), not the UNet's
+    saved = load_file(str(out / "checkpoint-2" / "ip_adapter.safetensors"))
+    assert not (out / "checkpoint-2" / "unet.safetensors").exists()
+    assert sum(v.numel() for v in saved.values()) == sum(v.numel() for v in trained.values())
+    assert not any(".to_k.weight" in k or "conv" in k for k in saved)
+
     # resuming from checkpoint-2 ends exactly where the uninterrupted run did
     resumed = tmp_path / "resumed"
     resumed.mkdir()
@@ -96,11 +102,12 @@ def test_train_unet_too(world, tmp_path):
     from diffusers import UNet2DConditionModel
 
     out = train_decoder(parse_decoder_config(_args(world, tmp_path / "run", "--max_train_steps", "1",
-                                                   "--train_unet")))
+                                                   "--train_unet", "--checkpointing_steps", "1")))
     before = UNet2DConditionModel.from_pretrained(world["sd"], subfolder="unet").state_dict()
     after = UNet2DConditionModel.from_pretrained(out, subfolder="unet").state_dict()
     assert before.keys() == after.keys()
     assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert (out / "checkpoint-1" / "unet.safetensors").is_file()  # a trained UNet is checkpointed whole
 
 
 def test_gradient_checkpointing_with_frozen_unet_still_trains_every_adapter_layer(world, tmp_path):
@@ -123,3 +130,20 @@ def test_a_pretrained_folder_without_tokenizer_is_a_clear_error(world, tmp_path)
     with pytest.raises(ValueError, match="needs the tokenizer and text_encoder"):
         train_decoder(DecoderTrainConfig(**{**parse_decoder_config(_args(world, tmp_path)).to_dict(),
                                             "pretrained_model_name_or_path": str(world["base"])}))
+
+
+def test_validation_grid_shows_embedding_caption_and_both(world, tmp_path):
+    """Validation of the text+image decoder: one row per held-out image, [image | embedding | embedding + caption |
+    caption (image scale 0)]; the image branch changes the picture."""
+    import numpy as np
+    from PIL import Image
+
+    out = train_decoder(parse_decoder_config(_args(world, tmp_path / "run", "--max_train_steps", "2",
+                                                   "--num_validation_images", "2", "--validation_steps", "2",
+                                                   "--validation_num_inference_steps", "2")))
+    with Image.open(out / "validation" / "step-0000002.png") as grid:
+        assert grid.size == (4 * RESOLUTION, 2 * RESOLUTION)
+        pixels = np.asarray(grid.convert("RGB"), dtype=np.float64)
+    cell = [pixels[:RESOLUTION, j * RESOLUTION:(j + 1) * RESOLUTION] for j in range(4)]
+    assert np.abs(cell[2] - cell[3]).mean() > 0.5  # embedding + caption vs caption alone
+    assert json.loads((out / "train_summary.json").read_text())["num_train_images"] == 4  # 6 - 2 held out

@@ -1,6 +1,7 @@
 """The toy decoder (tiny VAE + UNet through the decoder trainer), the attribute reader, the toy defaults of
-image-to-image / text-to-image (test.py / text_to_image.py) and the toy text-to-image benchmark
-(shifted_diffusion.toy.text_to_image_eval: benchmarks/toy_text_to_image.py), all at fast size on the fast toy world."""
+image-to-image / text-to-image (test.py / text_to_image.py), the toy text-to-image benchmark
+(shifted_diffusion.toy.text_to_image_eval: benchmarks/toy_text_to_image.py) and the toy shifted-vs-baseline comparison
+through evaluate.py (shifted_diffusion.toy.comparison), all at fast size on the fast toy world."""
 
 import json
 from pathlib import Path
@@ -12,7 +13,9 @@ from PIL import Image
 
 from shifted_diffusion import image_to_image, text_to_image
 from shifted_diffusion.toy import ToyWorldConfig, decoder_recipe, ensure_toy_assets
+from shifted_diffusion.toy import comparison
 from shifted_diffusion.toy import text_to_image_eval as benchmark
+from shifted_diffusion.toy.attribute_scorer import ToyAttributeScorer
 from shifted_diffusion.toy.decoder import build_scheduler, foreground_weights, kl_to_standard_normal
 from shifted_diffusion.toy.reader import ToyAttributeReader, largest_blob, reader_accuracy
 from shifted_diffusion.toy.text_to_image_report import format_table
@@ -232,3 +235,64 @@ def test_benchmark_runs_end_to_end_at_fast_size(toy, tmp_path):
         c, s = saved["config"]["num_captions"], saved["config"]["samples_per_caption"]
         assert grid.size == (300 + 64 * (2 + 2 * s), 16 + 64 * c)
     assert "text→image, shifted prior" in format_table(results)
+
+
+# ---------------------------------------------------------------------------------------------- evaluate.py, toy world
+
+
+def test_attribute_scorer_reads_ground_truth_exactly_and_names_bad_pairs(toy, tmp_path):
+    from shifted_diffusion.eval_data import EvalPair, read_captioned_folder
+    from shifted_diffusion.toy.world import generate_world, load_world_config
+
+    world = generate_world(tmp_path / "held", load_world_config(toy["world"]).heldout(12, offset=99))
+    pairs = read_captioned_folder(world)
+    scorer = ToyAttributeScorer(pairs)
+    images = [Image.open(p.image) for p in pairs]
+    truth = scorer.summarize(scorer.score(images, range(len(pairs))))["attribute_accuracy"]
+    assert truth["all"] == 1.0 and truth["mean"] == 1.0  # the reader reads real renders exactly
+    # the images of a rotated pairing: only attributes shared by chance are right
+    rotated = scorer.summarize(scorer.score(images[1:] + images[:1], range(len(pairs))))["attribute_accuracy"]
+    assert rotated["mean"] < 0.8
+    with pytest.raises(ValueError, match="pair 0 has caption 'a blue cat'"):
+        ToyAttributeScorer([EvalPair("a blue cat", pairs[0].image), *pairs[1:]])
+    with pytest.raises(ValueError, match="is not in a toy world"):
+        ToyAttributeScorer([EvalPair("x", tmp_path / "elsewhere" / "a.png")])
+
+
+def test_toy_comparison_through_evaluate(toy, tmp_path):
+    """benchmarks/toy_shifted_vs_baseline.py at fast size: evaluate.py with the toy CLIP's Frechet distance (fd_clip,
+    against metrics.frechet_distance of the stored toy-CLIP features) and the pixel reader; JSON, plots, command."""
+    from safetensors.torch import load_file
+
+    from shifted_diffusion.metrics import frechet_distance
+
+    priors = {name: tiny_prior(tmp_path / name, toy["clip"], baseline=name == "baseline")
+              for name in ("shifted", "baseline")}
+    out = comparison.run_toy_comparison([
+        "--shifted_prior", str(priors["shifted"]), "--baseline_prior", str(priors["baseline"]),
+        "--decoder", str(toy["decoder"]), "--toy_root", toy["toy_root"], "--output_dir", str(tmp_path / "cmp"),
+        "--results_dir", str(tmp_path / "res"), "--num_captions", "6", "--guidance_scales", "1,3",
+        "--prior_num_inference_steps", "2", "--num_inference_steps", "2", "--shard_size", "4", "--num_threads", "1"])
+    results = out["results"]
+    assert results["settings"]["fd_name"] == "fd_clip" and results["settings"]["negative"] == "empty"
+    for name in ("shifted", "baseline"):
+        entries = results["priors"][name]
+        assert [e["guidance_scale"] for e in entries] == [1.0, 3.0]
+        for e in entries:
+            assert "fid" not in e and np.isfinite(e["fd_clip"]) and e["fd_clip"] >= 0
+            assert 0.0 <= e["attribute_accuracy"]["mean"] <= 1.0
+    shards = tmp_path / "cmp" / "eval" / "shards"
+    real = torch.cat([load_file(p)["fid"] for p in sorted((shards / "real").glob("*.safetensors"))]).double()
+    fake = torch.cat([load_file(p)["fid"] for p in sorted((shards / "shifted" / "pg1" / "g3").glob("*.safetensors"))])
+    assert real.shape == (6, toy_clip_dim(toy["clip"]))
+    assert results["priors"]["shifted"][1]["fd_clip"] == pytest.approx(float(frechet_distance(fake.double(), real)),
+                                                                       rel=1e-4, abs=1e-4)
+    assert sorted(Path(p).name for p in out["plots"]) == ["toy_shifted_vs_baseline_fd_clip_vs_clip_image_image.png",
+                                                           "toy_shifted_vs_baseline_fd_clip_vs_clip_image_text.png"]
+    saved = json.loads((tmp_path / "res" / "toy_shifted_vs_baseline.json").read_text())
+    assert saved["command"].startswith("python evaluate.py --prior shifted=") and "--toy_attributes" in saved["command"]
+    assert saved["results"]["priors"]["baseline"] == results["priors"]["baseline"]
+
+
+def toy_clip_dim(clip_dir) -> int:
+    return json.loads((Path(clip_dir) / "open_clip_config.json").read_text())["model_cfg"]["embed_dim"]

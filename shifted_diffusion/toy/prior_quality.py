@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..prior_pipeline import read_prior_info
+from ..files import write_results_json
 from ..threads import torch_threads
 from . import ToyClipConfig, ensure_toy_assets, fast_configs, generate_world, train_toy_clip
 from .prior_eval import DEFAULT_STEPS, evaluate_toy_prior, format_table
@@ -154,7 +155,7 @@ def run(args, passthrough, output_dir: Path, steps: list, eval_kwargs: dict, max
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    write_results_json(out, results)
     print(format_table({"shifted": results["shifted"], "baseline": results["baseline"]}, reference=results["reference"]))
     print("wall seconds: " + ", ".join(f"{k} {v}" for k, v in wall.items()))
     return results

@@ -62,5 +62,6 @@ def format_table(results: dict) -> str:
         row(f"text→image, {name} prior ({steps} steps)", results["text_to_image"][name])
     row("image→image (all 5 attributes)", results["image_to_image"])
     row("real images (reference)", results["reference"]["real_images"])
-    row("autoencoder reconstructions", results["reference"]["autoencoder"])
+    if "autoencoder" in results["reference"]:  # a decoder with a latent autoencoder (not the GAN)
+        row("autoencoder reconstructions", results["reference"]["autoencoder"])
     return "\n".join(lines)
