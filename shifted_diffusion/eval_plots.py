@@ -6,9 +6,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["plot_tradeoffs", "PLOTS"]
+__all__ = ["plot_tradeoffs", "plot_path", "PLOTS"]
 
 PLOTS = {"clip_image_image": "fid_vs_clip_image_image.png", "clip_image_text": "fid_vs_clip_image_text.png"}
+
+
+def plot_path(output_dir, key: str, fd_name: str = "fid") -> Path:
+    """Where ``plot_tradeoffs`` writes the plot of ``key`` (``fid`` in its name replaced by ``fd_name``)."""
+    return Path(output_dir) / PLOTS[key].replace("fid", fd_name, 1)
 
 
 def plot_tradeoffs(results: dict, output_dir) -> list[Path]:
@@ -21,11 +26,11 @@ def plot_tradeoffs(results: dict, output_dir) -> list[Path]:
 
     fd_name = (results.get("settings") or {}).get("fd_name") or "fid"
     fd_label = {"fid": "FID", "fd_clip": "Frechet distance (CLIP image features, not FID)"}.get(fd_name, fd_name)
+    curves = {name: [e for e in entries if fd_name in e] for name, entries in results["priors"].items()}
+    if not any(curves.values()):
+        return []
     written = []
-    for key, file_name in PLOTS.items():
-        curves = {name: [e for e in entries if fd_name in e] for name, entries in results["priors"].items()}
-        if not any(curves.values()):
-            continue
+    for key in PLOTS:
         figure, axes = plt.subplots(figsize=(6, 4.5))
         for name, entries in curves.items():
             entries = sorted(entries, key=lambda e: (e["prior_guidance_scale"], e["guidance_scale"]))
@@ -39,7 +44,7 @@ def plot_tradeoffs(results: dict, output_dir) -> list[Path]:
         axes.set_title("labels: prior guidance / decoder guidance")
         axes.legend()
         figure.tight_layout()
-        path = Path(output_dir) / file_name.replace("fid", fd_name, 1)
+        path = plot_path(output_dir, key, fd_name)
         figure.savefig(path, dpi=120)
         plt.close(figure)
         written.append(path)

@@ -17,7 +17,7 @@ from shifted_diffusion.decoder_training import parse_decoder_config, train_decod
 from shifted_diffusion.gan.decoder import GanDecoder
 from shifted_diffusion.gan.losses import contrastive_loss, perturb_conditioning, r1_penalty
 from shifted_diffusion.gan.networks import Discriminator, Generator, modulated_conv2d, normalize_blocks
-from shifted_diffusion.gan.training import gan_losses, is_discriminator_step
+from shifted_diffusion.gan.training import gan_loss, is_discriminator_step
 
 BLOCKS = (5, 3)
 TINY = dict(clip_dim=8, block_sizes=BLOCKS, channel_base=128, channel_max=16)
@@ -88,7 +88,7 @@ def test_losses_against_hand_computations():
 
 
 class _Config:
-    """The GAN settings gan_losses reads (DecoderTrainConfig's gan_* fields)."""
+    """The GAN settings gan_loss reads (DecoderTrainConfig's gan_* fields)."""
     gan_perturbation, gan_contrastive_temperature, gan_r1_gamma, gan_r1_interval = 0.1, 0.5, 1.0, 2
     gan_d_contrastive_weight, gan_clip_contrastive_weight = 1.0, 0.0
 
@@ -106,7 +106,7 @@ def test_each_player_lowers_its_loss_when_it_trains_alone():
         for k in range(steps):
             rng = torch.Generator().manual_seed(100)  # the same z / perturbation each step: a fixed objective
             step = 2 * k + step_parity + 1
-            loss = gan_losses(_Config, generator, discriminator, None, batch, step, rng, "cpu")["loss"]
+            loss = gan_loss(_Config, generator, discriminator, None, batch, step, rng, "cpu")
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

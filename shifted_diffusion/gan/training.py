@@ -53,9 +53,9 @@ def is_discriminator_step(step: int) -> bool:
     return step % 2 == 0
 
 
-def gan_losses(cfg, generator, discriminator, clip, batch: dict, step: int, rng: torch.Generator, device) -> dict:
-    """The losses of optimizer step ``step`` on one micro-batch: {"loss": what is backpropagated, "d": or "g": the
-    same, for the log}."""
+def gan_loss(cfg, generator, discriminator, clip, batch: dict, step: int, rng: torch.Generator,
+             device) -> torch.Tensor:
+    """The loss of optimizer step ``step`` on one micro-batch: D's when ``is_discriminator_step(step)``, else G's."""
     images = batch["pixel_values"].to(device)
     embeds = batch["image_embeds"].to(device)
     block_sizes = generator_config(generator).block_sizes
@@ -74,7 +74,7 @@ def gan_losses(cfg, generator, discriminator, clip, batch: dict, step: int, rng:
             loss = loss + cfg.gan_d_contrastive_weight * contrastive_loss(real_features, condition, tau)
         if r1_due:
             loss = loss + 0.5 * cfg.gan_r1_gamma * cfg.gan_r1_interval * r1_penalty(real_logits, images)
-        return {"loss": loss, "d": loss.detach()}
+        return loss
     fake = generator(z, condition, generator=rng, update_w_avg=True)
     model = getattr(discriminator, "module", discriminator)
     frozen = {name: value.detach() for name, value in [*model.named_parameters(), *model.named_buffers()]}
@@ -85,7 +85,7 @@ def gan_losses(cfg, generator, discriminator, clip, batch: dict, step: int, rng:
     if cfg.gan_clip_contrastive_weight > 0:
         fake_clip = normalize_blocks(clip.encode_image_tensor(fake), block_sizes)
         loss = loss + cfg.gan_clip_contrastive_weight * contrastive_loss(fake_clip, condition, tau)
-    return {"loss": loss, "g": loss.detach()}
+    return loss
 
 
 def generator_config(generator):
@@ -172,22 +172,20 @@ def train_gan_decoder(cfg) -> Path:
     def micro_batch_loss(batch, rng):
         step = micro["count"] // cfg.gradient_accumulation_steps
         micro["count"] += 1
-        losses = gan_losses(cfg, generator, discriminator, clip, batch, step, rng, device)
-        for phase in ("d", "g"):
-            if phase in losses:
-                phase_sums[phase] += losses[phase].float()
-                phase_counts[phase] += 1
-        return losses["loss"]
+        loss = gan_loss(cfg, generator, discriminator, clip, batch, step, rng, device)
+        phase = "d" if is_discriminator_step(step) else "g"
+        phase_sums[phase] += loss.detach().float()
+        phase_counts[phase] += 1
+        return loss
 
     def validation_hook(step: int) -> Path:
         with EmaWeights(ema, g_params):
             return run_validation(cfg, accelerator, generator, cfg.clip_specs, val_paths, val_embeds, step)
 
     steps_run, wall_start = 0, time.perf_counter()
-    max_grad_norm = cfg.max_grad_norm
     for global_step in training.optimizer_steps(
             accelerator, dataset, global_step=global_step, max_steps=max_steps, micro_batch_loss=micro_batch_loss,
-            accumulate=(generator, discriminator), parameters=parameters, max_grad_norm=max_grad_norm,
+            accumulate=(generator, discriminator), parameters=parameters, max_grad_norm=cfg.max_grad_norm,
             optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema, ema_parameters=g_params, step_log=step_log,
             seed=cfg.seed, batch_size=cfg.train_batch_size,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps, num_workers=cfg.dataloader_num_workers):

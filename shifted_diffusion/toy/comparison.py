@@ -54,23 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def evaluate_argv(args, world: Path, clip_dir: str) -> list:
+def evaluate_argv(args, world: Path, image_size: int, clip_dir: str) -> list:
     """The evaluate.py command line of the comparison."""
     return ["--prior", f"shifted={args.shifted_prior}", "--prior", f"baseline={args.baseline_prior}",
             "--decoder", str(args.decoder), "--image_folder", str(world), "--num_captions", str(args.num_captions),
             "--seed", str(args.seed), "--prior_guidance_scales", str(args.prior_guidance_scales),
             "--guidance_scales", str(args.guidance_scales),
             "--prior_num_inference_steps", str(args.prior_num_inference_steps),
-            "--num_inference_steps", str(args.num_inference_steps), "--image_size", str(world_image_size(world)),
+            "--num_inference_steps", str(args.num_inference_steps), "--image_size", str(image_size),
             "--clip_models", clip_dir, "--fd_clip", clip_dir, "--toy_attributes", "--negative", "empty",
             "--shard_size", str(args.shard_size), "--device", "cpu",
             "--output_dir", str(Path(args.output_dir) / "eval")]
-
-
-def world_image_size(world) -> int:
-    from .world import load_world_config
-
-    return int(load_world_config(world).image_size)
 
 
 def format_table(results: dict) -> str:
@@ -98,7 +92,7 @@ def run_toy_comparison(argv: Sequence[str]) -> dict:
 def run(args) -> dict:
     from ..decoder import read_decoder_config
     from ..eval_cli import main as evaluate
-    from ..eval_plots import PLOTS
+    from ..eval_plots import PLOTS, plot_path
     from ..files import write_results_json
     from .decoder_recipe import toy_decoder_world
     from .world import generate_world, load_world_config
@@ -114,7 +108,7 @@ def run(args) -> dict:
     clip_models = read_decoder_config(args.decoder)["clip_models"]
     if len(clip_models) != 1:
         raise SystemExit(f"toy_shifted_vs_baseline: --decoder {args.decoder}: expected one toy CLIP, got {clip_models}")
-    clip_dir = _relative(clip_models[0][0])
+    clip_dir = clip_models[0][0]  # written relative to the working directory in the JSON (write_results_json)
     wall = {}
     start = time.time()
     world = load_world_config(toy_decoder_world(args.decoder, args.toy_root))
@@ -122,7 +116,7 @@ def run(args) -> dict:
     generate_world(held_out, world.heldout(args.num_captions, offset=HELD_OUT_OFFSET))
     wall["held_out_world"] = round(time.time() - start, 1)
 
-    argv = evaluate_argv(args, held_out, clip_dir)
+    argv = evaluate_argv(args, held_out, world.image_size, clip_dir)
     start = time.time()
     results = evaluate(argv)
     wall["evaluate"] = round(time.time() - start, 1)
@@ -130,8 +124,8 @@ def run(args) -> dict:
     results_dir = Path(args.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     plots = []
-    for file_name in PLOTS.values():
-        source = Path(args.output_dir) / "eval" / file_name.replace("fid", "fd_clip", 1)
+    for key in PLOTS:
+        source = plot_path(Path(args.output_dir) / "eval", key, results["settings"]["fd_name"])
         target = results_dir / f"{_stem(args)}_{source.name}"
         shutil.copyfile(source, target)
         plots.append(str(target))
@@ -153,14 +147,6 @@ def run(args) -> dict:
 
 def _stem(args) -> str:
     return "toy_shifted_vs_baseline" + (f"_{args.tag}" if args.tag else "")
-
-
-def _relative(path: str) -> str:
-    """``path`` relative to the working directory when it lies under it (the recorded command stays portable)."""
-    try:
-        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
 
 
 def _given(args) -> list:
