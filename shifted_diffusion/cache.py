@@ -1,18 +1,28 @@
 """Embedding cache: embed an image folder once, train the prior from shards on disk.
 
-Layout of ``cache_dir`` (format version 2)::
+Layout of ``cache_dir`` (format version 3)::
 
     manifest.json                 format, version, encoders (specs), encoder_weights (fingerprints), source
                                   (resolved image folder), dims, counts, block_sizes, text_len, skipped images,
                                   shards [{name, num_images, num_captions, tensor_bytes}]
     null_embeddings.safetensors   null_clip_text (D,), null_text_tokens (L, E): encodings of the empty caption ""
     shard_00000.safetensors       clip_image (n, D), clip_text (m, D)   [clip_dtype, default float16]
-                                  text_tokens (m, L, E) float16, caption_image (m,) int64 = shard-local image row
+                                  text_tokens (T, E) [text_dtype, default float16]: each caption's token states
+                                  without its trailing all-zero rows, captions one after another;
+                                  text_offsets (m + 1,) int64: caption j's rows are [offsets[j], offsets[j+1]);
+                                  caption_image (m,) int64 = shard-local image row
     shard_00000.json              version, encoders, encoder_weights, source, clip_dtype; inputs (per input image:
                                   file_name, size, mtime_ns), embedded images (file_name, captions, metadata),
                                   skipped images (file_name, error), tensor_bytes; written last = shard done
 
 Images are numbered densely (``image_index``) in file-name order over all shards, skipped images excluded.
+A caption's (L, E) token states are padded back with zero rows when read: exact. A masked encoder (T5 with
+``t5_masked``) zeroes its pad positions, so only the real tokens are stored; an unmasked one (the paper's) has
+no zero rows and keeps all L positions.
+
+With ``num_processes`` > 1 (``torch.distributed`` initialised, e.g. under ``accelerate launch``) every process
+embeds every ``num_processes``-th shard; the main process then writes the manifest. The files are byte for
+byte those one process writes.
 
 ``precompute`` never serves stale data. It refuses (ValueError naming the cache, what differs and the fix) a
 cache built from another source folder, with other encoders (``spec``) or other encoder weights
@@ -42,10 +52,11 @@ from .encoders import fingerprint_difference
 from .files import save_tensors, write_json
 
 CACHE_FORMAT = "shifted-diffusion-embedding-cache"
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 MANIFEST_NAME = "manifest.json"
 NULL_NAME = "null_embeddings.safetensors"
-SHARD_KEYS = ("clip_image", "clip_text", "text_tokens", "caption_image")
+SHARD_KEYS = ("clip_image", "clip_text", "text_tokens", "text_offsets", "caption_image")
+TEXT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 PathLike = Union[str, os.PathLike]
 
@@ -179,12 +190,34 @@ def _check_finite_shard(name: str, tensors: dict, image_names: list[str], captio
             problems.append(f"{key} of {len(rows)} caption(s): {_listed(described)}")
     if problems:
         raise ValueError(f"precompute: {name}: the encoders produced NaN / inf embeddings ({'; '.join(problems)}), "
-                         f"after conversion to the storage dtype {tensors['clip_image'].dtype} (float16 overflows "
-                         "above 65504); nothing was written for this shard. Check the encoders (weights, "
-                         "encoder_dtype) or use clip_dtype=torch.float32")
+                         f"after conversion to the storage dtypes ({tensors['clip_image'].dtype}, "
+                         f"{tensors['text_tokens'].dtype}; float16 overflows above 65504); nothing was written for "
+                         "this shard. Check the encoders (weights, encoder_dtype) or store in float32 / bfloat16 "
+                         "(clip_dtype, text_dtype)")
 
 
-def _embed_shard(records, clip, text_encoder, *, name, batch_size, num_workers, clip_dtype, pbar) -> tuple[dict, dict]:
+def trim_token_states(text_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(m, L, E) token states -> (rows (T, E): each caption without its trailing all-zero rows, offsets (m + 1,))."""
+    m, length = text_tokens.shape[:2]
+    nonzero = (text_tokens != 0).flatten(2).any(dim=2) if text_tokens.numel() else \
+        torch.zeros(m, length, dtype=torch.bool)  # (m, L)
+    positions = torch.arange(1, length + 1).expand(m, length)
+    lengths = (positions * nonzero).amax(dim=1) if length else torch.zeros(m, dtype=torch.long)  # (m,)
+    offsets = torch.zeros(m + 1, dtype=torch.long)
+    offsets[1:] = torch.cumsum(lengths, 0)
+    keep = positions <= lengths[:, None]  # (m, L): the first lengths[j] positions of caption j
+    return text_tokens[keep], offsets  # boolean indexing keeps row-major (caption, position) order
+
+
+def pad_token_states(rows: torch.Tensor, length: int) -> torch.Tensor:
+    """One caption's stored rows (l, E) -> (length, E), padded with zero rows."""
+    if rows.shape[0] == length:
+        return rows
+    return torch.cat([rows, rows.new_zeros(length - rows.shape[0], rows.shape[1])])
+
+
+def _embed_shard(records, clip, text_encoder, *, name, batch_size, num_workers, clip_dtype, text_dtype,
+                 pbar) -> tuple[dict, dict]:
     """Embed one shard's images and captions -> (tensors, info); refuses non-finite embeddings."""
     loader = torch.utils.data.DataLoader(_PixelDataset(records, clip.transforms), batch_size=batch_size,
                                          num_workers=num_workers, collate_fn=_collate_list)
@@ -207,17 +240,18 @@ def _embed_shard(records, clip, text_encoder, *, name, batch_size, num_workers, 
         caption_owner.extend([records[i].file_name] * len(records[i].captions))
     clip_text = clip.encode_text(captions).to("cpu", clip_dtype) if captions else \
         torch.zeros(0, clip.dim, dtype=clip_dtype)
-    token_chunks = [text_encoder.encode(captions[s:s + batch_size]).to("cpu", torch.float16)
+    token_chunks = [text_encoder.encode(captions[s:s + batch_size]).to("cpu", text_dtype)
                     for s in range(0, len(captions), batch_size)]
     text_tokens = torch.cat(token_chunks) if token_chunks else \
-        torch.zeros(0, text_encoder.max_length, text_encoder.dim, dtype=torch.float16)
+        torch.zeros(0, text_encoder.max_length, text_encoder.dim, dtype=text_dtype)
     tensors = {
         "clip_image": torch.cat(image_chunks) if image_chunks else torch.zeros(0, clip.dim, dtype=clip_dtype),
         "clip_text": clip_text,  # (m, D)
-        "text_tokens": text_tokens,  # (m, L, E)
+        "text_tokens": text_tokens,  # (m, L, E) here; trimmed below
         "caption_image": torch.tensor(caption_image, dtype=torch.long),  # (m,)
     }
     _check_finite_shard(name, tensors, [records[i].file_name for i in kept], list(zip(caption_owner, captions)))
+    tensors["text_tokens"], tensors["text_offsets"] = trim_token_states(text_tokens)  # (T, E), (m + 1,)
     info = {
         "images": [{"file_name": records[i].file_name, "captions": list(records[i].captions),
                     "metadata": records[i].metadata} for i in kept],
@@ -264,19 +298,22 @@ def _check_shard_header(path: Path, num_images: int, num_captions: int, tensor_b
     if tensor_bytes is not None and path.is_file() and path.stat().st_size != tensor_bytes:
         raise CacheFileError(f"{path}: {path.stat().st_size} bytes, the record says {tensor_bytes} (truncated or "
                              f"replaced); {_rebuild_hint(path)}")
-    expected = {"clip_image": (num_images, clip_dim), "clip_text": (num_captions, clip_dim),
-                "text_tokens": (num_captions, *text_shape), "caption_image": (num_captions,)}
     with _open_tensors(path) as f:
         shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    text_rows = shapes.get("text_tokens", (None,))[0]  # captions' stored rows: at most L each
+    expected = {"clip_image": (num_images, clip_dim), "clip_text": (num_captions, clip_dim),
+                "text_tokens": (text_rows, text_shape[1]), "text_offsets": (num_captions + 1,),
+                "caption_image": (num_captions,)}
     for key, shape in expected.items():
-        if shapes.get(key) != shape:
-            raise CacheFileError(f"{path}: tensor {key} has shape {shapes.get(key)}, expected {shape}; "
+        if shapes.get(key) != shape or key == "text_tokens" and not 0 <= text_rows <= num_captions * text_shape[0]:
+            shown = shape if key != "text_tokens" else f"(<= {num_captions} x {text_shape[0]}, {text_shape[1]})"
+            raise CacheFileError(f"{path}: tensor {key} has shape {shapes.get(key)}, expected {shown}; "
                                  f"{_rebuild_hint(path)}")
 
 
 def _stale_reason(info: dict, chunk: Sequence[ImageRecord], fingerprints: list[dict], context: dict) -> Optional[str]:
     """Why a readable shard record does not match the current images / captions / encoders (None: it matches)."""
-    for key in ("source", "clip_dtype"):
+    for key in ("source", "clip_dtype", "text_dtype"):
         if info.get(key) != context[key]:
             return f"built with {key}={info.get(key)!r}, now {context[key]!r}"
     if _plain(info.get("encoders")) != _plain(context["encoders"]):
@@ -343,6 +380,47 @@ def _read_previous_manifest(path: Path) -> Optional[dict]:
     return previous
 
 
+def _write_null_embeddings(cache_dir: Path, clip, text_encoder) -> None:
+    """The encodings of the empty caption "" (the unconditional inputs), checked finite."""
+    null_clip_text = clip.encode_text([""])[0].to("cpu", torch.float32)  # (D,)
+    null_text_tokens = text_encoder.encode([""])[0].to("cpu", torch.float32)  # (L, E)
+    if not (torch.isfinite(null_clip_text).all() and torch.isfinite(null_text_tokens).all()):
+        raise ValueError("precompute: the encoders produced NaN / inf for the empty caption \"\" (null_clip_text "
+                         f"finite: {bool(torch.isfinite(null_clip_text).all())}, null_text_tokens finite: "
+                         f"{bool(torch.isfinite(null_text_tokens).all())}); check the encoders (weights, encoder_dtype)")
+    save_tensors(cache_dir / NULL_NAME, {"null_clip_text": null_clip_text, "null_text_tokens": null_text_tokens})
+
+
+class _ProcessGroup:
+    """Barrier and gather-to-main over ``torch.distributed`` when ``num_processes`` > 1 (no-ops for one)."""
+
+    def __init__(self, process_index: int, num_processes: int):
+        if not 0 <= process_index < num_processes:
+            raise ValueError(f"process_index {process_index}: expected in [0, num_processes={num_processes})")
+        if num_processes > 1:
+            import torch.distributed as dist
+
+            if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() != num_processes:
+                raise ValueError(f"precompute with num_processes={num_processes}: torch.distributed must be "
+                                 "initialised with that many processes (launch with accelerate / torchrun)")
+        self.process_index, self.num_processes = process_index, num_processes
+
+    def barrier(self) -> None:
+        if self.num_processes > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def gather(self, obj) -> Optional[list]:
+        if self.num_processes == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.num_processes if self.process_index == 0 else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
+
 def precompute(
     folder: PathLike,
     cache_dir: PathLike,
@@ -355,17 +433,24 @@ def precompute(
     image_column: str = "file_name",
     caption_column: str = "text",
     clip_dtype: torch.dtype = torch.float16,
+    text_dtype: torch.dtype = torch.float16,
     num_workers: int = 0,
     weights_content_hash: bool = False,
+    process_index: int = 0,
+    num_processes: int = 1,
 ) -> dict:
     """Embed ``folder`` (CLIP image, CLIP text per caption, word-level tokens) into shards -> manifest.
 
     ``clip``: a ``MultiCLIP``-like encoder (``spec``, ``dim``, ``block_sizes``, ``transforms``,
     ``encode_pixels``, ``encode_text``, ``weights_fingerprint``); ``text_encoder``: ``.encode(list[str]) ->
     (B, L, E)``, ``.spec``, ``.dim``, ``.max_length``, ``.weights_fingerprint``. ``clip_dtype`` is the storage
-    dtype of the CLIP embeddings (float16 keeps ~3 significant digits, plenty for x0 and the vocabulary);
-    text tokens are always stored in float16. A shard holds ``shard_size`` input images (all their
+    dtype of the CLIP embeddings (float16 keeps ~3 significant digits, plenty for x0 and the vocabulary),
+    ``text_dtype`` that of the token states (float16, bfloat16 or float32; trailing all-zero positions, the
+    pads of a masked encoder, are not stored). A shard holds ``shard_size`` input images (all their
     captions) and is held in RAM while it is built: with T5 80 x 1024 tokens that is ~164 KB per caption.
+    ``process_index`` / ``num_processes``: this process's share under ``torch.distributed`` (every process
+    calls precompute with the same arguments and embeds shards ``process_index``, ``process_index +
+    num_processes``, ...; the main process writes the manifest; all return it).
     ``num_workers`` > 0 decodes and preprocesses images in DataLoader worker processes. Unreadable images
     are skipped, listed in the manifest and warned about. Re-running resumes: matching shards are reused,
     stale or corrupt ones recomputed (warned); another source folder, other encoders or other encoder
@@ -376,6 +461,10 @@ def precompute(
 
     if shard_size < 1 or batch_size < 1:
         raise ValueError(f"shard_size and batch_size: expected >= 1, got {shard_size} and {batch_size}")
+    if text_dtype not in TEXT_DTYPES.values():
+        raise ValueError(f"text_dtype: expected one of {sorted(TEXT_DTYPES)}, got {text_dtype}")
+    sync = _ProcessGroup(process_index, num_processes)
+    main = process_index == 0
     records = read_image_folder(folder, image_column=image_column, caption_column=caption_column)
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -390,33 +479,30 @@ def precompute(
         check_encoders(previous["encoders"], encoders, cache_dir)
         check_encoder_weights(previous.get("encoder_weights"), weights, cache_dir)
     clip_dtype_name = str(clip_dtype).replace("torch.", "")
+    text_dtype_name = str(text_dtype).replace("torch.", "")
     manifest = {
         "format": CACHE_FORMAT, "version": CACHE_VERSION, "complete": False, "encoders": encoders,
         "encoder_weights": weights, "source": source, "image_column": image_column, "caption_column": caption_column,
         "clip_dim": int(clip.dim), "block_sizes": list(clip.block_sizes),
         "text_len": int(text_encoder.max_length), "text_dim": int(text_encoder.dim),
-        "clip_dtype": clip_dtype_name, "text_dtype": "float16", "shard_size": shard_size,
+        "clip_dtype": clip_dtype_name, "text_dtype": text_dtype_name, "shard_size": shard_size,
         # compute precision, informational only (not compared on resume: bf16 vs fp16 differ by rounding)
         "encoder_dtypes": {"clip": str(getattr(clip, "dtype", "")).replace("torch.", ""),
                            "text": str(getattr(text_encoder, "dtype", "")).replace("torch.", "")},
     }
-    write_json(manifest_path, manifest)  # written first: an interrupted cache still names its encoders
-
-    null_clip_text = clip.encode_text([""])[0].to("cpu", torch.float32)  # (D,)
-    null_text_tokens = text_encoder.encode([""])[0].to("cpu", torch.float32)  # (L, E)
-    if not (torch.isfinite(null_clip_text).all() and torch.isfinite(null_text_tokens).all()):
-        raise ValueError("precompute: the encoders produced NaN / inf for the empty caption \"\" (null_clip_text "
-                         f"finite: {bool(torch.isfinite(null_clip_text).all())}, null_text_tokens finite: "
-                         f"{bool(torch.isfinite(null_text_tokens).all())}); check the encoders (weights, encoder_dtype)")
-    save_tensors(cache_dir / NULL_NAME, {"null_clip_text": null_clip_text, "null_text_tokens": null_text_tokens})
+    if main:
+        write_json(manifest_path, manifest)  # written first: an interrupted cache still names its encoders
+        _write_null_embeddings(cache_dir, clip, text_encoder)
 
     context = {"version": CACHE_VERSION, "encoders": encoders, "encoder_weights": weights, "source": source,
-               "clip_dtype": clip_dtype_name}
+               "clip_dtype": clip_dtype_name, "text_dtype": text_dtype_name}
     dims = {"clip_dim": int(clip.dim), "text_shape": (int(text_encoder.max_length), int(text_encoder.dim))}
-    shards, skipped, reused, computed = [], [], 0, 0
-    num_captioned = 0
-    pbar = tqdm(total=len(records), desc="embedding images", unit="img", disable=not progress)
-    for shard_id, start in enumerate(range(0, len(records), shard_size)):
+    starts = list(range(0, len(records), shard_size))
+    mine = [(shard_id, start) for shard_id, start in enumerate(starts) if shard_id % num_processes == process_index]
+    done = {}  # shard id -> (summary for the manifest, computed?)
+    pbar = tqdm(total=sum(len(records[start:start + shard_size]) for _, start in mine), desc="embedding images",
+                unit="img", disable=not progress or not main)
+    for shard_id, start in mine:
         chunk = records[start:start + shard_size]
         name = f"shard_{shard_id:05d}"
         fingerprints = [file_fingerprint(r.path) for r in chunk]  # before reading: a later edit makes it stale
@@ -425,40 +511,55 @@ def precompute(
             if _plain(info.get("encoder_weights")) != weights:  # same bytes (SHA-256), other stamps: refresh them
                 info["encoder_weights"] = weights
                 write_json(cache_dir / f"{name}.json", info)
-            reused += 1
+            computed = False
             pbar.update(len(chunk))
         else:
             if reason is not None:
                 warnings.warn(f"precompute: recomputing {cache_dir / name} ({name}.json / .safetensors): {reason}",
                               stacklevel=2)
             tensors, info = _embed_shard(chunk, clip, text_encoder, name=str(cache_dir / name), batch_size=batch_size,
-                                         num_workers=num_workers, clip_dtype=clip_dtype, pbar=pbar)
+                                         num_workers=num_workers, clip_dtype=clip_dtype, text_dtype=text_dtype,
+                                         pbar=pbar)
             tensor_bytes = save_tensors(cache_dir / f"{name}.safetensors", tensors)
             info = {**context, "inputs": [{"file_name": r.file_name, **fp} for r, fp in zip(chunk, fingerprints)],
                     **info, "tensor_bytes": tensor_bytes}
             write_json(cache_dir / f"{name}.json", info)  # last: marks the shard finished
-            computed += 1
-        skipped.extend(info["skipped"])
-        num_captioned += sum(1 for image in info["images"] if image["captions"])
-        shards.append({"name": name, "num_images": info["num_images"], "num_captions": info["num_captions"],
-                       "tensor_bytes": info["tensor_bytes"]})
+            computed = True
+        summary = {"name": name, "num_images": info["num_images"], "num_captions": info["num_captions"],
+                   "tensor_bytes": info["tensor_bytes"], "skipped": info["skipped"],
+                   "num_captioned": sum(1 for image in info["images"] if image["captions"])}
+        done[shard_id] = (summary, computed)
     pbar.close()
 
-    num_images = sum(s["num_images"] for s in shards)
-    manifest.update({
-        "complete": True, "shards": shards, "null_file": NULL_NAME,
-        "num_images": num_images, "num_captioned_images": num_captioned,
-        "num_uncaptioned_images": num_images - num_captioned,
-        "num_captions": sum(s["num_captions"] for s in shards),
-        "num_skipped": len(skipped), "skipped": skipped,
-        "last_run": {"shards_computed": computed, "shards_reused": reused},
-    })
-    write_json(manifest_path, manifest)
-    if skipped:
-        listed = "; ".join(f"{s['file_name']} ({s['error']})" for s in skipped[:20])
-        more = f"; ... {len(skipped) - 20} more" if len(skipped) > 20 else ""
-        warnings.warn(f"precompute: skipped {len(skipped)} unreadable image(s) of {len(records)} "
-                      f"(listed in {manifest_path}): {listed}{more}", stacklevel=2)
+    gathered = sync.gather(done)  # main: every process's {shard id: (summary, computed)}; others: None
+    if main:
+        merged = {shard_id: entry for part in gathered for shard_id, entry in part.items()}
+        summaries = [merged[shard_id] for shard_id in range(len(starts))]  # shard order, as one process writes
+        shards = [{k: summary[k] for k in ("name", "num_images", "num_captions", "tensor_bytes")}
+                  for summary, _ in summaries]
+        skipped = [item for summary, _ in summaries for item in summary["skipped"]]
+        num_images = sum(s["num_images"] for s in shards)
+        num_captioned = sum(summary["num_captioned"] for summary, _ in summaries)
+        computed = sum(1 for _, was_computed in summaries if was_computed)
+        manifest.update({
+            "complete": True, "shards": shards, "null_file": NULL_NAME,
+            "num_images": num_images, "num_captioned_images": num_captioned,
+            "num_uncaptioned_images": num_images - num_captioned,
+            "num_captions": sum(s["num_captions"] for s in shards),
+            "num_skipped": len(skipped), "skipped": skipped,
+            "last_run": {"shards_computed": computed, "shards_reused": len(shards) - computed},
+        })
+        write_json(manifest_path, manifest)
+        if skipped:
+            listed = "; ".join(f"{s['file_name']} ({s['error']})" for s in skipped[:20])
+            more = f"; ... {len(skipped) - 20} more" if len(skipped) > 20 else ""
+            warnings.warn(f"precompute: skipped {len(skipped)} unreadable image(s) of {len(records)} "
+                          f"(listed in {manifest_path}): {listed}{more}", stacklevel=2)
+    sync.barrier()  # the manifest is written before anyone reads it
+    if not main:
+        with open(manifest_path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    num_images = manifest["num_images"]
     if num_images == 0:
         raise ValueError(f"image folder {str(folder)!r}: none of its {len(records)} images could be read")
     return manifest
@@ -549,9 +650,15 @@ def _verify_shard(cache_dir: Path, shard: dict, manifest: dict, tensors: Optiona
     if _VERIFIED_SHARDS.get(memo_key) == (stat.st_size, stat.st_mtime_ns, stat.st_ino):
         return
     with _open_tensors(path) as f:
+        offsets = tensors["text_offsets"] if tensors is not None else f.get_tensor("text_offsets")
+        steps = offsets[1:] - offsets[:-1]
+        num_rows = tuple(f.get_slice("text_tokens").get_shape())[0]
+        if offsets[0] != 0 or offsets[-1] != num_rows or (steps < 0).any() or (steps > int(manifest["text_len"])).any():
+            raise CacheFileError(f"{path}: text_offsets do not split the {num_rows} stored token rows into captions "
+                                 f"of at most {manifest['text_len']} rows; {_rebuild_hint(path)}")
         for key in keys:
-            if key == "caption_image":
-                continue  # integer rows, checked against the image count below
+            if key in ("caption_image", "text_offsets"):
+                continue  # integer rows, checked above / against the image count below
             if tensors is not None:
                 bad = _nonfinite_rows(tensors[key])
             else:
@@ -561,6 +668,9 @@ def _verify_shard(cache_dir: Path, shard: dict, manifest: dict, tensors: Optiona
                 for size in shape[1:]:
                     row_elements *= size
                 bad = _scan_rows(lambda a, b: piece[a:b], shape[0], row_elements)
+            if key == "text_tokens":  # stored rows -> the captions they belong to
+                bad = sorted(set(torch.searchsorted(offsets, torch.tensor(bad, dtype=torch.long), right=True)
+                                 .sub(1).tolist()))
             if bad:
                 raise CacheFileError(f"{path}: tensor {key} holds NaN / inf in {len(bad)} row(s): "
                                      f"{_describe_rows(cache_dir, shard, key, bad)}; a prior trained on it would be "
@@ -696,13 +806,16 @@ class EmbeddingDataset(Dataset):
                 _verify_shard(self.cache_dir, shard, self.manifest)  # header + one NaN / inf pass, once per process
 
         shard_ids, caption_rows, image_rows, image_index = [], [], [], []
+        self._text_offsets = []  # per shard (m + 1,): caption j's stored token rows
         offset = 0
         for shard_id, (shard, path) in enumerate(zip(self.manifest["shards"], self._paths)):
             if self._tensors is not None:
                 caption_image = self._tensors[shard_id]["caption_image"]
+                self._text_offsets.append(self._tensors[shard_id]["text_offsets"])
             else:
                 with _open_tensors(Path(path)) as f:
                     caption_image = f.get_tensor("caption_image")  # (m,) shard-local image row
+                    self._text_offsets.append(f.get_tensor("text_offsets"))
             m = caption_image.shape[0]
             shard_ids.append(torch.full((m,), shard_id, dtype=torch.long))
             caption_rows.append(torch.arange(m))
@@ -748,12 +861,18 @@ class EmbeddingDataset(Dataset):
         return state
 
     def _get(self, shard_id: int, key: str, row: int) -> torch.Tensor:
+        """Row ``row`` of a shard tensor; for text_tokens, caption ``row``'s (L, E) states, padded back."""
+        start, stop = row, row + 1
+        if key == "text_tokens":
+            start, stop = (int(x) for x in self._text_offsets[shard_id][row:row + 2])
         if self._tensors is not None:
-            return self._tensors[shard_id][key][row]
-        handle = self._handles.get(shard_id)
-        if handle is None:
-            handle = self._handles[shard_id] = _open_tensors(Path(self._paths[shard_id]))
-        return handle.get_slice(key)[row:row + 1][0]
+            rows = self._tensors[shard_id][key][start:stop]
+        else:
+            handle = self._handles.get(shard_id)
+            if handle is None:
+                handle = self._handles[shard_id] = _open_tensors(Path(self._paths[shard_id]))
+            rows = handle.get_slice(key)[start:stop]
+        return pad_token_states(rows, self.text_len) if key == "text_tokens" else rows[0]
 
     def __len__(self) -> int:
         return int(self.pairs.numel())

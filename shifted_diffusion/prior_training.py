@@ -41,8 +41,11 @@ def encoder_settings(cfg: TrainConfig) -> dict:
     }
 
 
-def build_embedding_cache(cfg: TrainConfig, cache_dir: Path, device) -> dict:
-    """Embed the image folder once with the frozen encoders (skipped when the cache is complete)."""
+def build_embedding_cache(cfg: TrainConfig, cache_dir: Path, device, process_index: int = 0,
+                          num_processes: int = 1) -> dict:
+    """Embed the image folder once with the frozen encoders (finished shards are reused); under several
+    processes each embeds its share of the shards (``cache.precompute``)."""
+    from .cache import TEXT_DTYPES
     from .encoders import MultiCLIP, build_text_encoder
 
     if cfg.train_data_dir is None:
@@ -55,6 +58,7 @@ def build_embedding_cache(cfg: TrainConfig, cache_dir: Path, device) -> dict:
     manifest = precompute(
         cfg.train_data_dir, cache_dir, clip, text_encoder, batch_size=cfg.encoder_batch_size,
         image_column=cfg.image_column, caption_column=cfg.caption_column,
+        text_dtype=TEXT_DTYPES[cfg.cache_text_dtype], process_index=process_index, num_processes=num_processes,
     )
     del clip, text_encoder
     if torch.cuda.is_available():
@@ -154,7 +158,7 @@ def train_prior(cfg: TrainConfig) -> Path:
     from .ema import EmaWeights
 
     output_dir = Path(cfg.output_dir)
-    # the main process embeds the dataset and fits the vocabulary while the others wait at a barrier
+    # every process embeds its share of the dataset; the main process fits the vocabulary while the others wait
     accelerator, trackers = training.build_accelerator(
         output_dir, mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         report_to=cfg.report_to)
@@ -164,13 +168,11 @@ def train_prior(cfg: TrainConfig) -> Path:
         output_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(output_dir / "train_config.json")
 
-    # embeddings, once (main process), then everyone reads the cache
+    # embeddings, once (each process its share of the shards), then everyone reads the cache
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else output_dir / "embeddings"
-    if accelerator.is_main_process:
-        start = time.time()
-        build_embedding_cache(cfg, cache_dir, device)
-        log(f"[cache] {cache_dir} ready in {time.time() - start:.1f}s")
-    accelerator.wait_for_everyone()
+    start = time.time()
+    build_embedding_cache(cfg, cache_dir, device, accelerator.process_index, world)
+    log(f"[cache] {cache_dir} ready in {time.time() - start:.1f}s (embedded by {world} process{'es' * (world > 1)})")
     manifest = load_manifest(cache_dir)
     in_memory = cache_bytes(cache_dir) < 4 * 2**30  # small caches live in RAM; large ones are memory-mapped
     train_set = EmbeddingDataset(cache_dir, "train", val_fraction=cfg.val_fraction, seed=cfg.seed, in_memory=in_memory)

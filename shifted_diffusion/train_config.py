@@ -41,6 +41,7 @@ class TrainConfig(config_cli.FlagConfig):
     t5_offload: bool = False
     encoder_dtype: Optional[str] = None  # default: fp16 (CLIP) / bf16 (T5) on GPU, fp32 on CPU
     encoder_batch_size: int = 256
+    cache_text_dtype: str = "float16"  # storage of the token states: float16, bfloat16 or float32
     # vocabulary
     baseline: bool = False  # DALL-E 2 prior: mu = 0, Sigma = I, no cluster token
     vocab_path: Optional[str] = None  # a saved vocabulary; None: fit one on the training images
@@ -102,6 +103,7 @@ class TrainConfig(config_cli.FlagConfig):
         """Every numeric setting in its range and every name known: ValueError naming the flag otherwise."""
         from diffusers.optimization import SchedulerType
 
+        from .cache import TEXT_DTYPES
         from .encoders import DTYPE_NAMES
         from .prior import _PRESETS
 
@@ -137,6 +139,7 @@ class TrainConfig(config_cli.FlagConfig):
         check_choice("--model_preset", self.model_preset, set(_PRESETS))
         check_choice("--lr_scheduler", self.lr_scheduler, {t.value for t in SchedulerType})
         check_choice("--encoder_dtype", self.encoder_dtype, {None, *DTYPE_NAMES})
+        check_choice("--cache_text_dtype", self.cache_text_dtype, set(TEXT_DTYPES))
         if self.model_width is not None and self.model_num_heads is not None and self.model_width % self.model_num_heads:
             raise ValueError(f"--model_width {self.model_width} is not divisible by --model_num_heads "
                              f"{self.model_num_heads}")

@@ -78,7 +78,8 @@ def resolve_trackers(report_to: Optional[str]) -> Optional[str]:
 def build_accelerator(output_dir, *, mixed_precision: Optional[str], gradient_accumulation_steps: int,
                       report_to: Optional[str], logging_dir: str = "logs"):
     """(Accelerator, trackers) for a run writing into ``output_dir``; trackers None when there are none. The
-    process-group timeout is long: the main process embeds images while the others wait at a barrier."""
+    process-group timeout is long: processes wait at barriers while the slowest embeds its share of the
+    images, the main process fits the vocabulary, or the decoder's image embeddings are computed."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 

@@ -422,7 +422,8 @@ def test_non_finite_values_in_a_cache_are_named_when_opened(caption_image_folder
     _precompute(caption_image_folder, cache_dir, cache_clip, cache_text_encoder)
     path = cache_dir / "shard_00001.safetensors"
     tensors = load_file(str(path))
-    tensors["text_tokens"][1, 4, 2] = float("nan")  # a bit flip / a bad encoder after the fact
+    row = int(tensors["text_offsets"][1]) + 4  # caption 1's fifth stored token row
+    tensors["text_tokens"][row, 2] = float("nan")  # a bit flip / a bad encoder after the fact
     save_file(tensors, str(path))
     info = json.loads((cache_dir / "shard_00001.json").read_text())
     owner = [(image["file_name"], c) for image in info["images"] for c in image["captions"]][1]
@@ -430,7 +431,7 @@ def test_non_finite_values_in_a_cache_are_named_when_opened(caption_image_folder
         with pytest.raises(CacheFileError, match=rf"shard_00001\.safetensors: tensor text_tokens holds NaN / inf in "
                                                  rf"1 row\(s\): rows 1 \(captions \('{owner[0]}', '{owner[1]}'\)\)"):
             EmbeddingDataset(cache_dir, in_memory=in_memory)
-    tensors["text_tokens"][1, 4, 2] = 0.0
+    tensors["text_tokens"][row, 2] = 0.0
     tensors["clip_image"][2, 0] = float("inf")
     save_file(tensors, str(path))
     with pytest.raises(CacheFileError, match=rf"shard_00001\.safetensors: tensor clip_image .*rows 2 \(images "
@@ -458,3 +459,104 @@ def test_sixteen_bit_images_are_embedded_as_their_8_bit_scaling(tmp_path, cache_
                                atol=1e-5, rtol=1e-5)
     white = cache_clip.encode_image([Image.fromarray(values).convert("RGB")])[0]  # what convert("RGB") gave
     assert not torch.allclose(white, expected, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------- storage choices
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_only_real_tokens_are_stored_and_padded_back_exactly(caption_image_folder, tmp_path, cache_clip, tiny_t5_dir,
+                                                             masked):
+    """A masked T5 zeroes its pads: the shard keeps attention_mask.sum() rows per caption, and each item is the
+    float16 rounding of the encoder's full (L, E) output. An unmasked T5 keeps all L rows."""
+    from safetensors.torch import load_file
+
+    t5 = T5TextEncoder(str(tiny_t5_dir), max_length=20, masked=masked, device="cpu")
+    _precompute(caption_image_folder, tmp_path / "c", cache_clip, t5, shard_size=100)
+    captions = [c for r in load_image_records(tmp_path / "c") for c in r["captions"]]
+    stored = load_file(str(tmp_path / "c" / "shard_00000.safetensors"))
+    real = t5.tokenize(captions)["attention_mask"].sum(1)  # (m,) real tokens (the ByT5 bytes + </s>)
+    expected_rows = int(real.sum()) if masked else len(captions) * 20
+    assert stored["text_tokens"].shape == (expected_rows, 32)
+    if masked:
+        assert torch.equal(stored["text_offsets"][1:] - stored["text_offsets"][:-1], real)
+    dataset = EmbeddingDataset(tmp_path / "c")
+    items = [dataset[i] for i in range(len(dataset))]
+    full = t5.encode([captions[int(item["caption_index"])] for item in items]).half().float()  # (m, L, E)
+    assert torch.equal(torch.stack([item["text_tokens"] for item in items]), full)
+
+
+def test_text_dtype_is_stored_recorded_and_a_change_recomputes(caption_image_folder, tmp_path, cache_clip,
+                                                               cache_text_encoder):
+    from safetensors import safe_open
+
+    cache_dir = tmp_path / "cache"
+    manifest = _precompute(caption_image_folder, cache_dir, cache_clip, cache_text_encoder, text_dtype=torch.bfloat16)
+    assert manifest["text_dtype"] == "bfloat16"
+    with safe_open(str(cache_dir / "shard_00000.safetensors"), framework="pt") as f:
+        assert f.get_slice("text_tokens").get_dtype() == "BF16"
+    dataset = EmbeddingDataset(cache_dir)
+    captions = [c for r in load_image_records(cache_dir) for c in r["captions"]]
+    item = dataset[0]
+    assert torch.equal(item["text_tokens"],
+                       cache_text_encoder.encode([captions[int(item["caption_index"])]])[0].bfloat16().float())
+    with pytest.warns(UserWarning, match=r"recomputing .*shard_00000.*text_dtype='bfloat16', now 'float16'"):
+        manifest = precompute(caption_image_folder, cache_dir, cache_clip, cache_text_encoder, shard_size=5,
+                              batch_size=3, progress=False)
+    assert manifest["text_dtype"] == "float16" and manifest["last_run"]["shards_reused"] == 0
+    with pytest.raises(ValueError, match=r"text_dtype: expected one of"):
+        precompute(caption_image_folder, cache_dir, cache_clip, cache_text_encoder, text_dtype=torch.int8)
+
+
+DISTRIBUTED_EMBEDDING = '''
+import os, sys
+import torch
+import torch.distributed as dist
+from shifted_diffusion.cache import precompute
+from shifted_diffusion.encoders import CLIPTokenTextEncoder, MultiCLIP
+
+torch.set_num_threads(1)
+folder, clip_dir, cache_dir = sys.argv[1:4]
+world = int(os.environ.get("WORLD_SIZE", "1"))
+if world > 1:
+    dist.init_process_group("gloo")
+rank = dist.get_rank() if world > 1 else 0
+clip = MultiCLIP([(clip_dir, "")], device="cpu", batch_size=4)
+text = CLIPTokenTextEncoder(clip_dir, max_length=12, device="cpu")
+manifest = precompute(folder, cache_dir, clip, text, shard_size=3, batch_size=2, progress=False,
+                      process_index=rank, num_processes=world)
+print("rank", rank, "images", manifest["num_images"], "computed", manifest["last_run"]["shards_computed"])
+if world > 1:
+    dist.destroy_process_group()
+'''
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_cache_one_process_writes(caption_image_folder, tiny_open_clip_dir, tmp_path):
+    """torchrun with 2 gloo processes: each embeds every other shard; every file (shards, records, manifest,
+    null embeddings) is byte for byte the one process's, and both processes return the finished manifest."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "embed.py"
+    script.write_text(DISTRIBUTED_EMBEDDING)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    runs = {"one": [sys.executable, str(script)],
+            "two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+                    str(script)]}
+    outputs = {}
+    for name, command in runs.items():
+        child = subprocess.run([*command, str(caption_image_folder), str(tiny_open_clip_dir), str(tmp_path / name)],
+                               env=env, capture_output=True, text=True, timeout=300)
+        assert child.returncode == 0, child.stderr[-3000:]
+        outputs[name] = child.stdout
+    num_shards = len(load_manifest(tmp_path / "one")["shards"])
+    reports = sorted(line for line in outputs["two"].splitlines() if line.startswith("rank"))
+    assert reports == [f"rank {r} images {CAPTION_FOLDER_EXPECTED['num_images']} computed {num_shards}"
+                       for r in (0, 1)]
+    files = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "two").iterdir())
+    assert len([f for f in files if f.startswith("shard_") and f.endswith(".safetensors")]) >= 4
+    for name in files:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name

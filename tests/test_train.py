@@ -340,3 +340,43 @@ def test_a_flag_clears_an_optional_setting_of_a_preset(tmp_path):
     assert parse_config(["--config", str(preset)]).max_train_steps == 300
     with pytest.raises(SystemExit):
         parse_config(["--max_train_steps", "lots"])
+
+
+@pytest.mark.slow
+def test_two_process_ddp_training_embeds_shares_checkpoints_once_and_resumes_exactly(caption_image_folder,
+                                                                                     tiny_open_clip_dir, tmp_path):
+    """train.py in 2 CPU processes (torchrun + ACCELERATE_USE_CPU: accelerate's MULTI_CPU, gloo; `accelerate launch
+    --cpu` starts one process): both embed their share of the cache, each checkpoint is written once, a resumed
+    DDP run reaches the weights of an uninterrupted one, and they differ from one process's."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    common = ["--checkpointing_steps", "2", "--validation_steps", "0", "--report_to", "none", "--no-use_ema",
+              "--lr_scheduler", "constant", "--learning_rate", "1e-3", "--cache_dir", str(tmp_path / "cache")]
+
+    def launch(out, *extra):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+                   str(ROOT / "train.py"), *args(caption_image_folder, tiny_open_clip_dir, out, *common, *extra)]
+        child = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert child.returncode == 0, child.stderr[-4000:]
+        return child
+
+    first = launch(tmp_path / "a", "--max_train_steps", "5")
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["num_captions"] > 0
+    assert [p.name for p in list_checkpoints(tmp_path / "a")] == ["checkpoint-2", "checkpoint-4"]
+    assert not list((tmp_path / "a").glob(".checkpoint-*"))  # no half-written or duplicate saves left behind
+    launch(tmp_path / "b", "--max_train_steps", "2")
+    launch(tmp_path / "b", "--max_train_steps", "5", "--resume_from_checkpoint", "latest")
+    a = load_file(str(tmp_path / "a" / "prior" / "prior" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "prior" / "prior" / "diffusion_pytorch_model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    assert "embedded by 2 processes" in first.stderr + first.stdout
+    single = run_prior_job(args(caption_image_folder, tiny_open_clip_dir, tmp_path / "c", *common,
+                                "--max_train_steps", "5"))
+    c = load_file(str(single / "prior" / "diffusion_pytorch_model.safetensors"))
+    assert any(not torch.allclose(a[k], c[k]) for k in a)  # two processes saw twice the data: other weights
