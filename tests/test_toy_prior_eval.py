@@ -5,6 +5,8 @@ metrics checked against hand computations (a neighbour bank with known attribute
 import dataclasses
 import json
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -222,3 +224,86 @@ def test_fidelity_metrics_on_the_hand_bank():
     assert same["probe_tv"] == pytest.approx(0.0)  # each caption's conditional is its own image's attributes
     far = fidelity_metrics(-torch.ones(4, 4), data, 2)  # block-normalised: distance 1.49 > every radius (1)
     assert far["precision"] == 0.0 and far["coverage"] == 0.0
+
+
+# ---- train.py's table: the other prior's rows from its sibling run folder ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def prior_pair(fast_run):
+    """The fast run's two priors laid out as train.py's convention has them (<dir> and <dir>_baseline), and the
+    shifted run's TrainConfig as recorded in its prior folder."""
+    import shutil
+
+    from shifted_diffusion.prior_pipeline import read_prior_info
+    from shifted_diffusion.train_config import TrainConfig
+
+    _, tmp = fast_run
+    pair = tmp / "pair"
+    for name, folder in (("shifted", "toy"), ("baseline", "toy_baseline")):
+        shutil.copytree(tmp / "run" / name, pair / folder, ignore=shutil.ignore_patterns("checkpoint*", "logs"))
+    train = read_prior_info(pair / "toy" / "prior")["training"]["train"]
+    return dataclasses.replace(TrainConfig.from_dict(train), output_dir=str(pair / "toy")), pair
+
+
+def table_rows(text: str) -> list:
+    return [line.split(" | ")[0].strip("| ") + " " + line.split(" | ")[1] for line in text.splitlines()[2:]
+            if line.startswith("| ")]
+
+
+def test_train_table_adds_the_baseline_rows_and_caches_both_evaluations(prior_pair, capsys, monkeypatch):
+    from shifted_diffusion.toy import prior_eval
+    from shifted_diffusion.toy.prior_job import print_toy_table
+
+    cfg, pair = prior_pair
+    results = print_toy_table(cfg, pair / "toy" / "prior")
+    first = capsys.readouterr().out
+    assert not results["baseline"]
+    assert table_rows(first) == [f"{p} {s}" for p in ("shifted", "baseline") for s in STEPS] + ["real images (oracle) -"]
+    assert "no baseline rows" not in first
+    lines = first.splitlines()
+    assert lines[2 + len(STEPS)].split(" | ")[2:] != lines[2].split(" | ")[2:]  # the baseline's own numbers
+    for folder in ("toy", "toy_baseline"):
+        stored = json.loads((pair / folder / "prior_toy_eval.json").read_text())
+        assert stored["results"]["baseline"] == (folder == "toy_baseline") and set(stored["results"]["steps"]) == set(STEPS)
+
+    calls = []
+    real = prior_eval.evaluate_toy_prior
+
+    def counting(prior_dir, *args, **kwargs):
+        calls.append(Path(prior_dir).parent.name)
+        return real(prior_dir, *args, **kwargs)
+
+    monkeypatch.setattr(prior_eval, "evaluate_toy_prior", counting)
+    print_toy_table(cfg, pair / "toy" / "prior")  # a second train.py: nothing is evaluated again
+    assert calls == [] and capsys.readouterr().out == first
+    weights = pair / "toy_baseline" / "prior" / "prior" / "diffusion_pytorch_model.safetensors"
+    assert weights.is_file()
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # retrained: other stamp
+    (pair / "toy" / "prior_toy_eval.json").write_text('{"key": ')  # a truncated cache file: evaluated again
+    with pytest.warns(UserWarning, match=r"prior_toy_eval.json: invalid JSON.*evaluating again"):
+        print_toy_table(cfg, pair / "toy" / "prior")
+    again = capsys.readouterr().out
+    assert sorted(calls) == ["toy", "toy_baseline"] and table_rows(again) == table_rows(first)
+    assert again == first  # same weights, captions and seed: the same samples
+
+    # the baseline run's own table: the shifted sibling found by stripping _baseline, rows in the same order
+    calls.clear()
+    base = dataclasses.replace(cfg, output_dir=str(pair / "toy_baseline"), baseline=True)
+    assert print_toy_table(base, pair / "toy_baseline" / "prior")["baseline"]
+    assert calls == [] and table_rows(capsys.readouterr().out) == table_rows(first)
+
+
+def test_train_table_points_to_the_baseline_when_it_is_not_comparable(prior_pair, capsys, tmp_path):
+    from shifted_diffusion.toy.prior_job import print_toy_table
+
+    cfg, pair = prior_pair
+    other_world = dataclasses.replace(cfg, toy_root=str(tmp_path / "assets"))  # the sibling's toy_root differs
+    print_toy_table(other_world, pair / "toy" / "prior")
+    out = capsys.readouterr().out.splitlines()
+    assert table_rows("\n".join(out)) == [f"shifted {s}" for s in STEPS] + ["real images (oracle) -"]
+    assert out[-1].startswith("(no baseline rows:") and "toy_root" in out[-1]
+    assert f"--baseline --output_dir {pair / 'toy_baseline'}`" in out[-1] and "toy_shifted_vs_baseline.py" in out[-1]
+    alone = dataclasses.replace(cfg, output_dir=str(tmp_path / "solo"))  # no sibling folder at all
+    print_toy_table(alone, pair / "toy" / "prior")
+    assert f"no finished prior in {tmp_path / 'solo_baseline' / 'prior'}" in capsys.readouterr().out
