@@ -266,6 +266,7 @@ def test_train_table_adds_the_baseline_rows_and_caches_both_evaluations(prior_pa
     for folder in ("toy", "toy_baseline"):
         stored = json.loads((pair / folder / "prior_toy_eval.json").read_text())
         assert stored["results"]["baseline"] == (folder == "toy_baseline") and set(stored["results"]["steps"]) == set(STEPS)
+        assert stored["key"]["seed"] == cfg.seed and "prior/diffusion_pytorch_model.safetensors" in stored["key"]["weights"]
 
     calls = []
     real = prior_eval.evaluate_toy_prior

@@ -3,7 +3,9 @@
 With a ``--train_data_dir`` it is ``train_prior`` on the parsed settings. Without one it runs the embedded
 toy world: the toy preset (``prior_toy.yaml``, shipped in this package, so an installed package finds it)
 under the user's YAML files and flags, the generated world folder and its tiny CLIP as the data and the
-encoders, and after training the toy quality table (``toy.prior_eval``) on the main process.
+encoders, and after training the toy quality table (``toy.prior_eval``) on the main process, with the other
+prior's rows (shifted / baseline) when its sibling run folder (``<output_dir>_baseline``, or ``<output_dir>`` less
+``_baseline`` for a baseline run) holds one trained on the same toy world, else a line saying how to train it.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ SAME_WORLD_KEYS = ("toy_fast", "toy_root", "train_data_dir", "image_column", "ca
 EVAL_SUFFIX = "_toy_eval.json"  # <output_dir>/prior_toy_eval.json: beside the prior folder (save_pretrained
 # refuses to overwrite a pipeline folder holding other files)
 COMPARE_BENCHMARK = "benchmarks/toy_shifted_vs_baseline.py"
+# train.py's table: evaluate_toy_prior at these settings (also part of the evaluation cache's key)
+EVAL_SETTINGS = {"steps": [4, 8, 16, 64], "num_captions": 200, "samples_per_caption": 8, "guidance_scale": 1.0}
 
 
 def sibling_output_dir(cfg: TrainConfig) -> Optional[Path]:
@@ -116,7 +120,8 @@ def cached_evaluation(prior_dir, world_folder, cache_dir, *, seed: int) -> dict:
 
     prior_dir = Path(prior_dir)
     path = prior_dir.with_name(prior_dir.name + EVAL_SUFFIX)
-    key = {"weights": _weights_stamp(prior_dir), "world": str(world_folder), "cache_dir": str(cache_dir), "seed": seed}
+    key = {"weights": _weights_stamp(prior_dir), "world": str(world_folder), "cache_dir": str(cache_dir), "seed": seed,
+           **EVAL_SETTINGS}
     if path.is_file():
         try:
             stored = read_json(path, "the cached toy evaluation of " + str(prior_dir))
@@ -125,7 +130,7 @@ def cached_evaluation(prior_dir, world_folder, cache_dir, *, seed: int) -> dict:
             stored = {}
         if stored.get("key") == key:
             return stored["results"]
-    results = evaluate_toy_prior(prior_dir, world_folder, cache_dir, seed=seed)
+    results = evaluate_toy_prior(prior_dir, world_folder, cache_dir, seed=seed, **EVAL_SETTINGS)
     write_json(path, {"key": key, "results": results})
     return json.loads(json.dumps(results))  # as a later run reads it back
 
