@@ -106,21 +106,16 @@ def sibling_pointer(cfg: TrainConfig, argv: Sequence[str], sibling: Optional[Pat
             "compares both through a decoder)")
 
 
-def _weights_stamp(prior_dir: Path) -> dict:
-    """{relative path: [bytes, mtime_ns]} of the prior folder's index and weights files."""
-    files = [prior_dir / "model_index.json", *sorted(prior_dir.rglob("*.safetensors"))]
-    return {f.relative_to(prior_dir).as_posix(): [f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()}
-
-
 def cached_evaluation(prior_dir, world_folder, cache_dir, *, seed: int) -> dict:
     """``evaluate_toy_prior`` of a prior, read back from ``<prior_dir>_toy_eval.json`` when that file was
-    written for the same weights files (size, mtime) and evaluation settings, else computed and stored there."""
+    written for the same prior files (size, mtime of each) and evaluation settings, else computed and stored there."""
+    from ..encoders import weights_fingerprint
     from ..files import read_json, write_json
     from .prior_eval import evaluate_toy_prior
 
     prior_dir = Path(prior_dir)
     path = prior_dir.with_name(prior_dir.name + EVAL_SUFFIX)
-    key = {"weights": _weights_stamp(prior_dir), "world": str(world_folder), "cache_dir": str(cache_dir), "seed": seed,
+    key = {"weights": weights_fingerprint(str(prior_dir))["files"], "world": str(world_folder), "cache_dir": str(cache_dir), "seed": seed,
            **EVAL_SETTINGS}
     if path.is_file():
         try:
