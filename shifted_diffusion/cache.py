@@ -50,6 +50,7 @@ from torch.utils.data import Dataset
 from .data import ImageRecord, open_rgb, read_image_folder
 from .encoders import fingerprint_difference
 from .files import save_tensors, write_json
+from .webdata import files_root, location, source_name, stat_path
 
 CACHE_FORMAT = "shifted-diffusion-embedding-cache"
 CACHE_VERSION = 3
@@ -133,10 +134,11 @@ def _check_version(manifest: dict, path: Path) -> None:
                          "delete it or use another cache_dir")
 
 
-def file_fingerprint(path: PathLike) -> dict:
-    """{"size", "mtime_ns"} of an image file, or {"size": None, "mtime_ns": None} when it does not exist."""
+def file_fingerprint(path) -> dict:
+    """{"size", "mtime_ns"} of an image file (of its tar for a ``webdata.TarMember``), or {"size": None,
+    "mtime_ns": None} when it does not exist."""
     try:
-        stat = os.stat(path)
+        stat = os.stat(stat_path(path))
     except OSError:
         return {"size": None, "mtime_ns": None}
     return {"size": int(stat.st_size), "mtime_ns": int(stat.st_mtime_ns)}
@@ -471,7 +473,8 @@ def precompute(
     encoders = _plain({"clip": clip.spec, "text": text_encoder.spec})
     weights = {"clip": encoder_weights(clip, weights_content_hash),
                "text": encoder_weights(text_encoder, weights_content_hash)}
-    source = str(Path(folder).resolve())
+    source = source_name(folder)
+    source_root = str(files_root(folder))
     manifest_path = cache_dir / MANIFEST_NAME
     previous = _read_previous_manifest(manifest_path)
     if previous is not None:
@@ -482,7 +485,8 @@ def precompute(
     text_dtype_name = str(text_dtype).replace("torch.", "")
     manifest = {
         "format": CACHE_FORMAT, "version": CACHE_VERSION, "complete": False, "encoders": encoders,
-        "encoder_weights": weights, "source": source, "image_column": image_column, "caption_column": caption_column,
+        "encoder_weights": weights, "source": source, "source_root": source_root,
+        "image_column": image_column, "caption_column": caption_column,
         "clip_dim": int(clip.dim), "block_sizes": list(clip.block_sizes),
         "text_len": int(text_encoder.max_length), "text_dim": int(text_encoder.dim),
         "clip_dtype": clip_dtype_name, "text_dtype": text_dtype_name, "shard_size": shard_size,
@@ -735,18 +739,19 @@ def match_image_embeddings(cache_dir: PathLike, clip, paths: Sequence[PathLike])
         check_encoder_weights(manifest["encoder_weights"]["clip"], encoder_weights(clip), cache_dir)
     except ValueError as error:
         return None, str(error)
-    source = Path(manifest["source"])
+    source = manifest["source"]
+    root = Path(manifest.get("source_root", source))  # file names are relative to it
     infos = _load_shard_infos(cache_dir, manifest)
-    stamps = {str((source / x["file_name"]).resolve()): x for info in infos for x in info["inputs"]}
-    row_of = {str((source / image["file_name"]).resolve()): i
+    stamps = {str((root / x["file_name"]).resolve()): x for info in infos for x in info["inputs"]}
+    row_of = {str((root / image["file_name"]).resolve()): i
               for i, image in enumerate(image for info in infos for image in info["images"])}
-    resolved = [str(Path(p).resolve()) for p in paths]
+    resolved = [location(p) for p in paths]
     missing = [p for p in resolved if p not in stamps]
     if missing:
         return None, (f"{len(missing)} of the {len(paths)} images are not in it (e.g. {missing[0]}; the cache was "
                       f"built from {source})")
-    for path in resolved:
-        old, new = stamps[path], file_fingerprint(path)
+    for item, path in zip(paths, resolved):
+        old, new = stamps[path], file_fingerprint(item)
         if (old["size"], old["mtime_ns"]) != (new["size"], new["mtime_ns"]):
             return None, (f"{path} changed since the cache was built (size {old['size']} -> {new['size']}, "
                           f"mtime_ns {old['mtime_ns']} -> {new['mtime_ns']})")

@@ -143,7 +143,14 @@ def read_image_folder(
     image_column: str = "file_name",
     caption_column: str = "text",
 ) -> list[ImageRecord]:
-    """All images under ``folder`` (recursive) with their captions and metadata, sorted by file name."""
+    """All images under ``folder`` (recursive) with their captions and metadata, sorted by file name.
+
+    ``folder`` may also name webdataset tar shards (``webdata.is_shard_source``): their samples, in shard and
+    member order, each record's path a ``webdata.TarMember``."""
+    from . import webdata
+
+    if webdata.is_shard_source(folder):
+        return webdata.read_shards(folder, caption_column=caption_column)
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {str(root)!r} does not exist or is not a directory")
@@ -174,6 +181,10 @@ def read_image_folder(
 def list_image_files(folder: Union[str, os.PathLike]) -> list:
     """Every image file under `folder`, captioned or not (for image-only uses: the decoder, resizing);
     a caption file that cannot be parsed is reported and ignored, since captions do not matter there."""
+    from .webdata import is_shard_source
+
+    if is_shard_source(folder):  # errors in a shard's captions are listed per sample, never raised
+        return [record.path for record in read_image_folder(folder)]
     try:
         return [record.path for record in read_image_folder(folder)]
     except (KeyError, ValueError) as error:
@@ -219,10 +230,13 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
-def open_rgb(path: Union[str, os.PathLike]):
-    """Open an image file, decode it fully and return it as 8-bit RGB (``to_rgb``); the file is closed."""
+def open_rgb(path):
+    """Open an image file (or a ``webdata.TarMember``), decode it fully and return it as 8-bit RGB (``to_rgb``);
+    the file is closed."""
     from PIL import Image
 
-    with Image.open(path) as image:
+    from .webdata import TarMember
+
+    with Image.open(path.open() if isinstance(path, TarMember) else path) as image:
         image.load()
         return to_rgb(image).copy() if image.mode == "RGB" else to_rgb(image)

@@ -69,7 +69,8 @@ class DecoderTrainConfig(config_cli.FlagConfig):
     projection_layer_norm: bool = True
     projection_lr_scale: float = _field(10.0, "learning rate of the (new) projection = learning_rate x this")
     # data
-    train_data_dir: Optional[str] = _field(None, "folder of training images (captions ignored); required")
+    train_data_dir: Optional[str] = _field(None, "folder of training images, or webdataset tar shards "
+                                          "(data/{00000..00099}.tar, a .tar, a folder of .tar); required")
     embedding_cache: Optional[str] = _field(None, "a cache folder of the prior pipeline (shifted_diffusion.cache) "
                                             "to reuse when it matches")
     resolution: int = 512
@@ -200,7 +201,7 @@ def build_decoder_parser() -> argparse.ArgumentParser:
 def preflight(cfg: DecoderTrainConfig) -> None:
     """The inputs checked before any work: the data folder is set, a named checkpoint is complete and ours."""
     if not cfg.train_data_dir:
-        raise ValueError("--train_data_dir is required (a folder of training images)")
+        raise ValueError("--train_data_dir is required (a folder of training images or tar shards)")
     if cfg.resume_from_checkpoint and cfg.resume_from_checkpoint != "latest":
         read_state(cfg.resume_from_checkpoint)
     local = Path(cfg.pretrained_model_name_or_path)

@@ -35,9 +35,10 @@ DECODER_TYPE = "text_and_image"
 def image_captions(folder: str, paths: list[Path]) -> list[str]:
     """The first caption of each image (the image folder convention of ``data.read_image_folder``), or ""."""
     from .data import read_image_folder
+    from .webdata import location
 
-    by_path = {record.path.resolve(): record.captions for record in read_image_folder(folder)}
-    return [(by_path.get(Path(p).resolve()) or ("",))[0] for p in paths]
+    by_path = {location(record.path): record.captions for record in read_image_folder(folder)}
+    return [(by_path.get(location(p)) or ("",))[0] for p in paths]
 
 
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:

@@ -135,8 +135,13 @@ def preflight(cfg: TrainConfig) -> None:
     """The inputs a run reads later, checked before any work (embedding, k-means) is spent."""
     from .checkpoints import read_state
 
-    if cfg.train_data_dir is not None and not Path(cfg.train_data_dir).is_dir():
-        raise FileNotFoundError(f"train_data_dir {cfg.train_data_dir}: no such folder")
+    if cfg.train_data_dir is not None:
+        from .webdata import expand_shards, is_shard_source
+
+        if is_shard_source(cfg.train_data_dir):
+            expand_shards(cfg.train_data_dir)  # every named shard exists, none compressed
+        elif not Path(cfg.train_data_dir).is_dir():
+            raise FileNotFoundError(f"train_data_dir {cfg.train_data_dir}: no such folder")
     if cfg.vocab_path and not cfg.baseline:
         try:
             ClusterVocab.load(cfg.vocab_path)

@@ -24,7 +24,8 @@ class TrainConfig(config_cli.FlagConfig):
     SCRIPT: ClassVar[str] = "train.py"
 
     # data
-    train_data_dir: Optional[str] = None  # None: the embedded toy world (generated, cached)
+    # an image folder or webdataset tar shards (a pattern, a .tar, a folder of .tar); None: the embedded toy world
+    train_data_dir: Optional[str] = None
     cache_dir: Optional[str] = None  # default: <output_dir>/embeddings
     image_column: str = "file_name"
     caption_column: str = "text"

@@ -510,3 +510,33 @@ def test_own_embeddings_file_is_recomputed_after_an_image_changes(world, tmp_pat
     edited.save(images / "img03.png")
     run(args)
     assert calls == [11, 11]
+
+
+def test_tar_shards_train_exactly_as_the_unpacked_folder(world, tmp_path):
+    """--train_data_dir as a webdataset shard pattern: the same images in the same order give the same weights;
+    the corrupt member is left out as broken.png is."""
+    import io
+    import tarfile
+
+    files = sorted(p for p in world["images"].iterdir() if p.is_file())  # broken.png, img00.png, img00.txt, ...
+    keys = sorted({p.stem for p in files})
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for index, chunk_keys in enumerate((keys[:5], keys[5:])):
+        chunk = [p for p in files if p.stem in chunk_keys]
+        with tarfile.open(shards / f"{index:05d}.tar", "w") as archive:
+            for path in chunk:
+                data = path.read_bytes()
+                info = tarfile.TarInfo(path.name)
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+    extra = ("--max_train_steps", "2", "--validation_steps", "0", "--checkpointing_steps", "0")
+    from_folder = run(base_args(world, tmp_path / "folder", *extra))
+    args = base_args(world, tmp_path / "tars", *extra)
+    args[args.index("--train_data_dir") + 1] = str(shards / "{00000..00001}.tar")
+    from_tars = run(args)
+    for weights in sorted(from_folder.rglob("*.safetensors")):
+        _assert_same_safetensors(weights, from_tars / weights.relative_to(from_folder))
+    summaries = [{k: v for k, v in json.loads((out / "train_summary.json").read_text()).items()
+                  if not k.endswith("_per_step")} for out in (from_folder, from_tars)]
+    assert summaries[0] == summaries[1] and summaries[1]["num_train_images"] == 8
