@@ -776,8 +776,9 @@ def split_image_indices(
 
 
 class EmbeddingDataset(Dataset):
-    """(image, caption) pairs of a cache: clip_image (D,), clip_text (D,), text_tokens (L, E) float32,
-    image_index, caption_index (long scalars).
+    """(image, caption) pairs of a cache: clip_image (D,), clip_text (D,), text_tokens (L, E) float32 (the
+    storage dtypes with ``float32=False``: half the bytes through DataLoader workers, cast on the device
+    instead, the same values), image_index, caption_index (long scalars).
 
     ``split``: None / "all" (every pair), "train" / "val" (held-out images from ``split_image_indices``
     with ``val_fraction``, ``seed``), or a sequence of image indices. Shards are memory-mapped and read
@@ -793,8 +794,9 @@ class EmbeddingDataset(Dataset):
         val_fraction: float = 0.05,
         seed: int = 0,
         in_memory: bool = False,
+        float32: bool = True,
     ):
-        self.cache_dir = Path(cache_dir)
+        self.cache_dir, self.float32 = Path(cache_dir), float32
         self.manifest = load_manifest(cache_dir)
         self.clip_dim = int(self.manifest["clip_dim"])
         self.block_sizes = list(self.manifest["block_sizes"])
@@ -879,6 +881,9 @@ class EmbeddingDataset(Dataset):
             rows = handle.get_slice(key)[start:stop]
         return pad_token_states(rows, self.text_len) if key == "text_tokens" else rows[0]
 
+    def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.float() if self.float32 else tensor
+
     def __len__(self) -> int:
         return int(self.pairs.numel())
 
@@ -887,9 +892,9 @@ class EmbeddingDataset(Dataset):
         shard_id = int(self.pair_shard[p])
         caption_row, image_row = int(self.pair_caption_row[p]), int(self.pair_image_row[p])
         return {
-            "clip_image": self._get(shard_id, "clip_image", image_row).float(),  # (D,)
-            "clip_text": self._get(shard_id, "clip_text", caption_row).float(),  # (D,)
-            "text_tokens": self._get(shard_id, "text_tokens", caption_row).float(),  # (L, E)
+            "clip_image": self._cast(self._get(shard_id, "clip_image", image_row)),  # (D,)
+            "clip_text": self._cast(self._get(shard_id, "clip_text", caption_row)),  # (D,)
+            "text_tokens": self._cast(self._get(shard_id, "text_tokens", caption_row)),  # (L, E)
             "image_index": self.pair_image_index[p].clone(),  # dense index over embedded images
             "caption_index": torch.tensor(p),  # index into the flattened captions of load_image_records
         }

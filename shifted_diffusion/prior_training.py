@@ -104,7 +104,8 @@ def prior_config(cfg: TrainConfig, manifest: dict, vocab_size: Optional[int]) ->
 
 
 def to_device(batch: dict, device) -> dict:
-    return {key: batch[key].to(device, non_blocking=True) for key in ("clip_image", "clip_text", "text_tokens")}
+    """The embeddings of a batch on ``device`` as float32 (the loader may hand over their storage dtypes)."""
+    return {key: batch[key].to(device, non_blocking=True).float() for key in ("clip_image", "clip_text", "text_tokens")}
 
 
 def cache_bytes(cache_dir: Path) -> int:
@@ -180,7 +181,8 @@ def train_prior(cfg: TrainConfig) -> Path:
     log(f"[cache] {cache_dir} ready in {time.time() - start:.1f}s (embedded by {world} process{'es' * (world > 1)})")
     manifest = load_manifest(cache_dir)
     in_memory = cache_bytes(cache_dir) < 4 * 2**30  # small caches live in RAM; large ones are memory-mapped
-    train_set = EmbeddingDataset(cache_dir, "train", val_fraction=cfg.val_fraction, seed=cfg.seed, in_memory=in_memory)
+    train_set = EmbeddingDataset(cache_dir, "train", val_fraction=cfg.val_fraction, seed=cfg.seed, in_memory=in_memory,
+                                 float32=False)  # cast on the device: half the bytes through the loader
     val_set = EmbeddingDataset(cache_dir, "val", val_fraction=cfg.val_fraction, seed=cfg.seed)  # memory-mapped
     if len(train_set) < cfg.train_batch_size * world:
         raise ValueError(f"{len(train_set)} training pairs (captioned images) in {cfg.train_data_dir}: fewer than one "

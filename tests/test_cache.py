@@ -98,6 +98,13 @@ def test_dataset_items_equal_direct_encoder_outputs(caption_image_folder, tmp_pa
     first = [dataset[i] for i in range(4)]
     assert torch.equal(batch["text_tokens"], torch.stack([f["text_tokens"] for f in first]))
     assert batch["clip_image"].shape == (4, 32)
+    # float32=False hands over the storage dtypes (half the bytes through workers); cast, the same values
+    stored = EmbeddingDataset(tmp_path / "cache", float32=False)
+    for i in (0, len(dataset) - 1):
+        item = stored[i]
+        assert item["text_tokens"].dtype == torch.float16
+        for key in ("clip_image", "clip_text", "text_tokens"):
+            assert torch.equal(item[key].float(), items[i][key])
 
 
 def test_resume_skips_finished_shards(caption_image_folder, tmp_path, cache_clip, cache_text_encoder):
