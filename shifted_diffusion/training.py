@@ -8,16 +8,18 @@
 * ``resume_step``: the step (and every state) recovered from a checkpoint, or 0;
 * ``backward_step``: backward, clipping at the end of an accumulation window, optimizer and schedule steps;
 * ``build_ema`` (FusedEMA) and ``ema.EmaWeights`` to swap its weights in;
-* ``StepLog``: the progress bar and the loss, summed on the device and read only when logged or before a
-  checkpoint, where a non-finite loss stops the run (``check_finite_loss``);
+* ``StepLog``: the progress bar and the loss (also written to ``logs/loss.jsonl``), summed on the device and
+  read only when logged or before a checkpoint, where a non-finite loss stops the run (``check_finite_loss``);
 * ``due`` / ``validate_if_due``: when the periodic hooks (checkpoint, validation) run;
 * ``logger`` / ``setup_logging``: python ``logging`` (written through tqdm) for every message.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import sys
 import time
 from datetime import timedelta
@@ -262,6 +264,28 @@ def optimizer_steps(accelerator, dataset, *, global_step: int, max_steps: int, m
                 return
 
 
+LOSS_LOG_NAME = "loss.jsonl"
+
+
+def read_loss_log(path) -> list[dict]:
+    """The lines of a run's ``loss.jsonl`` (``StepLog``), in order."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def keep_loss_log(path: Path, last_step: int) -> None:
+    """Create ``path``'s folder; drop the lines of steps after ``last_step`` (a resumed run; atomic rewrite)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = read_loss_log(path)
+    kept = [line for line in lines if line["step"] <= last_step]
+    if len(kept) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(line) + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, path)
+
+
 class StepLog:
     """The progress bar and loss log of a run.
 
@@ -269,6 +293,10 @@ class StepLog:
     every optimizer step closes its accumulation window. The window's mean, averaged over the processes, is
     read only at logging steps (logged as ``train/loss``), at checkpoint steps and at the last step; there a
     non-finite loss raises, before anything is saved.
+
+    Every logged value is also a line of ``<logging_dir>/loss.jsonl`` (main process; ``{"step", "loss", "lr",
+    "samples_per_s"}``), whatever the trackers: a resumed run first drops the lines after its step, so the file
+    is the history of the weights it writes.
     """
 
     def __init__(self, accelerator, *, max_steps: int, initial_step: int, logging_steps: int,
@@ -281,6 +309,9 @@ class StepLog:
         self.window_count = 0
         self.last_loss = float("nan")
         self._since, self._steps_since = time.time(), 0
+        self.loss_file = Path(accelerator.logging_dir) / LOSS_LOG_NAME
+        if accelerator.is_main_process:
+            keep_loss_log(self.loss_file, initial_step)
 
     def add(self, loss: torch.Tensor) -> None:
         self.window_sum = self.window_sum + loss.detach().float()
@@ -301,9 +332,13 @@ class StepLog:
         if log:
             elapsed = max(time.time() - self._since, 1e-9)
             self.progress.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
-            self.accelerator.log({"train/loss": value, "train/lr": lr,
-                                  "train/samples_per_s": self._steps_since * self.samples_per_step / elapsed},
+            samples_per_s = self._steps_since * self.samples_per_step / elapsed
+            self.accelerator.log({"train/loss": value, "train/lr": lr, "train/samples_per_s": samples_per_s},
                                  step=step)
+            if self.accelerator.is_main_process:
+                with open(self.loss_file, "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"step": step, "loss": value, "lr": lr,
+                                        "samples_per_s": round(samples_per_s, 3)}) + "\n")
             self._since, self._steps_since = time.time(), 0
         return value
 

@@ -540,3 +540,52 @@ def test_tar_shards_train_exactly_as_the_unpacked_folder(world, tmp_path):
     summaries = [{k: v for k, v in json.loads((out / "train_summary.json").read_text()).items()
                   if not k.endswith("_per_step")} for out in (from_folder, from_tars)]
     assert summaries[0] == summaries[1] and summaries[1]["num_train_images"] == 8
+
+
+@pytest.mark.slow
+def test_two_process_ddp_decoder_training_checkpoints_once_and_resumes_exactly(world, tmp_path):
+    """finetune.py in 2 CPU processes (torchrun + ACCELERATE_USE_CPU: gloo DDP): the loss log falls, each
+    checkpoint is written once, validation on the main process does not stall the other, a resumed DDP run reaches
+    the weights (EMA included) of an uninterrupted one, and they differ from one process's run."""
+    import os
+    import subprocess
+    import sys
+
+    from shifted_diffusion.training import read_loss_log
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    common = ("--use_ema", "--checkpointing_steps", "3", "--logging_steps", "1", "--validation_steps", "3",
+              "--validation_num_inference_steps", "2", "--lr_scheduler", "constant")
+
+    def launch(out, *extra):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+                   str(ROOT / "finetune.py"), *base_args(world, out, *common, *extra)]
+        child = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert child.returncode == 0, child.stderr[-4000:]
+
+    launch(tmp_path / "a", "--max_train_steps", "6")
+    assert [p.name for p in list_checkpoints(tmp_path / "a")] == ["checkpoint-3", "checkpoint-6"]
+    assert not list((tmp_path / "a").glob(".checkpoint-*"))  # no half-written or duplicate saves left behind
+    assert sorted(p.name for p in (tmp_path / "a" / "validation").iterdir()) == ["step-0000003.png",
+                                                                                 "step-0000006.png"]
+    losses = [line["loss"] for line in read_loss_log(tmp_path / "a" / "logs" / "loss.jsonl")]
+    assert len(losses) == 6 and sum(losses[3:]) < sum(losses[:3]), losses  # 1.09 1.08 0.94 | 0.90 0.87 0.91
+    summary = json.loads((tmp_path / "a" / "train_summary.json").read_text())
+    assert summary["global_step"] == 6 and summary["num_train_images"] == 8
+
+    launch(tmp_path / "b", "--max_train_steps", "3")
+    launch(tmp_path / "b", "--max_train_steps", "6", "--resume_from_checkpoint", "latest")
+    assert [line["step"] for line in read_loss_log(tmp_path / "b" / "logs" / "loss.jsonl")] == [1, 2, 3, 4, 5, 6]
+    for name in ("unet", "projection"):
+        a = load_file(str(tmp_path / "a" / "checkpoint-6" / f"{name}.safetensors"))
+        b = load_file(str(tmp_path / "b" / "checkpoint-6" / f"{name}.safetensors"))
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    for shadow_a, shadow_b in zip(_ema_state(tmp_path / "a" / "checkpoint-6")["shadow_params"],
+                                  _ema_state(tmp_path / "b" / "checkpoint-6")["shadow_params"]):
+        torch.testing.assert_close(shadow_a, shadow_b, rtol=0, atol=1e-6)
+
+    single = run(base_args(world, tmp_path / "c", *common, "--max_train_steps", "6"))
+    a, c = (load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors")) for out in (tmp_path / "a", single))
+    assert any(not torch.allclose(a[k], c[k]) for k in a)  # two processes saw twice the data: other weights

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from shifted_diffusion.checkpoints import CheckpointError, find_checkpoint, list_checkpoints
 from shifted_diffusion.prior_pipeline import load_prior
 from shifted_diffusion.train_config import TrainConfig, parse_config
+from shifted_diffusion.training import read_loss_log
 from shifted_diffusion.toy.prior_job import run_prior_job
 from shifted_diffusion.vocab import ClusterVocab
 
@@ -57,15 +58,23 @@ def test_end_to_end_cache_vocab_train_load_sample(caption_image_folder, tiny_ope
 
 
 def test_resume_reaches_the_weights_of_an_uninterrupted_run(caption_image_folder, tiny_open_clip_dir, tmp_path):
-    common = ["--checkpointing_steps", "2", "--validation_steps", "0", "--lr_scheduler", "constant_with_warmup"]
+    common = ["--checkpointing_steps", "2", "--validation_steps", "0", "--lr_scheduler", "constant_with_warmup",
+              "--logging_steps", "1"]
     straight = run_prior_job(args(caption_image_folder, tiny_open_clip_dir, tmp_path / "a", "--max_train_steps", "5", *common))
-    run_prior_job(args(caption_image_folder, tiny_open_clip_dir, tmp_path / "b", "--max_train_steps", "2", *common))
+    # interrupted after step 3: its loss log runs past the checkpoint the resumed run starts from
+    run_prior_job(args(caption_image_folder, tiny_open_clip_dir, tmp_path / "b", "--max_train_steps", "3", *common))
+    assert [p.name for p in list_checkpoints(tmp_path / "b")][-1] == "checkpoint-2"
     resumed = run_prior_job(args(caption_image_folder, tiny_open_clip_dir, tmp_path / "b", "--max_train_steps", "5",
                               "--resume_from_checkpoint", "latest", *common))
     a, b = load_file(str(straight / "prior" / "diffusion_pytorch_model.safetensors")), load_file(str(resumed / "prior" / "diffusion_pytorch_model.safetensors"))
     assert a.keys() == b.keys()
     for key in a:  # same data order, same per-step randomness, same optimiser and EMA state: exact on CPU
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    # the resumed run's loss log is the uninterrupted run's: steps 3.. re-logged once, the same values
+    log_a, log_b = (read_loss_log(tmp_path / run / "logs" / "loss.jsonl") for run in ("a", "b"))
+    assert [line["step"] for line in log_b] == [1, 2, 3, 4, 5]
+    torch.testing.assert_close(torch.tensor([line["loss"] for line in log_b]),
+                               torch.tensor([line["loss"] for line in log_a]), rtol=0, atol=1e-6)
     untrained = run_prior_job(args(caption_image_folder, tiny_open_clip_dir, tmp_path / "c", "--max_train_steps", "2", *common))
     c = load_file(str(untrained / "prior" / "diffusion_pytorch_model.safetensors"))
     assert any(not torch.allclose(a[k], c[k]) for k in a)  # the comparison above could fail
@@ -355,7 +364,8 @@ def test_two_process_ddp_training_embeds_shares_checkpoints_once_and_resumes_exa
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     common = ["--checkpointing_steps", "2", "--validation_steps", "0", "--report_to", "none", "--no-use_ema",
-              "--lr_scheduler", "constant", "--learning_rate", "1e-3", "--cache_dir", str(tmp_path / "cache")]
+              "--lr_scheduler", "constant", "--learning_rate", "1e-3", "--cache_dir", str(tmp_path / "cache"),
+              "--logging_steps", "1"]
 
     def launch(out, *extra):
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
@@ -369,6 +379,8 @@ def test_two_process_ddp_training_embeds_shares_checkpoints_once_and_resumes_exa
     assert manifest["complete"] and manifest["num_captions"] > 0
     assert [p.name for p in list_checkpoints(tmp_path / "a")] == ["checkpoint-2", "checkpoint-4"]
     assert not list((tmp_path / "a").glob(".checkpoint-*"))  # no half-written or duplicate saves left behind
+    losses = [line["loss"] for line in read_loss_log(tmp_path / "a" / "logs" / "loss.jsonl")]
+    assert len(losses) == 5 and sum(losses[-2:]) < sum(losses[:2]), losses  # 0.53 0.79 .. 0.49 0.35
     launch(tmp_path / "b", "--max_train_steps", "2")
     launch(tmp_path / "b", "--max_train_steps", "5", "--resume_from_checkpoint", "latest")
     a = load_file(str(tmp_path / "a" / "prior" / "prior" / "diffusion_pytorch_model.safetensors"))
