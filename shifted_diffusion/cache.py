@@ -778,7 +778,8 @@ def split_image_indices(
 class EmbeddingDataset(Dataset):
     """(image, caption) pairs of a cache: clip_image (D,), clip_text (D,), text_tokens (L, E) float32 (the
     storage dtypes with ``float32=False``: half the bytes through DataLoader workers, cast on the device
-    instead, the same values), image_index, caption_index (long scalars).
+    instead, the same values), image_index, caption_index (long scalars); with ``captions=True`` also the
+    caption itself (str: for a text encoder run in the training step).
 
     ``split``: None / "all" (every pair), "train" / "val" (held-out images from ``split_image_indices``
     with ``val_fraction``, ``seed``), or a sequence of image indices. Shards are memory-mapped and read
@@ -795,8 +796,11 @@ class EmbeddingDataset(Dataset):
         seed: int = 0,
         in_memory: bool = False,
         float32: bool = True,
+        captions: bool = False,
     ):
         self.cache_dir, self.float32 = Path(cache_dir), float32
+        # pair p's caption is the p-th of the records' captions in order (what caption_index means)
+        self.captions = [c for r in load_image_records(cache_dir) for c in r["captions"]] if captions else None
         self.manifest = load_manifest(cache_dir)
         self.clip_dim = int(self.manifest["clip_dim"])
         self.block_sizes = list(self.manifest["block_sizes"])
@@ -891,10 +895,13 @@ class EmbeddingDataset(Dataset):
         p = int(self.pairs[i])
         shard_id = int(self.pair_shard[p])
         caption_row, image_row = int(self.pair_caption_row[p]), int(self.pair_image_row[p])
-        return {
+        item = {
             "clip_image": self._cast(self._get(shard_id, "clip_image", image_row)),  # (D,)
             "clip_text": self._cast(self._get(shard_id, "clip_text", caption_row)),  # (D,)
             "text_tokens": self._cast(self._get(shard_id, "text_tokens", caption_row)),  # (L, E)
             "image_index": self.pair_image_index[p].clone(),  # dense index over embedded images
             "caption_index": torch.tensor(p),  # index into the flattened captions of load_image_records
         }
+        if self.captions is not None:
+            item["caption"] = self.captions[p]
+        return item

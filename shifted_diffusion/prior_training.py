@@ -41,20 +41,28 @@ def encoder_settings(cfg: TrainConfig) -> dict:
     }
 
 
+def build_caption_encoder(cfg: TrainConfig, device):
+    """The frozen word-level text encoder of ``cfg.t5_model`` on ``device`` ("none": no tokens)."""
+    from .encoders import build_text_encoder
+
+    if cfg.t5_model.lower() == "none":
+        return build_text_encoder("none")
+    return build_text_encoder(cfg.t5_model, max_length=cfg.text_max_length, masked=cfg.t5_masked,
+                              offload=cfg.t5_offload, device=device, dtype=cfg.encoder_dtype)
+
+
 def build_embedding_cache(cfg: TrainConfig, cache_dir: Path, device, process_index: int = 0,
                           num_processes: int = 1) -> dict:
     """Embed the image folder once with the frozen encoders (finished shards are reused); under several
-    processes each embeds its share of the shards (``cache.precompute``)."""
+    processes each embeds its share of the shards (``cache.precompute``). With ``text_encoding`` online the
+    cache holds no token states (the text encoder runs in the training step)."""
     from .cache import TEXT_DTYPES
     from .encoders import MultiCLIP, build_text_encoder
 
     if cfg.train_data_dir is None:
         raise ValueError("train_data_dir is not set")
     clip = MultiCLIP(parse_clip_specs(cfg.clip_models), device=device, dtype=cfg.encoder_dtype)
-    text_encoder = build_text_encoder(
-        cfg.t5_model, max_length=cfg.text_max_length, masked=cfg.t5_masked, offload=cfg.t5_offload,
-        device=device, dtype=cfg.encoder_dtype,
-    ) if cfg.t5_model.lower() != "none" else build_text_encoder("none")
+    text_encoder = build_text_encoder("none") if cfg.text_encoding == "online" else build_caption_encoder(cfg, device)
     manifest = precompute(
         cfg.train_data_dir, cache_dir, clip, text_encoder, batch_size=cfg.encoder_batch_size,
         image_column=cfg.image_column, caption_column=cfg.caption_column,
@@ -103,9 +111,13 @@ def prior_config(cfg: TrainConfig, manifest: dict, vocab_size: Optional[int]) ->
     return PriorConfig.preset(cfg.model_preset, **overrides)
 
 
-def to_device(batch: dict, device) -> dict:
-    """The embeddings of a batch on ``device`` as float32 (the loader may hand over their storage dtypes)."""
-    return {key: batch[key].to(device, non_blocking=True).float() for key in ("clip_image", "clip_text", "text_tokens")}
+def to_device(batch: dict, device, text_encoder=None) -> dict:
+    """The embeddings of a batch on ``device`` as float32 (the loader may hand over their storage dtypes);
+    with ``text_encoder`` (online text encoding) the token states are those of the batch's captions."""
+    out = {key: batch[key].to(device, non_blocking=True).float() for key in ("clip_image", "clip_text", "text_tokens")}
+    if text_encoder is not None:  # (B, L, E); a copy made outside inference mode, so autograd may save it
+        out["text_tokens"] = text_encoder.encode(batch["caption"]).to(device).float().clone()
+    return out
 
 
 def cache_bytes(cache_dir: Path) -> int:
@@ -113,12 +125,13 @@ def cache_bytes(cache_dir: Path) -> int:
 
 
 @torch.no_grad()
-def validate(pipeline: ShiftedDiffusionPriorPipeline, dataset: EmbeddingDataset, cfg: TrainConfig, device) -> dict:
+def validate(pipeline: ShiftedDiffusionPriorPipeline, dataset: EmbeddingDataset, cfg: TrainConfig, device,
+             text_encoder=None) -> dict:
     """cosine(generated, ground-truth image embedding) per CLIP block and their mean, on held-out pairs."""
     count = min(len(dataset), cfg.num_validation_samples)
     if count == 0:
         return {}
-    batch = to_device(torch.utils.data.default_collate([dataset[i] for i in range(count)]), device)
+    batch = to_device(torch.utils.data.default_collate([dataset[i] for i in range(count)]), device, text_encoder)
     generated = pipeline.sample(
         batch["clip_text"], batch["text_tokens"], num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
         generator=torch.Generator(device=device).manual_seed(cfg.seed),
@@ -180,15 +193,25 @@ def train_prior(cfg: TrainConfig) -> Path:
     build_embedding_cache(cfg, cache_dir, device, accelerator.process_index, world)
     log(f"[cache] {cache_dir} ready in {time.time() - start:.1f}s (embedded by {world} process{'es' * (world > 1)})")
     manifest = load_manifest(cache_dir)
+    online = cfg.text_encoding == "online"
     in_memory = cache_bytes(cache_dir) < 4 * 2**30  # small caches live in RAM; large ones are memory-mapped
     train_set = EmbeddingDataset(cache_dir, "train", val_fraction=cfg.val_fraction, seed=cfg.seed, in_memory=in_memory,
-                                 float32=False)  # cast on the device: half the bytes through the loader
-    val_set = EmbeddingDataset(cache_dir, "val", val_fraction=cfg.val_fraction, seed=cfg.seed)  # memory-mapped
+                                 float32=False, captions=online)  # cast on the device: half the bytes through the loader
+    val_set = EmbeddingDataset(cache_dir, "val", val_fraction=cfg.val_fraction, seed=cfg.seed,
+                               captions=online)  # memory-mapped
     if len(train_set) < cfg.train_batch_size * world:
         raise ValueError(f"{len(train_set)} training pairs (captioned images) in {cfg.train_data_dir}: fewer than one "
                          f"batch of {cfg.train_batch_size} x {world} processes")
+    null_clip_text = train_set.null_clip_text.to(device)
+    null_text_tokens = train_set.null_text_tokens.to(device)
+    text_encoder = None
+    if online:  # every process holds the frozen encoder and encodes its own batches
+        text_encoder = build_caption_encoder(cfg, device)
+        manifest = {**manifest, "text_len": int(text_encoder.max_length), "text_dim": int(text_encoder.dim)}
+        null_text_tokens = text_encoder.encode([""])[0].to(device).float().clone()  # (L, E)
     log(f"[data] {manifest['num_images']} images ({len(train_set)} train / {len(val_set)} val caption pairs), "
-        f"clip_dim {manifest['clip_dim']}, text tokens {manifest['text_len']}x{manifest['text_dim']}")
+        f"clip_dim {manifest['clip_dim']}, text tokens {manifest['text_len']}x{manifest['text_dim']}"
+        f"{' encoded online in every step' if online else ''}")
 
     # vocabulary (fitted once, on the main process, on the training images)
     vocab_file = output_dir / "vocab.safetensors"
@@ -198,8 +221,6 @@ def train_prior(cfg: TrainConfig) -> Path:
     if not accelerator.is_main_process:
         shift = build_shift(cfg, cache_dir, train_set.image_indices, vocab_file, int(manifest["clip_dim"]), device)
     shift = shift.to(device)
-    null_clip_text = train_set.null_clip_text.to(device)
-    null_text_tokens = train_set.null_text_tokens.to(device)
 
     # network, optimiser, schedule, loss
     set_seed(cfg.seed)
@@ -239,10 +260,11 @@ def train_prior(cfg: TrainConfig) -> Path:
         unwrapped.eval()
         pipeline = build_pipeline(unwrapped, shift, schedule_config, encoder_settings(cfg), null_clip_text, null_text_tokens,
                                   uncond_clip_text="empty_caption" if cfg.empty_clip_prob > 0 else "prompt")
-        metrics = {f"val/{k}": v for k, v in validate(pipeline, val_set, cfg, device).items()}
+        metrics = {f"val/{k}": v for k, v in validate(pipeline, val_set, cfg, device, text_encoder).items()}
         if ema is not None:
             with EmaWeights(ema, unwrapped):
-                metrics.update({f"val_ema/{k}": v for k, v in validate(pipeline, val_set, cfg, device).items()})
+                metrics.update({f"val_ema/{k}": v
+                                for k, v in validate(pipeline, val_set, cfg, device, text_encoder).items()})
         unwrapped.train()
         accelerator.log(metrics, step=step)
         log(f"[validation] step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.endswith("cos_gt")))
@@ -259,7 +281,7 @@ def train_prior(cfg: TrainConfig) -> Path:
     metrics = {}
 
     def micro_batch_loss(batch, generator):
-        batch = to_device(batch, device)
+        batch = to_device(batch, device, text_encoder)
         cluster_idx = shift.assign(batch["clip_text"])
         shift_mean, shift_std = shift.shift(cluster_idx, check=False)  # valid by construction: no host sync
         return loss_fn(

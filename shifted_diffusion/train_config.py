@@ -43,6 +43,10 @@ class TrainConfig(config_cli.FlagConfig):
     encoder_dtype: Optional[str] = None  # default: fp16 (CLIP) / bf16 (T5) on GPU, fp32 on CPU
     encoder_batch_size: int = 256
     cache_text_dtype: str = "float16"  # storage of the token states: float16, bfloat16 or float32
+    text_encoding: str = dataclasses.field(default="cache", metadata={"help": (
+        "cache: the text encoder's token states are embedded once into the cache; online: the cache keeps the "
+        "CLIP embeddings only and every process runs the frozen text encoder on its batch's captions in the "
+        "training step (sets too large to cache)")})
     # vocabulary
     baseline: bool = False  # DALL-E 2 prior: mu = 0, Sigma = I, no cluster token
     vocab_path: Optional[str] = None  # a saved vocabulary; None: fit one on the training images
@@ -141,6 +145,10 @@ class TrainConfig(config_cli.FlagConfig):
         check_choice("--lr_scheduler", self.lr_scheduler, {t.value for t in SchedulerType})
         check_choice("--encoder_dtype", self.encoder_dtype, {None, *DTYPE_NAMES})
         check_choice("--cache_text_dtype", self.cache_text_dtype, set(TEXT_DTYPES))
+        check_choice("--text_encoding", self.text_encoding, {"cache", "online"})
+        if self.text_encoding == "online" and self.t5_model.lower() in ("", "none"):
+            raise ValueError("--text_encoding online: --t5_model is 'none', there is no text encoder to run online; "
+                             "use --text_encoding cache (a CLIP-only prior caches nothing per token)")
         if self.model_width is not None and self.model_num_heads is not None and self.model_width % self.model_num_heads:
             raise ValueError(f"--model_width {self.model_width} is not divisible by --model_num_heads "
                              f"{self.model_num_heads}")

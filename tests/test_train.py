@@ -80,6 +80,39 @@ def test_resume_reaches_the_weights_of_an_uninterrupted_run(caption_image_folder
     assert any(not torch.allclose(a[k], c[k]) for k in a)  # the comparison above could fail
 
 
+def test_online_text_encoding_trains_as_the_cached_tokens_without_storing_them(caption_image_folder,
+                                                                               tiny_open_clip_dir, tmp_path):
+    """--text_encoding online: the cache holds the CLIP embeddings only, the text encoder runs in the step on the
+    batch's captions, with the same dropout; float32 cached tokens give the same training (same loss log, same
+    weights up to float32 summation order of the encoder's batches)."""
+    common = ["--max_train_steps", "4", "--checkpointing_steps", "0", "--validation_steps", "2",
+              "--logging_steps", "1", "--cache_text_dtype", "float32", "--empty_t5_prob", "0.3"]
+    cached = run_prior_job(args(caption_image_folder, tiny_open_clip_dir, tmp_path / "cached", *common))
+    online = run_prior_job(args(caption_image_folder, tiny_open_clip_dir, tmp_path / "online", *common,
+                                "--text_encoding", "online"))
+    manifests = {name: json.loads((tmp_path / name / "embeddings" / "manifest.json").read_text())
+                 for name in ("cached", "online")}
+    assert manifests["online"]["encoders"]["text"] == {"type": "none"} and manifests["online"]["text_len"] == 0
+    assert manifests["cached"]["text_len"] == 8
+    sizes = {name: sum(p.stat().st_size for p in (tmp_path / name / "embeddings").glob("shard_*.safetensors"))
+             for name in manifests}
+    assert sizes["online"] < sizes["cached"] / 2  # 32-dim CLIP rows vs 8 x 64 token states per caption
+    a, b = (load_file(str(run / "prior" / "diffusion_pytorch_model.safetensors")) for run in (cached, online))
+    for key in a:  # measured: 1.5e-8 apart at most
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    losses = [[line["loss"] for line in read_loss_log(tmp_path / name / "logs" / "loss.jsonl")] for name in manifests]
+    torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=0, atol=1e-6)
+    index = [json.loads((run / "model_index.json").read_text()) for run in (cached, online)]
+    assert index[0]["training"]["validation"].keys() == index[1]["training"]["validation"].keys()
+    # the online prior samples from prompts as the cached one does
+    for run in (cached, online):
+        assert load_prior(run)(["a red square"], num_inference_steps=2).image_embeds.shape == (1, 32)
+    with pytest.raises(ValueError, match="no text encoder to run online"):
+        parse_config(["--text_encoding", "online", "--t5_model", "none"])
+    with pytest.raises(ValueError, match="text_encoding"):
+        parse_config(["--text_encoding", "sometimes"])
+
+
 def test_baseline_prior_has_no_vocab_and_no_cluster_token(caption_image_folder, tiny_open_clip_dir, tmp_path):
     prior_dir = run_prior_job(args(caption_image_folder, tiny_open_clip_dir, tmp_path / "base", "--baseline",
                                 "--max_train_steps", "1", "--validation_steps", "0", "--checkpointing_steps", "0"))
