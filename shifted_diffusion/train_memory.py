@@ -16,7 +16,7 @@ beside the estimate. ``benchmarks/prior_memory.py`` is the command line.
 from __future__ import annotations
 
 import platform
-from typing import Any, Dict
+from typing import Any, Dict, Sequence
 
 import torch
 
@@ -104,12 +104,33 @@ def real_step_peak_mib(model: ShiftedPrior, dtype: torch.dtype, batch_size: int)
     return peak
 
 
+def sharded_estimates(params: int, largest_block_params: int, activations_mib: float,
+                      num_processes: int) -> Dict[str, list]:
+    """Per-process peak range (MiB) of one training step when the fp32 training state is split over
+    ``num_processes`` data-parallel processes: weights 4 B, AdamW moments 8 B, gradients 4 B per parameter.
+    As in ``memory_report``, the low end is the resident state + activations, the high end adds the gradients.
+
+    ``ddp``: everything replicated. ``zero1`` (DeepSpeed stage 1): moments sharded. ``zero2`` (stage 2, FSDP
+    SHARD_GRAD_OP): moments and gradients sharded (the gradients: a shard + one block's in flight). ``zero3``
+    (stage 3, FSDP FULL_SHARD): weights too, plus two gathered blocks' weights (computing, prefetched)."""
+    n, block = num_processes, 4 * largest_block_params
+    state = {  # (resident bytes without gradients, gradient bytes at the peak)
+        "ddp": (12 * params, 4 * params),
+        "zero1": (4 * params + 8 * params / n, 4 * params),
+        "zero2": (4 * params + 8 * params / n, 4 * params / n + block),
+        "zero3": (12 * params / n + 2 * block, 4 * params / n + block),
+    }
+    return {name: [round(resident / MIB + activations_mib, 2), round((resident + grads) / MIB + activations_mib, 2)]
+            for name, (resident, grads) in state.items()}
+
+
 def memory_report(preset: str = "tiny", batch: int = 64, dtype: str = "bf16", device=None,
-                  real_step: bool = True) -> Dict[str, Any]:
+                  real_step: bool = True, shard_over: Sequence[int] = ()) -> Dict[str, Any]:
     """The parts of a training step's memory for the network preset at ``batch`` captions, as a JSON-ready
     dict: "plain" and "grad_checkpointing" entries (parameters, MiB of weights + AdamW, gradients,
     activations per caption / batch-independent / at ``batch``, the estimated peak range, and on CUDA with
-    ``real_step`` the measured peak) and their activation ratio."""
+    ``real_step`` the measured peak) and their activation ratio; for each N of ``shard_over``, the peak per
+    process with the training state sharded over N processes (``sharded_estimates``)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
@@ -135,6 +156,10 @@ def memory_report(preset: str = "tiny", batch: int = 64, dtype: str = "bf16", de
             "activations_at_batch_mib": round(activations, 1),
             "estimated_peak_range_mib": [round(low, 1), round(low + 4 * params / MIB, 1)],
         }
+        largest_block = max(sum(p.numel() for p in block.parameters()) for block in model.blocks)
+        for n in shard_over:
+            entry.setdefault("sharded_peak_range_mib", {})[str(n)] = sharded_estimates(
+                params, largest_block, activations, n)
         if device.type == "cuda" and real_step:
             entry["measured_peak_mib"] = round(real_step_peak_mib(model, autocast_dtype, batch), 1)
         result["grad_checkpointing" if checkpointing else "plain"] = entry

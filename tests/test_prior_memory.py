@@ -45,3 +45,19 @@ def test_prior_memory_tiny_report():
     assert 0 < ckpt["activations_per_caption_mib"] < 0.5 * plain["activations_per_caption_mib"]
     with pytest.raises(ValueError, match="batch must be >= 1, got 0"):
         memory.memory_report("tiny", batch=0, device="cpu")
+
+
+def test_sharded_estimates_split_the_training_state():
+    """1 Mi parameters (16 MiB of fp32 weights + moments + gradients), blocks of 64 Ki, 10 MiB of activations,
+    4 processes: the figures written out per stage."""
+    params, block = 2**20, 2**16
+    est = memory.sharded_estimates(params, block, 10.0, 4)
+    assert est["ddp"] == pytest.approx([12 + 10, 16 + 10], abs=0.006)  # rounded to 0.01 MiB
+    assert est["zero1"] == pytest.approx([4 + 2 + 10, 4 + 2 + 4 + 10], abs=0.006)  # moments 8 MiB / 4
+    assert est["zero2"] == pytest.approx([4 + 2 + 10, 4 + 2 + 1 + 0.25 + 10], abs=0.006)  # + gradients 4 MiB / 4 + a block's
+    assert est["zero3"] == pytest.approx([3 + 0.5 + 10, 3 + 0.5 + 1 + 0.25 + 10], abs=0.006)  # 12 MiB / 4 + 2 blocks
+    assert memory.sharded_estimates(params, block, 0.0, 1)["zero1"] == [12, 16]  # one process: nothing to split
+    report = memory.memory_report("tiny", batch=2, dtype="fp32", device="cpu", real_step=False, shard_over=[2, 8])
+    sharded = report["grad_checkpointing"]["sharded_peak_range_mib"]
+    assert sharded.keys() == {"2", "8"} and sharded["8"]["zero3"][0] < sharded["2"]["zero3"][0]
+    assert sharded["2"]["ddp"] == pytest.approx(report["grad_checkpointing"]["estimated_peak_range_mib"], abs=0.06)
