@@ -93,7 +93,18 @@ def build_accelerator(output_dir, *, mixed_precision: Optional[str], gradient_ac
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=12))],
     )
     setup_logging(accelerator.is_main_process)
+    check_distributed_type(str(accelerator.distributed_type))
     return accelerator, trackers
+
+
+def check_distributed_type(distributed_type: str) -> None:
+    """Refuse FSDP / DeepSpeed launches: the EMA and the checkpoint writer expect whole parameters."""
+    name = distributed_type.rsplit(".", 1)[-1].upper()
+    if name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise SystemExit(f"accelerate launched this run with {name}, which this trainer does not support (its EMA "
+                         "and checkpoints expect whole parameters on every process); run `accelerate config` "
+                         "again and choose multi-GPU (DDP); the README's memory table shows the `large` prior "
+                         "fits 40 GB GPUs under DDP with gradient checkpointing")
 
 
 def init_trackers(accelerator, trackers: Optional[str], project: str, config: Mapping[str, Any]) -> None:

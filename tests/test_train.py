@@ -425,3 +425,15 @@ def test_two_process_ddp_training_embeds_shares_checkpoints_once_and_resumes_exa
                                 "--max_train_steps", "5"))
     c = load_file(str(single / "prior" / "diffusion_pytorch_model.safetensors"))
     assert any(not torch.allclose(a[k], c[k]) for k in a)  # two processes saw twice the data: other weights
+
+
+def test_fsdp_and_deepspeed_launches_are_refused_by_name():
+    from accelerate.utils import DistributedType
+
+    from shifted_diffusion.training import check_distributed_type
+
+    for kind in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        check_distributed_type(str(kind))
+    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        with pytest.raises(SystemExit, match=f"launched this run with {kind.name}.*choose multi-GPU"):
+            check_distributed_type(str(kind))
