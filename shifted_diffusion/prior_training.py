@@ -100,6 +100,39 @@ def build_shift(cfg: TrainConfig, cache_dir: Path, train_images: torch.Tensor, v
     return vocab
 
 
+def build_pseudo_text(cfg: TrainConfig, cache_dir: Path, train_set: EmbeddingDataset, null_text_tokens: torch.Tensor,
+                      device, sample_pairs: int = 4096):
+    """The semi-supervised mixer (``pseudo_text.PseudoTextMixer``) over the uncaptioned training images, with
+    the text-norm scale and (unless ``pseudo_text_noise`` is set) the matched noise levels measured on a seeded
+    sample of the captioned training pairs -> (mixer, summary for the log and the prior's record)."""
+    from .cache import load_image_records
+    from .pseudo_text import PseudoTextMixer, block_norms, matched_noise
+
+    records = load_image_records(cache_dir)
+    uncaptioned = [i for i in train_set.image_indices.tolist() if not records[i]["captions"]]
+    if not uncaptioned:
+        raise ValueError(f"--pseudo_text_fraction {cfg.pseudo_text_fraction}: every training image in "
+                         f"{cfg.train_data_dir} has a caption; there are no uncaptioned images to add")
+    order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed))[:sample_pairs]
+    items = [train_set[int(i)] for i in order]
+    image_emb = torch.stack([item["clip_image"].float() for item in items])  # (n, D)
+    text_emb = torch.stack([item["clip_text"].float() for item in items])  # (n, D)
+    noise = matched_noise(image_emb, text_emb, train_set.block_sizes) if cfg.pseudo_text_noise is None \
+        else torch.full((len(train_set.block_sizes),), float(cfg.pseudo_text_noise))
+    storage = torch.float16 if load_manifest(cache_dir)["clip_dtype"] == "float16" else torch.float32
+    images = load_image_embeddings(cache_dir)[torch.tensor(uncaptioned)].to(device, storage)  # (N_u, D)
+    mixer = PseudoTextMixer(images, train_set.block_sizes, block_norms(text_emb, train_set.block_sizes),
+                            null_text_tokens, fraction=cfg.pseudo_text_fraction, noise=noise)
+    if not 0 < mixer.rows(cfg.train_batch_size) < cfg.train_batch_size:
+        raise ValueError(f"--pseudo_text_fraction {cfg.pseudo_text_fraction} of --train_batch_size "
+                         f"{cfg.train_batch_size} rounds to {mixer.rows(cfg.train_batch_size)} pseudo text rows per "
+                         "batch; choose a fraction that leaves at least one pseudo and one captioned row")
+    summary = {"uncaptioned_images": len(uncaptioned), "rows_per_batch": mixer.rows(cfg.train_batch_size),
+               "noise": [round(x, 4) for x in noise.tolist()],
+               "noise_source": "matched to the captioned pairs" if cfg.pseudo_text_noise is None else "set"}
+    return mixer, summary
+
+
 def prior_config(cfg: TrainConfig, manifest: dict, vocab_size: Optional[int]) -> PriorConfig:
     """The preset, with dims from the embedding cache and the width/depth/heads overrides."""
     overrides = dict(clip_dim=int(manifest["clip_dim"]), text_dim=max(int(manifest["text_dim"]), 1),
@@ -221,6 +254,12 @@ def train_prior(cfg: TrainConfig) -> Path:
     if not accelerator.is_main_process:
         shift = build_shift(cfg, cache_dir, train_set.image_indices, vocab_file, int(manifest["clip_dim"]), device)
     shift = shift.to(device)
+    pseudo, pseudo_summary = None, None
+    if cfg.pseudo_text_fraction > 0:  # semi-supervised: uncaptioned images with a pseudo text condition
+        pseudo, pseudo_summary = build_pseudo_text(cfg, cache_dir, train_set, null_text_tokens, device)
+        log(f"[pseudo text] {pseudo_summary['uncaptioned_images']} uncaptioned training images, "
+            f"{pseudo_summary['rows_per_batch']} of {cfg.train_batch_size} rows per batch, noise "
+            f"{pseudo_summary['noise']} ({pseudo_summary['noise_source']})")
 
     # network, optimiser, schedule, loss
     set_seed(cfg.seed)
@@ -282,6 +321,8 @@ def train_prior(cfg: TrainConfig) -> Path:
 
     def micro_batch_loss(batch, generator):
         batch = to_device(batch, device, text_encoder)
+        if pseudo is not None:
+            batch = pseudo.mix(batch, generator)
         cluster_idx = shift.assign(batch["clip_text"])
         shift_mean, shift_std = shift.shift(cluster_idx, check=False)  # valid by construction: no host sync
         return loss_fn(
@@ -320,7 +361,8 @@ def train_prior(cfg: TrainConfig) -> Path:
         save_prior(
             prior_dir, unwrapped, shift.cpu(), schedule_config, encoder_settings(cfg), null_clip_text, null_text_tokens,
             extra={"train": cfg.to_dict(), "global_step": global_step, "validation": metrics,
-                   "weights": "ema" if ema is not None else "raw"},
+                   "weights": "ema" if ema is not None else "raw",
+                   **({"pseudo_text": pseudo_summary} if pseudo_summary else {})},
             state_dict=state_dict,
         )
         log(f"[done] prior saved to {prior_dir} after {global_step} steps")

@@ -70,6 +70,14 @@ class TrainConfig(config_cli.FlagConfig):
     empty_t5_prob: float = 0.1
     empty_clip_prob: float = 0.0
     timesteps_per_caption: int = 1  # > 1: K timesteps share one caption prefix (loss = mean over K)
+    # semi-supervised: uncaptioned images with a pseudo text condition (shifted_diffusion/pseudo_text.py)
+    pseudo_text_fraction: float = dataclasses.field(default=0.0, metadata={"help": (
+        "share of every batch's pairs that are uncaptioned training images with a pseudo text condition (their "
+        "own CLIP image embedding, normalised and perturbed, as the CLIP text embedding; the empty caption's "
+        "tokens); 0: captioned pairs only")})
+    pseudo_text_noise: Optional[float] = dataclasses.field(default=None, metadata={"help": (
+        "perturbation level of the pseudo text embedding (noise length relative to the unit embedding); "
+        "None: per CLIP block, the level at which it is as close to its image as real captions are to theirs")})
     # optimisation (the original's AdamW defaults)
     learning_rate: float = 1.2e-4
     adam_beta1: float = 0.9
@@ -146,6 +154,8 @@ class TrainConfig(config_cli.FlagConfig):
         check_choice("--encoder_dtype", self.encoder_dtype, {None, *DTYPE_NAMES})
         check_choice("--cache_text_dtype", self.cache_text_dtype, set(TEXT_DTYPES))
         check_choice("--text_encoding", self.text_encoding, {"cache", "online"})
+        check_range("--pseudo_text_fraction", self.pseudo_text_fraction, 0.0, 1.0, high_open=True)
+        check_range("--pseudo_text_noise", self.pseudo_text_noise, 0.0, optional=True)
         if self.text_encoding == "online" and self.t5_model.lower() in ("", "none"):
             raise ValueError("--text_encoding online: --t5_model is 'none', there is no text encoder to run online; "
                              "use --text_encoding cache (a CLIP-only prior caches nothing per token)")
