@@ -58,7 +58,8 @@ def captioned_subset_world(world: Path, folder: Path, fraction: float, seed: int
     of them (at least one) -> (folder, captioned images)."""
     rows = [json.loads(line) for line in (world / "metadata.jsonl").read_text().splitlines() if line.strip()]
     keep = max(1, round(fraction * len(rows)))
-    chosen = set(torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:keep].tolist())
+    # not the seed itself: the held-out split is a seeded permutation too, and would pick the same images
+    chosen = set(torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed + 2**20))[:keep].tolist())
     folder.mkdir(parents=True, exist_ok=True)
     for row in rows:
         link = folder / row["file_name"]
