@@ -157,6 +157,7 @@ def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     from shifted_diffusion.cache import EmbeddingDataset
+    from shifted_diffusion.files import write_results_json
     from shifted_diffusion.prior_training import cache_bytes
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -186,7 +187,7 @@ def main(argv=None) -> dict:
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_results_json(args.json, result)
     return result
 
 

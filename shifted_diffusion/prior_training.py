@@ -119,7 +119,7 @@ def build_pseudo_text(cfg: TrainConfig, cache_dir: Path, train_set: EmbeddingDat
     text_emb = torch.stack([item["clip_text"].float() for item in items])  # (n, D)
     noise = matched_noise(image_emb, text_emb, train_set.block_sizes) if cfg.pseudo_text_noise is None \
         else torch.full((len(train_set.block_sizes),), float(cfg.pseudo_text_noise))
-    storage = torch.float16 if load_manifest(cache_dir)["clip_dtype"] == "float16" else torch.float32
+    storage = torch.float16 if train_set.manifest["clip_dtype"] == "float16" else torch.float32
     images = load_image_embeddings(cache_dir)[torch.tensor(uncaptioned)].to(device, storage)  # (N_u, D)
     mixer = PseudoTextMixer(images, train_set.block_sizes, block_norms(text_emb, train_set.block_sizes),
                             null_text_tokens, fraction=cfg.pseudo_text_fraction, noise=noise)
