@@ -16,6 +16,7 @@ pipeline's ``encoders`` config and loaded on first use, or handed over with ``se
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import shutil
 from collections import OrderedDict
@@ -31,6 +32,7 @@ from diffusers.utils import BaseOutput
 
 from .checks import check_count, check_finite, check_scale
 from .cuda_graph import GraphedCall
+from .eclipse import ONE_STEP
 from .encoders import PAPER_CLIP_MODELS, PAPER_T5_MODEL, PAPER_TEXT_MAX_LENGTH
 from .files import partial_folder, replace_folder
 from .guidance import UnconditionalInputs, guided_denoiser
@@ -39,6 +41,8 @@ from .sampling import sample_ancestral, sample_ddim
 from .schedule import DiffusionSchedule, ScheduleConfig
 from .scheduler import ShiftedDiffusionScheduler
 from .vocab import ClusterVocab, StandardNormalShift
+
+logger = logging.getLogger(__name__)
 
 PAPER_ENCODERS = {
     "clip_models": list(PAPER_CLIP_MODELS),
@@ -93,6 +97,7 @@ class ShiftedDiffusionPriorPipeline(DiffusionPipeline):
         self.clip, self.text_encoder = None, None
         self._respaced: dict = {}
         self._graphs: "OrderedDict[tuple, GraphedCall]" = OrderedDict()
+        self._warned_one_step = False
 
     # ---- loading and saving ----------------------------------------------------------------------
 
@@ -143,6 +148,11 @@ class ShiftedDiffusionPriorPipeline(DiffusionPipeline):
     @property
     def encoders(self) -> dict:
         return dict(self.config.encoders)
+
+    @property
+    def one_step(self) -> bool:
+        """A one-step (ECLIPSE, ``prior_type`` eclipse) prior: sampled in one step whatever num_inference_steps says."""
+        return dict(self.config.training).get("train", {}).get("prior_type") == "eclipse"
 
     def to(self, *args, **kwargs) -> "ShiftedDiffusionPriorPipeline":
         """``to(device)``, ``to(dtype)``, ``to(device, dtype)`` or keywords, as ``DiffusionPipeline.to``: the network
@@ -277,6 +287,11 @@ class ShiftedDiffusionPriorPipeline(DiffusionPipeline):
         ``cuda_graph`` (prior on a CUDA device): the whole call is captured as one CUDA graph the first time this
         batch shape meets these settings and replayed afterwards (same result as eager for the same seed;
         ``generator`` a CUDA generator, a fresh one per call too, or None)."""
+        if self.one_step and str(num_inference_steps) != ONE_STEP:
+            if not self._warned_one_step:
+                logger.warning(f"this is a one-step (ECLIPSE) prior: num_inference_steps {num_inference_steps} -> 1")
+                self._warned_one_step = True
+            num_inference_steps = ONE_STEP
         sampler = sampler or self.scheduler.config.sampler
         variance = variance or self.scheduler.config.variance_type
         eta = self.scheduler.config.eta if eta is None else eta

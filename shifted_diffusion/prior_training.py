@@ -17,6 +17,7 @@ import torch
 from . import training
 from .checkpoints import save_checkpoint
 from .cache import EmbeddingDataset, load_image_embeddings, load_manifest, precompute
+from .eclipse import EclipseLoss
 from .loss import LossConfig, ShiftedDiffusionLoss
 from .metrics import blockwise_cosine
 from .prior import PriorConfig, ShiftedPrior
@@ -270,7 +271,12 @@ def train_prior(cfg: TrainConfig) -> Path:
         model.compile()
     schedule_config = ScheduleConfig(cfg.beta_schedule, cfg.num_timesteps, cfg.beta_min, cfg.beta_max)
     schedule = DiffusionSchedule.from_config(schedule_config)
-    loss_fn = ShiftedDiffusionLoss(schedule, LossConfig(cfg.p2_k, cfg.p2_gamma, cfg.empty_t5_prob, cfg.empty_clip_prob))
+    loss_config = LossConfig(cfg.p2_k, cfg.p2_gamma, cfg.empty_t5_prob, cfg.empty_clip_prob)
+    if cfg.prior_type == "eclipse":
+        loss_fn = EclipseLoss(schedule, loss_config, train_set.block_sizes,
+                              contrastive_weight=cfg.eclipse_contrastive_weight, temperature=cfg.eclipse_temperature)
+    else:
+        loss_fn = ShiftedDiffusionLoss(schedule, loss_config)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
         weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon, fused=device.type == "cuda",
@@ -298,7 +304,8 @@ def train_prior(cfg: TrainConfig) -> Path:
     def run_validation(step: int) -> dict:
         unwrapped.eval()
         pipeline = build_pipeline(unwrapped, shift, schedule_config, encoder_settings(cfg), null_clip_text, null_text_tokens,
-                                  uncond_clip_text="empty_caption" if cfg.empty_clip_prob > 0 else "prompt")
+                                  uncond_clip_text="empty_caption" if cfg.empty_clip_prob > 0 else "prompt",
+                                  training={"train": {"prior_type": cfg.prior_type}})
         metrics = {f"val/{k}": v for k, v in validate(pipeline, val_set, cfg, device, text_encoder).items()}
         if ema is not None:
             with EmaWeights(ema, unwrapped):

@@ -49,6 +49,12 @@ class TrainConfig(config_cli.FlagConfig):
         "training step (sets too large to cache)")})
     # vocabulary
     baseline: bool = False  # DALL-E 2 prior: mu = 0, Sigma = I, no cluster token
+    prior_type: str = dataclasses.field(default="diffusion", metadata={"help": (
+        "diffusion: the (shifted or --baseline) diffusion prior; eclipse: a one-step non-diffusion reference "
+        "prior (ECLIPSE: projection MSE + CLIP contrastive loss, shifted_diffusion/eclipse.py; needs --baseline, "
+        "samples in one step)")})
+    eclipse_contrastive_weight: float = 0.2  # --prior_type eclipse: weight of the contrastive term (the paper's)
+    eclipse_temperature: float = 0.07  # --prior_type eclipse: temperature of the contrastive term
     vocab_path: Optional[str] = None  # a saved vocabulary; None: fit one on the training images
     vocab_size: int = 1024
     std_scale: float = 5.0
@@ -155,6 +161,14 @@ class TrainConfig(config_cli.FlagConfig):
         check_choice("--cache_text_dtype", self.cache_text_dtype, set(TEXT_DTYPES))
         check_choice("--text_encoding", self.text_encoding, {"cache", "online"})
         check_range("--pseudo_text_fraction", self.pseudo_text_fraction, 0.0, 1.0, high_open=True)
+        check_choice("--prior_type", self.prior_type, {"diffusion", "eclipse"})
+        check_range("--eclipse_contrastive_weight", self.eclipse_contrastive_weight, 0.0)
+        check_range("--eclipse_temperature", self.eclipse_temperature, 0.0, low_open=True)
+        if self.prior_type == "eclipse" and not self.baseline:
+            raise ValueError("--prior_type eclipse starts from N(0, I) and has no cluster vocabulary: add --baseline")
+        if self.prior_type == "eclipse" and self.timesteps_per_caption != 1:
+            raise ValueError(f"--prior_type eclipse has one timestep: --timesteps_per_caption must be 1, got "
+                             f"{self.timesteps_per_caption}")
         check_range("--pseudo_text_noise", self.pseudo_text_noise, 0.0, optional=True)
         if self.text_encoding == "online" and self.t5_model.lower() in ("", "none"):
             raise ValueError("--text_encoding online: --t5_model is 'none', there is no text encoder to run online; "
