@@ -231,7 +231,7 @@ def fidelity_metrics(generated: torch.Tensor, data: ToyEvalData, samples_per_cap
 
 @torch.no_grad()
 def sample_prior(pipeline, data: ToyEvalData, *, num_steps, samples_per_caption: int, guidance_scale: float,
-                 generator: torch.Generator, captions_per_batch: int = 100) -> torch.Tensor:
+                 generator: torch.Generator, captions_per_batch: int = 100, noise_temperature: float = 1.0) -> torch.Tensor:
     """The prior's samples for every held-out caption -> (C * S, D) float32 on CPU, caption-major."""
     device = pipeline.device
     out = []
@@ -240,7 +240,7 @@ def sample_prior(pipeline, data: ToyEvalData, *, num_steps, samples_per_caption:
         out.append(pipeline.sample(
             data.clip_text[start:stop].to(device), data.text_tokens[start:stop].to(device),
             num_images_per_prompt=samples_per_caption, num_inference_steps=num_steps, guidance_scale=guidance_scale,
-            generator=generator,
+            generator=generator, noise_temperature=noise_temperature,
         ).float().cpu())
     return torch.cat(out)
 
@@ -254,6 +254,7 @@ def evaluate_toy_prior(
     num_captions: int = 200,
     samples_per_caption: int = 8,
     guidance_scale: float = 1.0,
+    noise_temperature: float = 1.0,
     seed: int = 0,
     device=None,
 ) -> dict:
@@ -279,7 +280,8 @@ def evaluate_toy_prior(
         generator = torch.Generator(device=pipeline.device).manual_seed(seed)
         start = time.time()
         generated = sample_prior(pipeline, data, num_steps=num_steps, samples_per_caption=samples_per_caption,
-                                 guidance_scale=guidance_scale, generator=generator)
+                                 guidance_scale=guidance_scale, generator=generator,
+                                 noise_temperature=noise_temperature)
         seconds = time.time() - start
         metrics = score_embeddings(generated, data, samples_per_caption)
         metrics["diversity_real"] = reference["diversity"]
