@@ -55,3 +55,14 @@ def test_summary_is_the_mean_and_sample_std_over_seeds(study):
 def test_unknown_axis_is_refused():
     with pytest.raises(SystemExit, match="--axes guidance"):
         run_prior_study(["--fast", "--out", "unused.json", "--axes", "default,guidance"])
+
+
+def test_a_rerun_reuses_finished_trainings_and_scores_them_the_same(study, tmp_path):
+    _, saved, out = study
+    run = out.parent / "run"
+    again = run_prior_study(["--fast", "--out", str(tmp_path / "again.json"), "--output_dir", str(run), "--toy_root",
+                             str(out.parent / "assets"), "--axes", "default", "--seeds", "1", "--steps", "2,4",
+                             "--guidance_scales", "2", "--noise_temperatures", "0.5", "--num_threads", "1"])
+    assert again["config"]["reused_trainings"] == [f"{k}_steps8_seed1" for k in ("shifted", "baseline", "eclipse")]
+    first = [r for r in saved["rows"] if r["seed"] == 1 and r["axis"] == "default"]
+    assert again["rows"] == first

@@ -12,7 +12,8 @@ diversity) on the same held-out captions with the sampling seed of its training 
 * ``train_steps``: the three priors at each of ``--train_steps`` (the base length is the default point).
 
 Writes one JSON object: ``rows`` (one per prior x seed x evaluation setting), ``summary`` (mean, sample std and
-n over the seeds of each point), the oracle ``reference`` and ``config`` (wall times); ``plot`` draws FD and
+n over the seeds of each point), the oracle ``reference`` and ``config`` (wall times; trainings an earlier run
+with the same settings finished are reused, not repeated); ``plot`` draws FD and
 nn_attr_acc against sampling and training steps. ``--quick`` is the default axis alone at 250 training steps
 on 100 captions x 4 samples (about 25 minutes on 2 CPU cores); ``--fast`` is the seconds-long test version.
 """
@@ -186,6 +187,21 @@ def plot(summary: Sequence[dict], path) -> Optional[Path]:
     return path
 
 
+def finished_prior(flags: Sequence[str]) -> Optional[Path]:
+    """The prior folder a training with these flags already wrote (same settings, all its steps), else None: a
+    rerun with more axes or seeds reuses the points it shares with an earlier run."""
+    from ..prior_pipeline import read_prior_info
+    from ..train_config import parse_config
+
+    cfg = parse_config(list(flags))
+    prior_dir = Path(cfg.output_dir) / "prior"
+    if not (prior_dir / "model_index.json").is_file():
+        return None
+    training = read_prior_info(prior_dir)["training"]
+    same = training.get("train") == json.loads(json.dumps(cfg.to_dict()))
+    return prior_dir if same and training.get("global_step") == cfg.max_train_steps else None
+
+
 def run_prior_study(argv: Optional[Sequence[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
     start_all = time.time()
@@ -199,7 +215,7 @@ def run_prior_study(argv: Optional[Sequence[str]] = None) -> dict:
     seeds = _numbers(args.seeds, int)
     points = study_points(axes, base_steps, preset, args)
     out_dir = Path(args.output_dir)
-    rows, wall, reference = [], {}, None
+    rows, wall, reused, reference = [], {}, [], None
     with torch_threads(args.num_threads):
         assets = ensure_toy_assets(args.toy_root, fast=args.fast)
         world, cache = Path(assets["world"]), out_dir / "embeddings"
@@ -214,8 +230,13 @@ def run_prior_study(argv: Optional[Sequence[str]] = None) -> dict:
                 for key, value in point["setting"].items():
                     flags += [f"--{key}", f"{value:g}"]
                 start = time.time()
-                prior_dir = run_prior_job(flags)
-                wall[f"train_{name}"] = round(time.time() - start, 1)
+                prior_dir = finished_prior(flags)
+                if prior_dir is None:
+                    prior_dir = run_prior_job(flags)
+                    wall[f"train_{name}"] = round(time.time() - start, 1)
+                else:
+                    reused.append(name)
+                    wall[f"train_{name}"] = 0.0
                 start = time.time()
                 for setting in evaluation_settings(point, args):
                     evaluation = evaluate_toy_prior(prior_dir, world, cache, steps=setting["steps"], seed=seed,
@@ -229,7 +250,8 @@ def run_prior_study(argv: Optional[Sequence[str]] = None) -> dict:
                                      "noise_temperature": setting["noise_temperature"],
                                      **{k: float(metrics[k]) for k in METRICS}})
                 wall[f"eval_{name}"] = round(time.time() - start, 1)
-                print(f"[prior_study] {name}: trained in {wall[f'train_{name}']} s, scored in "
+                trained = "reused" if name in reused else f"trained in {wall[f'train_{name}']} s"
+                print(f"[prior_study] {name}: {trained}, scored in "
                       f"{wall[f'eval_{name}']} s", flush=True)
     summary = summarize(rows)
     result = {"rows": rows, "summary": summary,
@@ -239,7 +261,7 @@ def run_prior_study(argv: Optional[Sequence[str]] = None) -> dict:
                          "sampling_steps": args.steps, "guidance_scales": args.guidance_scales,
                          "noise_temperatures": args.noise_temperatures, "setting_steps": SETTING_STEPS,
                          "toy_preset": {k: preset[k] for k in ("std_scale", "vocab_size", "max_train_steps")},
-                         **eval_kwargs, "torch_threads": args.num_threads, "platform": platform.platform(),
+                         **eval_kwargs, "reused_trainings": reused, "torch_threads": args.num_threads, "platform": platform.platform(),
                          "torch": torch.__version__,
                          "wall_seconds": {**wall, "total": round(time.time() - start_all, 1)}}}
     write_results_json(args.out, result)
