@@ -12,9 +12,13 @@ table index), is exactly the trained map. Per caption i of a batch of B::
     CE_i     = -log softmax_j( s(x0_hat_i, c_j) / temperature )[i],   s(a, b) = mean over CLIP blocks of cos(a_b, b_b)
 
 with c_j the CLIP text embeddings of the batch (each block normalised on its own, as the multi-CLIP embedding
-concatenates independent CLIPs). The paper's weight is 0.2; its training code is not public, so the
-temperature (0.07, CLIP's initial one), the noise input and the condition dropout (the same empty-caption
-dropout as the diffusion priors, so guidance works) are this implementation's choices.
+concatenates independent CLIPs; every other caption of the batch is a negative, a repeated caption included).
+The paper's weight is 0.2; the temperature (0.07, CLIP's initial one), the noise input and the condition dropout
+(the same empty-caption dropout as the diffusion priors, so guidance works) are this implementation's choices. A
+row whose CLIP text embedding was dropped to the empty caption's has no caption to find: its contrastive term is
+left out (the projection term stays). The projection term is a mean over the D dimensions, as in the diffusion
+priors' loss; the paper writes a squared L2 norm, so if that is a sum over D its 0.2 weighs the contrastive term
+D times less than ours (``--eclipse_contrastive_weight`` sets it).
 """
 
 from __future__ import annotations
@@ -86,5 +90,6 @@ class EclipseLoss:
         projection = (x0.float() - x0_hat).pow(2).mean(dim=-1)
         if self.contrastive_weight == 0:
             return projection
-        return projection + self.contrastive_weight * contrastive_loss(x0_hat, target_text, self.block_sizes,
-                                                                       self.temperature)
+        kept = (clip_text_emb == target_text).all(dim=-1).float()  # CLIP condition not dropped
+        return projection + self.contrastive_weight * kept * contrastive_loss(x0_hat, target_text, self.block_sizes,
+                                                                              self.temperature)

@@ -88,6 +88,18 @@ def test_loss_is_projection_plus_weighted_contrastive_at_the_one_step_timestep()
                      null_text_tokens=torch.zeros(3, 4))
     assert torch.equal(model.seen[3], torch.zeros(6, 3, 4))
     np.testing.assert_allclose(again.detach().double().numpy(), expected, rtol=1e-5, atol=1e-6)
+    # a row whose CLIP condition was dropped has no caption to pick out: projection only, for that row alone
+    no_clip = EclipseLoss(schedule, LossConfig(empty_t5_prob=0.0, empty_clip_prob=0.5), BLOCKS,
+                          contrastive_weight=0.2, temperature=0.5)
+    null_clip = torch.full((5,), 0.25)
+    mixed = no_clip(model, x0, tokens, clip, None, torch.zeros(6, 5), torch.ones(6, 5), noise=noise,
+                    null_clip_text_emb=null_clip, generator=torch.Generator().manual_seed(4))
+    dropped = (model.seen[4] == null_clip).all(1)
+    assert 0 < int(dropped.sum()) < 6  # this seed drops some rows, not all
+    pred = noise @ model.weight.detach().T + model.seen[4]
+    ce = hand_contrastive(pred.double().numpy(), clip.double().numpy(), 0.5)
+    expected = ((x0 - pred) ** 2).mean(1).double().numpy() + 0.2 * np.where(dropped.numpy(), 0.0, ce)
+    np.testing.assert_allclose(mixed.detach().double().numpy(), expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="one timestep"):
         loss(model, x0, tokens, clip, None, torch.zeros(6, 5), torch.ones(6, 5), timesteps_per_caption=2)
 

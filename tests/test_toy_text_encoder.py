@@ -54,3 +54,13 @@ def test_hidden_states_equal_open_clips_token_states_and_survive_from_pretrained
     assert torch.equal(ids2, ids)
     with torch.no_grad():
         torch.testing.assert_close(model2(ids2).last_hidden_state, got)
+
+
+def test_a_tower_option_without_a_counterpart_is_refused(tiny_open_clip_dir):
+    from shifted_diffusion.toy.text_encoder import text_model_from_open_clip
+
+    model, _, _ = load_open_clip(str(tiny_open_clip_dir))
+    cfg = {"embed_dim": 32, "text_cfg": {"width": 64, "layers": 1, "heads": 2, "context_length": 16,
+                                         "no_causal_mask": True}}
+    with pytest.raises(ValueError, match=r"'no_causal_mask': True.*no CLIPTextModel counterpart"):
+        text_model_from_open_clip(model, cfg)

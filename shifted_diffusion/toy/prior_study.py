@@ -43,6 +43,7 @@ KIND_FLAGS = {"shifted": ["--no-baseline"], "baseline": ["--baseline"],
 METRICS = ("nn_attr_acc", "cos_gt", "fd", "diversity")
 AXES = ("default", "std_scale", "vocab_size", "train_steps")
 SETTING_STEPS = 8  # sampling steps of the guidance and temperature settings
+MOVABLE = ("output_dir", "cache_dir")  # the study's own folders, not settings of a training
 QUICK = {"axes": "default", "base_steps": 250, "num_captions": 100, "samples_per_caption": 4}
 
 
@@ -101,15 +102,16 @@ def point_name(point: dict, seed: int) -> str:
 
 def evaluation_settings(point: dict, args) -> list[dict]:
     """(sampling steps, guidance, temperature) to score a trained point at: every step count at guidance 1 and
-    temperature 1; on the default axis also the guidance and temperature settings at SETTING_STEPS."""
+    temperature 1; on the default axis also the guidance and temperature settings at SETTING_STEPS (a repeated
+    value, or 1, would score the same samples twice and count them as two seeds: it is dropped)."""
     steps = [1] if point["kind"] == "eclipse" else _numbers(args.steps, int)
     settings = [{"steps": steps, "guidance_scale": 1.0, "noise_temperature": 1.0}]
     if point["axis"] == "default":
         setting_steps = [1] if point["kind"] == "eclipse" else [SETTING_STEPS]
         settings += [{"steps": setting_steps, "guidance_scale": g, "noise_temperature": 1.0}
-                     for g in _numbers(args.guidance_scales)]
+                     for g in dict.fromkeys(_numbers(args.guidance_scales)) if g != 1]
         settings += [{"steps": setting_steps, "guidance_scale": 1.0, "noise_temperature": t}
-                     for t in _numbers(args.noise_temperatures)]
+                     for t in dict.fromkeys(_numbers(args.noise_temperatures)) if t != 1]
     return settings
 
 
@@ -198,7 +200,11 @@ def finished_prior(flags: Sequence[str]) -> Optional[Path]:
     if not (prior_dir / "model_index.json").is_file():
         return None
     training = read_prior_info(prior_dir)["training"]
-    same = training.get("train") == json.loads(json.dumps(cfg.to_dict()))
+
+    def settings(train: dict) -> dict:  # where the run lives may move with it (a copied study folder)
+        return {k: v for k, v in train.items() if k not in MOVABLE}
+
+    same = settings(training.get("train", {})) == settings(json.loads(json.dumps(cfg.to_dict())))
     return prior_dir if same and training.get("global_step") == cfg.max_train_steps else None
 
 
@@ -215,15 +221,17 @@ def run_prior_study(argv: Optional[Sequence[str]] = None) -> dict:
     seeds = _numbers(args.seeds, int)
     points = study_points(axes, base_steps, preset, args)
     out_dir = Path(args.output_dir)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     rows, wall, reused, reference = [], {}, [], None
+    config = _config(args, axes, seeds, base_steps, preset, eval_kwargs, reused)
     with torch_threads(args.num_threads):
         assets = ensure_toy_assets(args.toy_root, fast=args.fast)
         world, cache = Path(assets["world"]), out_dir / "embeddings"
         common = ["--config", str(TOY_CONFIG), "--train_data_dir", str(world), "--clip_models", assets["clip"],
                   "--t5_model", f"clip-tokens:{assets['clip']}", "--cache_dir", str(cache), "--report_to", "none",
                   "--validation_steps", "0", "--checkpointing_steps", "0", *(FAST_TRAIN_ARGS if args.fast else [])]
-        for seed in seeds:
-            for point in points:
+        for point in points:
+            for seed in seeds:
                 name = point_name(point, seed)
                 flags = [*common, *KIND_FLAGS[point["kind"]], "--seed", str(seed), "--max_train_steps",
                          str(point["train_steps"]), "--output_dir", str(out_dir / name)]
@@ -253,18 +261,29 @@ def run_prior_study(argv: Optional[Sequence[str]] = None) -> dict:
                 trained = "reused" if name in reused else f"trained in {wall[f'train_{name}']} s"
                 print(f"[prior_study] {name}: {trained}, scored in "
                       f"{wall[f'eval_{name}']} s", flush=True)
-    summary = summarize(rows)
-    result = {"rows": rows, "summary": summary,
-              "reference": {k: reference[k] for k in METRICS if k in reference} if reference else {},
-              "config": {"axes": axes, "seeds": seeds, "base_steps": base_steps, "quick": args.quick, "fast": args.fast,
-                         "std_scales": args.std_scales, "vocab_sizes": args.vocab_sizes, "train_steps": args.train_steps,
-                         "sampling_steps": args.steps, "guidance_scales": args.guidance_scales,
-                         "noise_temperatures": args.noise_temperatures, "setting_steps": SETTING_STEPS,
-                         "toy_preset": {k: preset[k] for k in ("std_scale", "vocab_size", "max_train_steps")},
-                         **eval_kwargs, "reused_trainings": reused, "torch_threads": args.num_threads, "platform": platform.platform(),
-                         "torch": torch.__version__,
-                         "wall_seconds": {**wall, "total": round(time.time() - start_all, 1)}}}
+                write_results_json(args.out, results(rows, reference, dict(config, complete=False), wall, start_all))
+    result = results(rows, reference, dict(config, complete=True), wall, start_all)
     write_results_json(args.out, result)
-    plot(summary, Path(args.out).with_suffix(".png"))
-    print(format_summary(summary))
+    plot(result["summary"], Path(args.out).with_suffix(".png"))
+    print(format_summary(result["summary"]))
     return result
+
+
+def results(rows, reference, config: dict, wall: dict, start_all: float) -> dict:
+    """The study's JSON: rows, their summary, the data's own reference scores and the run's config with wall
+    times; written after every scored point (``config.complete`` false until the last) so a stopped run keeps what
+    it measured."""
+    summary = summarize(rows)
+    return {"rows": rows, "summary": summary,
+            "reference": {k: reference[k] for k in METRICS if k in reference} if reference else {},
+            "config": {**config, "wall_seconds": {**wall, "total": round(time.time() - start_all, 1)}}}
+
+
+def _config(args, axes, seeds, base_steps, preset, eval_kwargs, reused) -> dict:
+    return {"axes": axes, "seeds": seeds, "base_steps": base_steps, "quick": args.quick, "fast": args.fast,
+            "std_scales": args.std_scales, "vocab_sizes": args.vocab_sizes, "train_steps": args.train_steps,
+            "sampling_steps": args.steps, "guidance_scales": args.guidance_scales,
+            "noise_temperatures": args.noise_temperatures, "setting_steps": SETTING_STEPS,
+            "toy_preset": {k: preset[k] for k in ("std_scale", "vocab_size", "max_train_steps")},
+            **eval_kwargs, "reused_trainings": reused, "torch_threads": args.num_threads,
+            "platform": platform.platform(), "torch": torch.__version__}

@@ -18,6 +18,10 @@ import json
 from pathlib import Path
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+# open_clip text-tower options that change the token states and that CLIPTextModel has no counterpart for,
+# with their plain values
+UNSUPPORTED = {"ls_init_value": None, "no_causal_mask": False, "embed_cls": False, "hf_model_name": None,
+               "pre_norm": False}
 
 
 def write_tokenizer_files(folder) -> Path:
@@ -45,10 +49,16 @@ def build_tokenizer(folder, context_length: int):
 
 
 def text_model_from_open_clip(model, model_cfg: dict):
-    """The text tower of an open_clip ``CLIP`` (its ``model_cfg``: text_cfg, quick_gelu) as a ``CLIPTextModel``."""
+    """The text tower of an open_clip ``CLIP`` (its ``model_cfg``: text_cfg, quick_gelu) as a ``CLIPTextModel``
+    (token states and pooled end-token state; open_clip's ``text_projection`` is not part of it, as Stable
+    Diffusion's text encoder reads only the token states)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     text_cfg = model_cfg["text_cfg"]
+    odd = {k: text_cfg[k] for k, plain in UNSUPPORTED.items() if text_cfg.get(k, plain) != plain}
+    if odd:
+        raise ValueError(f"open_clip -> CLIPTextModel: text_cfg {odd} has no CLIPTextModel counterpart "
+                         f"(supported: {', '.join(f'{k}={v}' for k, v in UNSUPPORTED.items())})")
     width, layers = int(text_cfg["width"]), int(text_cfg["layers"])
     block = model.transformer.resblocks[0]
     config = CLIPTextConfig(
