@@ -223,7 +223,7 @@ def run_prior_study(argv: Optional[Sequence[str]] = None) -> dict:
     out_dir = Path(args.output_dir)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     rows, wall, reused, reference = [], {}, [], None
-    config = _config(args, axes, seeds, base_steps, preset, eval_kwargs, reused)
+    config = _config(args, axes, seeds, base_steps, preset, eval_kwargs)
     with torch_threads(args.num_threads):
         assets = ensure_toy_assets(args.toy_root, fast=args.fast)
         world, cache = Path(assets["world"]), out_dir / "embeddings"
@@ -261,29 +261,30 @@ def run_prior_study(argv: Optional[Sequence[str]] = None) -> dict:
                 trained = "reused" if name in reused else f"trained in {wall[f'train_{name}']} s"
                 print(f"[prior_study] {name}: {trained}, scored in "
                       f"{wall[f'eval_{name}']} s", flush=True)
-                write_results_json(args.out, results(rows, reference, dict(config, complete=False), wall, start_all))
-    result = results(rows, reference, dict(config, complete=True), wall, start_all)
+                write_results_json(args.out, results(rows, reference, config, reused, wall, start_all, complete=False))
+    result = results(rows, reference, config, reused, wall, start_all, complete=True)
     write_results_json(args.out, result)
     plot(result["summary"], Path(args.out).with_suffix(".png"))
     print(format_summary(result["summary"]))
     return result
 
 
-def results(rows, reference, config: dict, wall: dict, start_all: float) -> dict:
+def results(rows, reference, config: dict, reused: list, wall: dict, start_all: float, complete: bool) -> dict:
     """The study's JSON: rows, their summary, the data's own reference scores and the run's config with wall
     times; written after every scored point (``config.complete`` false until the last) so a stopped run keeps what
     it measured."""
     summary = summarize(rows)
     return {"rows": rows, "summary": summary,
             "reference": {k: reference[k] for k in METRICS if k in reference} if reference else {},
-            "config": {**config, "wall_seconds": {**wall, "total": round(time.time() - start_all, 1)}}}
+            "config": {**config, "reused_trainings": list(reused), "complete": complete,
+                       "wall_seconds": {**wall, "total": round(time.time() - start_all, 1)}}}
 
 
-def _config(args, axes, seeds, base_steps, preset, eval_kwargs, reused) -> dict:
+def _config(args, axes, seeds, base_steps, preset, eval_kwargs) -> dict:
     return {"axes": axes, "seeds": seeds, "base_steps": base_steps, "quick": args.quick, "fast": args.fast,
             "std_scales": args.std_scales, "vocab_sizes": args.vocab_sizes, "train_steps": args.train_steps,
             "sampling_steps": args.steps, "guidance_scales": args.guidance_scales,
             "noise_temperatures": args.noise_temperatures, "setting_steps": SETTING_STEPS,
             "toy_preset": {k: preset[k] for k in ("std_scale", "vocab_size", "max_train_steps")},
-            **eval_kwargs, "reused_trainings": reused, "torch_threads": args.num_threads,
+            **eval_kwargs, "torch_threads": args.num_threads,
             "platform": platform.platform(), "torch": torch.__version__}
