@@ -4,6 +4,8 @@
                                        # (wall time: the README, "Text-to-image in the toy world")
     python train_toy_decoder.py --output_dir DIR --unet_steps 2400 --config my_toy_decoder.yaml
     python train_toy_decoder.py --world_dir W --clip_dir C    # an existing world + toy CLIP
+    python train_toy_decoder.py --decoder_type text_and_image  # -> outputs/toy_text_image_decoder: a toy text-to-image
+                                       # model + an IP-Adapter for the image embedding (same autoencoder)
 
 The recipe is shifted_diffusion.toy.decoder_recipe (`--help` lists its flags).
 """

@@ -2,6 +2,7 @@
 
     python benchmarks/toy_semi_supervised.py --out benchmarks/results/toy_semi_supervised.json
         [--fractions 0.02,0.1] [--pseudo_text_fraction 0.5] [--seed 1] [--max_train_steps N] [--fast]
+        [--text_to_image [--decoder DIR] [--t2i_captions 100] [--t2i_samples 2]]
 
 For each captioned fraction f, a copy of the toy world keeps the captions of a seeded random f of its images
 (links to the same image files; the other images stay, uncaptioned). On it, with the toy preset and the same
@@ -12,6 +13,11 @@ captioned world (f = 1). Every prior is scored on the same held-out captions of 
 holds no training image of any run) at ``--sampling_steps`` with the toy evaluation (nn_attr_acc, cos_gt, FD,
 diversity). Prints the table and writes one JSON object; nothing is asserted. The pseudo text fraction is set
 a priori (half of each batch), not tuned on these numbers.
+
+``--text_to_image`` also draws each prior's samples through a decoder (the language-free toy decoder of
+``train_toy_decoder.py`` unless ``--decoder``; trained when missing) with ``benchmarks/toy_text_to_image.py``'s
+evaluation (``shifted_diffusion.toy.text_to_image_eval``: the same held-out captions, decoder seeds and pixel
+reader for every prior) and adds its attribute accuracy, FD and diversity to the rows.
 """
 
 from __future__ import annotations
@@ -50,7 +56,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--toy_root", default="outputs/toy_assets")
     p.add_argument("--fast", action="store_true", help="the tiny test world and network, a few steps")
     p.add_argument("--num_threads", type=int, default=1)
+    p.add_argument("--text_to_image", action="store_true", help="also score every prior through a decoder")
+    p.add_argument("--decoder", default=None, help="--text_to_image: decoder folder (default: the toy decoder)")
+    p.add_argument("--t2i_captions", type=int, default=100, help="--text_to_image: held-out captions")
+    p.add_argument("--t2i_samples", type=int, default=2, help="--text_to_image: images per caption")
     return p
+
+
+def text_to_image_rows(args, pair: dict, name: str, out_dir: Path) -> dict:
+    """{prior kind: text-to-image scores} of a (shifted, baseline) pair through the decoder
+    (toy.text_to_image_eval, the language-free rows only)."""
+    from shifted_diffusion.toy.text_to_image_eval import run_text_to_image_eval
+
+    argv = ["--out", str(out_dir / f"t2i_{name}.json"), "--output_dir", str(out_dir / f"t2i_{name}"),
+            "--toy_root", args.toy_root, "--no_text_image", "--shifted_prior", str(pair["shifted"]),
+            "--baseline_prior", str(pair["baseline"]), "--prior_num_inference_steps", str(args.sampling_steps),
+            "--num_threads", str(args.num_threads), "--seed", str(args.seed),
+            *(["--decoder", args.decoder] if args.decoder else []), *(["--fast"] if args.fast else
+                                                                     ["--num_captions", str(args.t2i_captions),
+                                                                      "--samples_per_caption", str(args.t2i_samples)])]
+    results = run_text_to_image_eval(argv)["text_to_image"]
+    return {kind: {"t2i_attr_acc": m["attribute_accuracy"]["mean"], "t2i_all_attrs": m["attribute_accuracy"]["all"],
+                   "t2i_fd": m["fd"], "t2i_diversity": m["diversity"]["mean"]} for kind, m in results.items()}
 
 
 def captioned_subset_world(world: Path, folder: Path, fraction: float, seed: int) -> tuple[Path, int]:
@@ -95,12 +122,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 plans.append((f"{fraction:g}", folder, out_dir / f"cache_{fraction:g}", pseudo, kept))
         rows, wall = [], {}
         for captioned, folder, cache, pseudo, kept in plans:
+            pair = {}
             for prior in ("shifted", "baseline"):
                 name = f"{prior}_f{captioned}_pseudo{pseudo:g}"
                 start = time.time()
-                prior_dir = run_prior_job([*common, "--train_data_dir", str(folder), "--cache_dir", str(cache),
-                                           "--output_dir", str(out_dir / name), "--pseudo_text_fraction", str(pseudo),
-                                           "--baseline" if prior == "baseline" else "--no-baseline"])
+                prior_dir = pair[prior] = run_prior_job([
+                    *common, "--train_data_dir", str(folder), "--cache_dir", str(cache), "--output_dir",
+                    str(out_dir / name), "--pseudo_text_fraction", str(pseudo),
+                    "--baseline" if prior == "baseline" else "--no-baseline"])
                 wall[f"train_{name}"] = round(time.time() - start, 1)
                 start = time.time()
                 evaluation = evaluate_toy_prior(prior_dir, world, full_cache, steps=[args.sampling_steps],
@@ -114,17 +143,44 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                              "pseudo_text_fraction": pseudo, "pseudo_text": info.get("pseudo_text"),
                              **{k: metrics[k] for k in METRICS}})
                 print(json.dumps(rows[-1]), flush=True)
-    result = {"rows": rows, "reference": {k: evaluation["reference"][k] for k in METRICS if k in evaluation["reference"]},
-              "config": {"seed": args.seed, "fractions": args.fractions, "pseudo_text_fraction": args.pseudo_text_fraction,
-                         "max_train_steps": steps, "sampling_steps": args.sampling_steps, "fast": args.fast,
-                         **eval_kwargs, "wall_seconds": {**wall, "total": round(time.time() - start_all, 1)},
-                         "torch_threads": args.num_threads, "platform": platform.platform(), "torch": torch.__version__}}
+            if args.text_to_image:
+                start = time.time()
+                scores = text_to_image_rows(args, pair, f"f{captioned}_pseudo{pseudo:g}", out_dir)
+                wall[f"text_to_image_f{captioned}_pseudo{pseudo:g}"] = round(time.time() - start, 1)
+                for row in rows[-2:]:
+                    row.update(scores[row["prior"]])
+                    print(json.dumps(row), flush=True)
+            write_results_json(args.out, results(args, rows, evaluation, steps, eval_kwargs, wall, start_all,
+                                                  complete=False))  # what is measured so far survives a stop
+    result = results(args, rows, evaluation, steps, eval_kwargs, wall, start_all, complete=True)
     write_results_json(args.out, result)
-    print("| prior | captioned | training | nn_attr_acc | cos_gt | fd | diversity |\n|---|---|---|---|---|---|---|")
-    for row in rows:
-        print(f"| {row['prior']} | {row['captioned_fraction']:g} ({row['captioned_images']} images) | {row['training']} | "
-              f"{row['nn_attr_acc']:.3f} | {row['cos_gt']:.3f} | {row['fd']:.1f} | {row['diversity']:.3f} |")
+    print_table(args, rows)
     return result
+
+
+def results(args, rows, evaluation, steps, eval_kwargs, wall, start_all, complete: bool) -> dict:
+    """The JSON object: the rows so far, the evaluation's references, the settings and wall times."""
+    text_to_image = None if not args.text_to_image else {
+        "decoder": args.decoder or "the toy decoder", "num_captions": args.t2i_captions,
+        "samples_per_caption": args.t2i_samples}
+    return {"rows": rows, "reference": {k: evaluation["reference"][k] for k in METRICS if k in evaluation["reference"]},
+            "config": {"seed": args.seed, "fractions": args.fractions, "pseudo_text_fraction": args.pseudo_text_fraction,
+                       "max_train_steps": steps, "sampling_steps": args.sampling_steps, "fast": args.fast,
+                       "text_to_image": text_to_image, **eval_kwargs,
+                       "wall_seconds": {**wall, "total": round(time.time() - start_all, 1)},
+                       "torch_threads": args.num_threads, "platform": platform.platform(), "torch": torch.__version__,
+                       "complete": complete}}
+
+
+def print_table(args, rows) -> None:
+    t2i = " t2i attr acc | t2i all attrs | t2i FD | t2i diversity |" if args.text_to_image else ""
+    print(f"| prior | captioned | training | nn_attr_acc | cos_gt | fd | diversity |{t2i}\n"
+          f"|---|---|---|---|---|---|---|{'---|' * 4 if t2i else ''}")
+    for row in rows:
+        cells = (f" {row['t2i_attr_acc']:.3f} | {row['t2i_all_attrs']:.3f} | {row['t2i_fd']:.1f} | "
+                 f"{row['t2i_diversity']:.3f} |") if t2i else ""
+        print(f"| {row['prior']} | {row['captioned_fraction']:g} ({row['captioned_images']} images) | {row['training']} | "
+              f"{row['nn_attr_acc']:.3f} | {row['cos_gt']:.3f} | {row['fd']:.1f} | {row['diversity']:.3f} |{cells}")
 
 
 if __name__ == "__main__":

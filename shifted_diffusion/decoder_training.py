@@ -41,7 +41,8 @@ from .encoders import PAPER_CLIP_MODELS, parse_clip_specs
 logger = logging.getLogger(__name__)
 
 DEFAULT_CLIP_MODELS = PAPER_CLIP_MODELS
-DECODER_TYPES = ("image", "text_and_image", "gan")
+DECODER_TYPES = ("image", "text", "text_and_image", "gan")
+CAPTION_TYPES = ("text", "text_and_image")  # the decoder types that read captions through SD's text encoder
 CONFIG_NAME = "train_config.json"  # the resolved settings, in the output folder (and in every checkpoint)
 SUMMARY_NAME = "train_summary.json"
 
@@ -79,9 +80,12 @@ class DecoderTrainConfig(config_cli.FlagConfig):
     dataloader_num_workers: int = 0
     empty_embedding: Optional[str] = _field(None, "file of the 'empty' embedding (D,) used for guidance dropout; "
                                             "default: CLIP of a black image")
-    conditioning_dropout_prob: float = 0.1
+    conditioning_dropout_prob: float = _field(0.1, "image: probability of the empty embedding; text: of the empty "
+                                              "caption")
     # decoder type
-    decoder_type: str = _field("image", "image: language-free (the projection replaces the text); text_and_image: "
+    decoder_type: str = _field("image", "image: language-free (the projection replaces the text); text: Stable "
+                               "Diffusion's own text-to-image training (the UNet on captions, no embedding; a stock "
+                               "pipeline folder, the base a text_and_image run adds the embedding to); text_and_image: "
                                "the SD text encoder (frozen) plus an IP-Adapter for the embedding (ip_adapter.py); "
                                "gan: a StyleGAN2-style generator trained from scratch, Lafite's language-free "
                                "recipe (shifted_diffusion.gan; the gan_* settings)")
@@ -205,10 +209,10 @@ def preflight(cfg: DecoderTrainConfig) -> None:
     if cfg.resume_from_checkpoint and cfg.resume_from_checkpoint != "latest":
         read_state(cfg.resume_from_checkpoint)
     local = Path(cfg.pretrained_model_name_or_path)
-    if cfg.decoder_type == "text_and_image" and local.is_dir():
+    if cfg.decoder_type in CAPTION_TYPES and local.is_dir():
         missing = [name for name in ("tokenizer", "text_encoder") if not (local / name).is_dir()]
         if missing:
-            raise ValueError(f"--decoder_type text_and_image needs the tokenizer and text_encoder of "
+            raise ValueError(f"--decoder_type {cfg.decoder_type} needs the tokenizer and text_encoder of "
                              f"--pretrained_model_name_or_path {local} (missing: {', '.join(missing)})")
 
 
@@ -421,9 +425,10 @@ def _write_output_folder(cfg, output_dir: Path, vae, unet, projection, inference
 
 def train_decoder(cfg: DecoderTrainConfig) -> Path:
     """Fine-tune as configured; returns the output folder (load it with ``decoder.load_decoder``).
-    ``decoder_type`` text_and_image trains an IP-Adapter instead (``ip_adapter_training``)."""
+    ``decoder_type`` text_and_image trains an IP-Adapter instead, text a plain text-to-image UNet
+    (``ip_adapter_training``)."""
     preflight(cfg)
-    if cfg.decoder_type == "text_and_image":
+    if cfg.decoder_type in CAPTION_TYPES:
         from .ip_adapter_training import train_text_image_decoder
 
         return train_text_image_decoder(cfg)

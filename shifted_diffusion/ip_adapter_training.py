@@ -1,4 +1,5 @@
-"""Training the text + image decoder (``DecoderTrainConfig.decoder_type = "text_and_image"``).
+"""Training the decoders that read captions: text + image (``DecoderTrainConfig.decoder_type = "text_and_image"``)
+and text only (``"text"``, the base model the first one adds the embedding to).
 
 Stable Diffusion's own text encoder (frozen) reads each image's caption (its first caption in the folder's
 metadata.jsonl / .txt convention, "" when it has none); an IP-Adapter (``ip_adapter``: image projection of
@@ -12,6 +13,11 @@ The output folder: the stock StableDiffusionPipeline (text encoder and tokenizer
 the adapter), ``ip_adapter.safetensors`` (stock ``load_ip_adapter`` reads it) and ``shifted_decoder.json`` with
 ``"decoder_type": "text_and_image"``. A pretrained folder that already holds ``ip_adapter.safetensors``
 continues from that adapter.
+
+``decoder_type = "text"`` is Stable Diffusion's own text-to-image training on the same loop: no adapter and no
+CLIP image embedding, the whole UNet trained, the caption replaced by "" with probability
+``conditioning_dropout_prob``. Its output is a stock StableDiffusionPipeline folder (no shifted_decoder.json):
+a text-to-image model, e.g. the toy world's base "Stable Diffusion" that a text_and_image run then extends.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from .checkpoints import save_checkpoint
 logger = logging.getLogger(__name__)
 
 DECODER_TYPE = "text_and_image"
+TEXT_ONLY = "text"
 
 
 def image_captions(folder: str, paths: list[Path]) -> list[str]:
@@ -81,15 +88,20 @@ def text_image_loss(unet, text_encoder, vae, noise_scheduler, batch: dict, empty
                                                       random_flip=cfg.random_flip, weight_dtype=weight_dtype,
                                                       device=device)
     bsz = latents.shape[0]
-    drop_text, drop_image = condition_masks(bsz, generator=generator, device=device, text_prob=cfg.text_dropout_prob,
-                                            image_prob=cfg.image_dropout_prob, both_prob=cfg.both_dropout_prob)
+    if cfg.decoder_type == TEXT_ONLY:  # the text-to-image base: captions dropped for guidance, no embedding
+        drop_text = torch.rand(bsz, generator=generator, device=device) < cfg.conditioning_dropout_prob
+        added = {}
+    else:
+        drop_text, drop_image = condition_masks(bsz, generator=generator, device=device,
+                                                text_prob=cfg.text_dropout_prob, image_prob=cfg.image_dropout_prob,
+                                                both_prob=cfg.both_dropout_prob)
+        image_embeds = batch["image_embeds"].to(device, torch.float32)  # (B, D)
+        image_embeds = torch.where(drop_image[:, None], torch.zeros_like(image_embeds), image_embeds)
+        added = {"added_cond_kwargs": {"image_embeds": [image_embeds[:, None]]}}
     input_ids = torch.where(drop_text[:, None], empty_ids[None], batch["input_ids"].to(device))  # (B, L)
     with torch.no_grad():
         text_states = text_encoder(input_ids)[0].to(weight_dtype)  # (B, L, C)
-    image_embeds = batch["image_embeds"].to(device, torch.float32)  # (B, D)
-    image_embeds = torch.where(drop_image[:, None], torch.zeros_like(image_embeds), image_embeds)
-    model_pred = unet(noisy, timesteps, text_states, added_cond_kwargs={"image_embeds": [image_embeds[:, None]]},
-                      return_dict=False)[0]
+    model_pred = unet(noisy, timesteps, text_states, return_dict=False, **added)[0]
     target = prediction_target(noise_scheduler, latents, noise, timesteps)
     return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
 
@@ -103,7 +115,7 @@ def load_text_encoder(cfg):
     if local.is_dir():
         missing = [name for name in ("tokenizer", "text_encoder") if not (local / name).is_dir()]
         if missing:
-            raise SystemExit(f"finetune: --decoder_type text_and_image needs the tokenizer and text_encoder of "
+            raise SystemExit(f"finetune: --decoder_type {cfg.decoder_type} needs the tokenizer and text_encoder of "
                              f"{where} (missing: {', '.join(missing)})")
     try:
         tokenizer = CLIPTokenizer.from_pretrained(cfg.pretrained_model_name_or_path, subfolder="tokenizer",
@@ -111,7 +123,7 @@ def load_text_encoder(cfg):
         text_encoder = CLIPTextModel.from_pretrained(cfg.pretrained_model_name_or_path, subfolder="text_encoder",
                                                      revision=cfg.revision, variant=cfg.variant)
     except (OSError, ValueError) as error:
-        raise SystemExit(f"finetune: --decoder_type text_and_image needs the tokenizer and text_encoder of "
+        raise SystemExit(f"finetune: --decoder_type {cfg.decoder_type} needs the tokenizer and text_encoder of "
                          f"{where} ({error})") from error
     positions = text_encoder.config.max_position_embeddings
     if tokenizer.model_max_length > positions:
@@ -134,18 +146,21 @@ def initial_adapter(cfg, unet, clip_dim: int) -> dict:
 
 
 def write_output_folder(cfg, output_dir: Path, vae, text_encoder, tokenizer, unet, scheduler, clip_dim: int) -> None:
-    """Stock pipeline (the UNet without the adapter) + ip_adapter.safetensors + shifted_decoder.json."""
+    """Stock pipeline (the UNet without the adapter) + ip_adapter.safetensors + shifted_decoder.json; the text-only
+    decoder (clip_dim 0): the stock pipeline alone."""
     from diffusers import StableDiffusionPipeline
 
     from .decoder import DECODER_CONFIG_NAME
     from .encoders import resolve_clip_spec
 
-    state = ip_adapter.detach_adapter(unet)
+    state = ip_adapter.detach_adapter(unet) if clip_dim else None
     pipeline = StableDiffusionPipeline(
         vae=vae.to(torch.float32), text_encoder=text_encoder.to(torch.float32), tokenizer=tokenizer,
         unet=unet.to(torch.float32), scheduler=scheduler, safety_checker=None, feature_extractor=None,
         requires_safety_checker=False)
     pipeline.save_pretrained(str(output_dir))
+    if state is None:
+        return
     ip_adapter.save_adapter(state, output_dir)
     config = {"decoder_type": DECODER_TYPE, "clip_models": [list(resolve_clip_spec(*s)) for s in cfg.clip_specs],
               "clip_dim": int(clip_dim), "adapter_weights": ip_adapter.ADAPTER_WEIGHT_NAME,
@@ -157,7 +172,8 @@ def write_output_folder(cfg, output_dir: Path, vae, text_encoder, tokenizer, une
 def run_validation(cfg, accelerator, vae, text_encoder, tokenizer, unet, scheduler, clip_dim: int, val_paths,
                    val_embeds, val_captions, step: int) -> Path:
     """A grid under validation/, one row per held-out image: the image | from its embedding alone (caption "") |
-    embedding + its caption | its caption alone (image scale 0: the text-only model)."""
+    embedding + its caption | its caption alone (image scale 0: the text-only model); the text-only decoder
+    (clip_dim 0): the image | its caption."""
     from diffusers import StableDiffusionPipeline
 
     from .decoder_training import save_validation_grid, validation_original
@@ -167,12 +183,21 @@ def run_validation(cfg, accelerator, vae, text_encoder, tokenizer, unet, schedul
     pipeline = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=model, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    decoder = TextImageDecoder(pipeline, clip_dim, cfg.clip_specs)
     generator = torch.Generator(device=accelerator.device).manual_seed(cfg.seed or 0)
     common = dict(guidance_scale=cfg.validation_guidance_scale, num_inference_steps=cfg.validation_num_inference_steps,
                   generator=generator, height=cfg.resolution, width=cfg.resolution)
     model.eval()
     rows = []
+    if not clip_dim:
+        pipeline.set_progress_bar_config(disable=True)
+        try:
+            for path, caption in zip(val_paths, val_captions):
+                with accelerator.autocast():
+                    rows.append([validation_original(path, cfg.resolution), *pipeline(caption, **common).images])
+        finally:
+            model.train()
+        return save_validation_grid(cfg, rows, step, "image | its caption")
+    decoder = TextImageDecoder(pipeline, clip_dim, cfg.clip_specs)
     try:
         for path, embed, caption in zip(val_paths, val_embeds, val_captions):
             embed = embed[None].to(accelerator.device)
@@ -191,7 +216,7 @@ def run_validation(cfg, accelerator, vae, text_encoder, tokenizer, unet, schedul
 
 
 def train_text_image_decoder(cfg) -> Path:
-    """Train the text + image decoder as configured; returns the output folder."""
+    """Train the text + image (or the text-only) decoder as configured; returns the output folder."""
     from .decoder_data import ImageEmbeddingDataset, readable_training_embeddings
     from .decoder_training import SUMMARY_NAME, load_models, start_run, step_schedule, validation_embeddings
     from .ema import EmaWeights
@@ -202,18 +227,28 @@ def train_text_image_decoder(cfg) -> Path:
     device, world = accelerator.device, accelerator.num_processes
     weight_dtype = training.mixed_precision_dtype(accelerator)
 
-    clip = MultiCLIP(cfg.clip_specs, device=device, dtype=weight_dtype)
-    paths, image_embeds, _ = readable_training_embeddings(cfg, accelerator, clip, paths)
-    val_paths, val_embeds = validation_embeddings(cfg, clip, val_paths)
-    clip_dim = clip.dim
-    del clip
+    with_image = cfg.decoder_type != TEXT_ONLY
+    if with_image:
+        clip = MultiCLIP(cfg.clip_specs, device=device, dtype=weight_dtype)
+        paths, image_embeds, _ = readable_training_embeddings(cfg, accelerator, clip, paths)
+        val_paths, val_embeds = validation_embeddings(cfg, clip, val_paths)
+        clip_dim = clip.dim
+        del clip
+    else:  # no CLIP pass: zero-width embeddings keep the dataset's items
+        try:
+            training.check_batches(len(paths), cfg.train_batch_size, world, f"training images in {cfg.train_data_dir}")
+        except ValueError as error:
+            raise SystemExit(f"finetune: {error}") from error
+        image_embeds, val_embeds, clip_dim = torch.zeros(len(paths), 0), None, 0
 
     noise_scheduler, inference_scheduler, vae, unet = load_models(cfg)
     tokenizer, text_encoder = load_text_encoder(cfg)
-    ip_adapter.attach_adapter(unet, initial_adapter(cfg, unet, clip_dim))
-    unet.requires_grad_(cfg.train_unet)
-    for parameter in ip_adapter.adapter_parameters(unet):
-        parameter.requires_grad_(True)
+    train_unet = cfg.train_unet or not with_image
+    unet.requires_grad_(train_unet)
+    if with_image:
+        ip_adapter.attach_adapter(unet, initial_adapter(cfg, unet, clip_dim))
+        for parameter in ip_adapter.adapter_parameters(unet):
+            parameter.requires_grad_(True)
     vae.to(device, dtype=weight_dtype)
     text_encoder.to(device, dtype=weight_dtype)
     if cfg.gradient_checkpointing:
@@ -232,10 +267,11 @@ def train_text_image_decoder(cfg) -> Path:
     ema = training.build_ema(trained_params, cfg.use_ema, cfg.ema_decay, device)
     # a frozen UNet is the base model's: checkpoints hold only the adapter's weights (shared with the UNet)
     unwrapped = accelerator.unwrap_model(unet)
-    trained = {"unet": unwrapped} if cfg.train_unet else {"ip_adapter": ip_adapter.adapter_module(unwrapped)}
+    trained = {"unet": unwrapped} if train_unet else {"ip_adapter": ip_adapter.adapter_module(unwrapped)}
     global_step = training.resume_step(accelerator, output_dir, cfg.resume_from_checkpoint, modules=trained,
                                        optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema, config=cfg.to_dict())
-    training.init_trackers(accelerator, trackers, "shifted-diffusion-text-image-decoder", cfg.to_dict())
+    training.init_trackers(accelerator, trackers, "shifted-diffusion-text-image-decoder" if with_image else
+                           "shifted-diffusion-text-decoder", cfg.to_dict())
     val_captions = image_captions(cfg.train_data_dir, val_paths)
 
     def validation_hook(step: int) -> Path:
@@ -250,7 +286,8 @@ def train_text_image_decoder(cfg) -> Path:
     step_log = training.StepLog(
         accelerator, max_steps=max_steps, initial_step=global_step, logging_steps=cfg.logging_steps,
         checkpointing_steps=cfg.checkpointing_steps, samples_per_step=samples_per_step,
-        desc="text+image decoder training", advice=f"Lower --learning_rate ({cfg.learning_rate}) or check the images")
+        desc="text+image decoder training" if with_image else "text-to-image training",
+        advice=f"Lower --learning_rate ({cfg.learning_rate}) or check the images")
     steps_run, wall_start = 0, time.perf_counter()
 
     def micro_batch_loss(batch, generator):
@@ -279,9 +316,9 @@ def train_text_image_decoder(cfg) -> Path:
         write_output_folder(cfg, output_dir, vae, text_encoder, tokenizer, unwrapped, inference_scheduler,
                             clip_dim)
         summary = {"global_step": global_step, "steps_this_run": steps_run, "last_train_loss": step_log.last_loss,
-                   "num_train_images": len(dataset), "decoder_type": DECODER_TYPE,
+                   "num_train_images": len(dataset), "decoder_type": cfg.decoder_type,
                    "wall_s": time.perf_counter() - wall_start}
         (output_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
-        logger.info(f"text+image decoder written to {output_dir}")
+        logger.info(f"{'text+image decoder' if with_image else 'text-to-image model'} written to {output_dir}")
     accelerator.end_training()
     return output_dir

@@ -1,5 +1,6 @@
 """Training the text + image decoder (finetune.py --decoder_type text_and_image) on tiny random models: finite
-loss, only the adapter changes while the UNet is frozen, a folder stock diffusers loads, exact resume."""
+loss, only the adapter changes while the UNet is frozen, a folder stock diffusers loads, exact resume; and the
+text-only decoder (--decoder_type text) it can be built on."""
 
 import json
 
@@ -49,7 +50,7 @@ def test_bad_dropout_sum_is_a_usage_error():
     with pytest.raises(SystemExit):
         parse_decoder_config(["--train_data_dir", "x", "--text_dropout_prob", "0.6", "--image_dropout_prob", "0.6"])
     with pytest.raises(SystemExit):
-        parse_decoder_config(["--train_data_dir", "x", "--decoder_type", "text"])
+        parse_decoder_config(["--train_data_dir", "x", "--decoder_type", "txt"])
 
 
 def test_train_adapter_only_output_folder_and_resume(world, tmp_path):
@@ -147,3 +148,51 @@ def test_validation_grid_shows_embedding_caption_and_both(world, tmp_path):
     cell = [pixels[:RESOLUTION, j * RESOLUTION:(j + 1) * RESOLUTION] for j in range(4)]
     assert np.abs(cell[2] - cell[3]).mean() > 0.5  # embedding + caption vs caption alone
     assert json.loads((out / "train_summary.json").read_text())["num_train_images"] == 4  # 6 - 2 held out
+
+
+def test_text_only_training_writes_a_stock_model_the_adapter_then_extends(world, tmp_path):
+    """--decoder_type text trains the whole UNet on captions (no CLIP, no adapter), resumes exactly and writes a
+    stock pipeline folder; a text_and_image run from that folder keeps its UNet and adds the adapter."""
+    import shutil
+
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    def text_args(out, *extra):
+        args = _args(world, out, "--max_train_steps", "3", "--checkpointing_steps", "2", *extra)
+        args[args.index("text_and_image")] = "text"
+        return args
+
+    out = train_decoder(parse_decoder_config(text_args(tmp_path / "text", "--num_validation_images", "2",
+                                                       "--validation_steps", "3",
+                                                       "--validation_num_inference_steps", "2")))
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["decoder_type"] == "text" and summary["global_step"] == 3 and summary["num_train_images"] == 4
+    assert not (out / "shifted_decoder.json").exists() and not (out / ip_adapter.ADAPTER_WEIGHT_NAME).exists()
+    assert (out / "checkpoint-2" / "unet.safetensors").is_file()
+    from PIL import Image
+
+    with Image.open(out / "validation" / "step-0000003.png") as grid:
+        assert grid.size == (2 * RESOLUTION, 2 * RESOLUTION)  # image | its caption, one row per held-out image
+    before = UNet2DConditionModel.from_pretrained(world["sd"], subfolder="unet").state_dict()
+    text_unet = UNet2DConditionModel.from_pretrained(out, subfolder="unet").state_dict()
+    assert sum(not torch.equal(before[k], text_unet[k]) for k in before) > len(before) // 2
+
+    pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe("a cat", num_inference_steps=2, height=32, width=32, output_type="np").images.shape == (1, 32, 32, 3)
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
+    train_decoder(parse_decoder_config(text_args(resumed, "--num_validation_images", "2", "--validation_steps", "3",
+                                                 "--validation_num_inference_steps", "2",
+                                                 "--resume_from_checkpoint", "latest")))
+    again = UNet2DConditionModel.from_pretrained(resumed, subfolder="unet").state_dict()
+    assert all(torch.equal(again[k], text_unet[k]) for k in text_unet)
+
+    args = _args(world, tmp_path / "adapter", "--max_train_steps", "1", "--checkpointing_steps", "1")
+    args[args.index(str(world["sd"]))] = str(out)
+    adapter = train_decoder(parse_decoder_config(args))
+    after = UNet2DConditionModel.from_pretrained(adapter, subfolder="unet").state_dict()
+    assert all(torch.equal(after[k], text_unet[k]) for k in text_unet)
+    assert json.loads((adapter / "shifted_decoder.json").read_text())["decoder_type"] == "text_and_image"

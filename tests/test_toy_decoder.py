@@ -32,7 +32,10 @@ def toy(tmp_path_factory):
     assets = ensure_toy_assets(root / "assets", fast=True)
     decoder = decoder_recipe.train_toy_decoder(["--fast", "--toy_root", str(root / "assets"), "--output_dir",
                                                 str(root / "dec")])
-    return {"root": root, "toy_root": str(root / "assets"), "decoder": Path(decoder), **assets}
+    text_image = decoder_recipe.train_toy_decoder(["--fast", "--toy_root", str(root / "assets"), "--output_dir",
+                                                   str(root / "text_dec"), "--decoder_type", "text_and_image"])
+    return {"root": root, "toy_root": str(root / "assets"), "decoder": Path(decoder), "text_image": Path(text_image),
+            **assets}
 
 
 def tiny_prior(directory, clip_dir, baseline: bool) -> Path:
@@ -150,6 +153,48 @@ def test_fast_toy_decoder_is_a_standard_pipeline_folder_and_is_cached(toy):
     assert scheduler["timestep_spacing"] == "trailing"
 
 
+def test_fast_toy_text_image_decoder_scale_zero_is_its_text_to_image_model(toy):
+    """train_toy_decoder.py --decoder_type text_and_image: a text-to-image model on the toy text encoder
+    (stages/text_base, a stock pipeline) and an adapter on its frozen UNet; image scale 0 draws exactly what the
+    text-to-image model draws; the autoencoder is the language-free decoder's when cached with the same settings;
+    a second call reuses the folder."""
+    from diffusers import StableDiffusionPipeline
+
+    from shifted_diffusion.decoder import load_decoder
+
+    folder = toy["text_image"]
+    record = json.loads((folder / "toy_decoder.json").read_text())
+    assert record["complete"] and record["decoder_type"] == "text_and_image"
+    assert record["text_base"]["global_step"] == 2 and record["adapter"]["global_step"] == 2
+    assert record["adapter"]["num_params"] < record["text_base"]["num_params"]
+    decoder = load_decoder(folder)
+    assert decoder.takes_prompts and decoder.clip_specs == [(toy["clip"], "")]
+    base = StableDiffusionPipeline.from_pretrained(folder / "stages" / "text_base", safety_checker=None,
+                                                   requires_safety_checker=False)
+    base.set_progress_bar_config(disable=True)
+    assert base.text_encoder.config.hidden_size == base.unet.config.cross_attention_dim
+    captions = ["a red circle", "a blue star on a black background"]
+    decoder.set_image_scale(0.0)
+    ours = decoder.generate(torch.randn(2, decoder.clip_dim), prompts=captions, num_inference_steps=2, guidance_scale=2.0,
+                            generator=[torch.Generator().manual_seed(i) for i in range(2)])
+    stock = base(captions, num_inference_steps=2, guidance_scale=2.0, output_type="pil",
+                 generator=[torch.Generator().manual_seed(i) for i in range(2)]).images
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(ours, stock))
+    decoder.set_image_scale(1.0)
+    with_image = decoder.generate(torch.randn(2, decoder.clip_dim), prompts=captions, num_inference_steps=2,
+                                  guidance_scale=2.0, generator=[torch.Generator().manual_seed(i) for i in range(2)])
+    assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(with_image, stock))
+
+    weights = folder / "ip_adapter.safetensors"
+    before = weights.stat().st_mtime_ns
+    assert decoder_recipe.ensure_toy_decoder(folder, toy_root=toy["toy_root"], fast=True,
+                                             decoder_type="text_and_image") == folder
+    assert weights.stat().st_mtime_ns == before
+    # the language-free decoder's folder is not taken for a text + image one
+    assert not decoder_recipe.decoder_is_cached(toy["decoder"], decoder_recipe.resolve_config(
+        decoder_recipe.build_parser().parse_args(["--fast"])), toy["clip"], "text_and_image")
+
+
 def test_zero_terminal_snr_schedule_against_the_formula():
     """Lin et al. (2024), Algorithm 1 written out: sqrt(abar) shifted so the last step is 0 and scaled so the
     first is unchanged; SD's scaled-linear betas before. The DDPM noise scheduler the trainer builds from the
@@ -218,6 +263,7 @@ def test_benchmark_runs_end_to_end_at_fast_size(toy, tmp_path):
     priors = {name: tiny_prior(tmp_path / name, toy["clip"], baseline=name == "baseline") for name in ("shifted", "baseline")}
     out = tmp_path / "results.json"
     results = benchmark.run_text_to_image_eval(["--fast", "--toy_root", toy["toy_root"], "--decoder", str(toy["decoder"]),
+                              "--text_image_decoder", str(toy["text_image"]),
                               "--shifted_prior", str(priors["shifted"]), "--baseline_prior", str(priors["baseline"]),
                               "--output_dir", str(tmp_path / "bench"), "--out", str(out)])
     saved = json.loads(out.read_text())
@@ -231,10 +277,28 @@ def test_benchmark_runs_end_to_end_at_fast_size(toy, tmp_path):
     assert real["attribute_accuracy"]["all"] == 1.0  # the reader on ground-truth renders
     assert real["cos_gt"] == pytest.approx(1.0)  # each real image against itself
     assert 0.0 <= saved["image_to_image"]["attribute_accuracy"]["mean"] <= 1.0
+    assert set(saved["text_and_image"]) == {"text_only", "shifted", "baseline"}
+    for name, m in saved["text_and_image"].items():
+        assert 0.0 <= m["attribute_accuracy"]["mean"] <= 1.0 and np.isfinite(m["fd"])
+        # the prior's own embedding score is that of the language-free row (the same embeddings); none for text only
+        assert m.get("prior_embedding_nn_attribute_accuracy") == (
+            None if name == "text_only" else saved["text_to_image"][name]["prior_embedding_nn_attribute_accuracy"])
     with Image.open(saved["grid"]) as grid:
         c, s = saved["config"]["num_captions"], saved["config"]["samples_per_caption"]
-        assert grid.size == (300 + 64 * (2 + 2 * s), 16 + 64 * c)
-    assert "text→image, shifted prior" in format_table(results)
+        assert grid.size == (300 + 64 * (2 + 2 * s + 3), 16 + 64 * c)
+    table = format_table(results)
+    assert "text→image, shifted prior" in table and "text-only decoder" in table
+    assert "text + baseline prior embedding" in table
+
+    skipped = benchmark.run_text_to_image_eval([
+        "--fast", "--toy_root", toy["toy_root"], "--decoder", str(toy["decoder"]), "--no_text_image",
+        "--shifted_prior", str(priors["shifted"]), "--baseline_prior", str(priors["baseline"]), "--num_captions", "2",
+        "--output_dir", str(tmp_path / "bench2"), "--out", str(tmp_path / "skipped.json")])
+    assert "text_and_image" not in skipped and skipped["config"]["text_image_decoder"] is None
+    with pytest.raises(SystemExit, match="not a text \\+ image decoder"):
+        benchmark.run_text_to_image_eval(["--fast", "--toy_root", toy["toy_root"], "--decoder", str(toy["decoder"]),
+                                          "--text_image_decoder", str(toy["decoder"]), "--out", str(tmp_path / "x.json"),
+                                          "--output_dir", str(tmp_path / "bench3")])
 
 
 # ---------------------------------------------------------------------------------------------- evaluate.py, toy world

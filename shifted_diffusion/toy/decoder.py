@@ -59,6 +59,13 @@ class ToyDecoderConfig:
     # the image, enough to leak a 16 x 16 latent's mean colour, and sampling from pure noise gets the
     # background wrong; False: SD's own schedule (epsilon target, "leading" steps).
     zero_terminal_snr: bool = True
+    # the text + image decoder (train_toy_decoder.py --decoder_type text_and_image): a text-to-image toy "Stable
+    # Diffusion" (the same UNet with cross-attention on the toy text encoder's token states, trained from scratch for
+    # text_unet_steps with the UNet settings above; captions dropped with conditioning_dropout_prob), then an
+    # IP-Adapter for the image embedding on it (UNet frozen) for adapter_steps
+    text_unet_steps: int = 4000
+    adapter_steps: int = 1500
+    adapter_learning_rate: float = 1e-3
     seed: int = 0
 
     def __post_init__(self):
@@ -93,7 +100,7 @@ def fast_decoder_config() -> ToyDecoderConfig:
     """Seconds-long settings for tests: a few steps of each stage on tiny networks."""
     return ToyDecoderConfig(vae_channels=(8, 8, 16), vae_steps=3, vae_batch_size=4, vae_images=32,
                             unet_channels=(16, 16), unet_norm_groups=8, cross_attention_dim=16, attention_head_dim=4,
-                            unet_steps=2, unet_batch_size=4, unet_warmup_steps=0)
+                            unet_steps=2, unet_batch_size=4, unet_warmup_steps=0, text_unet_steps=2, adapter_steps=2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -143,11 +150,12 @@ def build_scheduler(zero_terminal_snr: bool = True):
                          set_alpha_to_one=False, **schedule)
 
 
-def write_pretrained_folder(directory, vae, unet, scheduler) -> Path:
-    """A standard StableDiffusionPipeline folder (text encoder, tokenizer, safety checker: None)."""
+def write_pretrained_folder(directory, vae, unet, scheduler, text_encoder=None, tokenizer=None) -> Path:
+    """A standard StableDiffusionPipeline folder (safety checker None; text encoder and tokenizer when given)."""
     from diffusers import StableDiffusionPipeline
 
-    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=scheduler,
+    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                       scheduler=scheduler,
                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipeline.save_pretrained(str(directory))
     return Path(directory)

@@ -4,13 +4,18 @@
                                        # (wall time: the README, "Text-to-image in the toy world")
     python train_toy_decoder.py --output_dir DIR --unet_steps 2400 --config my_toy_decoder.yaml
     python train_toy_decoder.py --world_dir W --clip_dir C    # an existing world + toy CLIP
+    python train_toy_decoder.py --decoder_type text_and_image  # -> outputs/toy_text_image_decoder (below)
 
 1. the toy world and its tiny CLIP (shifted_diffusion.toy.ensure_toy_assets, cached under --toy_root);
 2. the autoencoder (shifted_diffusion.toy.decoder.train_vae: 64 px -> 16 x 16 x 4 latents), cached;
 3. a "pretrained" Stable Diffusion folder = fresh UNet + trained VAE + DDIM scheduler, fine-tuned by the
    normal decoder trainer (``decoder_training.train_decoder``) with the image-embedding projection.
 The result is a decoder folder that test.py / sft_test.py / shifted_diffusion.decoder.load_decoder read
-exactly like a fine-tuned SD2. A finished folder with the same settings and CLIP is reused, not retrained.
+exactly like a fine-tuned SD2. ``--decoder_type text_and_image`` builds the decoder that reads the caption and the
+image embedding instead: the same autoencoder (the language-free decoder's when it has the same settings), a toy
+text-to-image "Stable Diffusion" (a fresh UNet on the toy text encoder, ``toy.text_encoder``, trained on the
+captions: ``stages/text_base``) and the IP-Adapter trained on it with its UNet frozen, so that the adapter's image
+scale 0 is that text-to-image model. A finished folder with the same settings and CLIP is reused, not retrained.
 ``add_toy_default_arguments`` / ``default_toy_decoder`` give the generation commands this decoder as their
 default; ``ensure_toy_decoder`` returns a finished one, training it when missing; ``toy_decoder_world`` the
 world it was trained on.
@@ -29,7 +34,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..decoder_training import SUMMARY_NAME, DecoderTrainConfig, train_decoder
+from ..decoder_training import CONFIG_NAME, SUMMARY_NAME, DecoderTrainConfig, train_decoder
 from ..threads import torch_threads
 from ..training import setup_logging
 
@@ -37,13 +42,22 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_OUTPUT_DIR = "outputs/toy_decoder"
 DEFAULT_FAST_OUTPUT_DIR = "outputs/toy_decoder_fast"
+DEFAULT_TEXT_OUTPUT_DIR = "outputs/toy_text_image_decoder"
+DEFAULT_TEXT_FAST_OUTPUT_DIR = "outputs/toy_text_image_decoder_fast"
+TEXT_AND_IMAGE = "text_and_image"
+# ToyDecoderConfig fields only the text + image recipe reads (a language-free decoder's cache ignores them)
+TEXT_RECIPE_FIELDS = ("text_unet_steps", "adapter_steps", "adapter_learning_rate")
 TOY_DECODER_FILE = "toy_decoder.json"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default=None, help=f"decoder folder (default {DEFAULT_OUTPUT_DIR}, "
-                                                           f"--fast: {DEFAULT_FAST_OUTPUT_DIR})")
+                                                           f"--fast: {DEFAULT_FAST_OUTPUT_DIR}; text_and_image: "
+                                                           f"{DEFAULT_TEXT_OUTPUT_DIR}[_fast])")
+    parser.add_argument("--decoder_type", default="image", choices=("image", TEXT_AND_IMAGE),
+                        help="image: language-free (the image embedding alone); text_and_image: a toy text-to-image "
+                             "model + an IP-Adapter for the image embedding")
     parser.add_argument("--toy_root", default="outputs/toy_assets", help="where the toy world and CLIP are cached")
     parser.add_argument("--fast", action="store_true", help="the tiny test world and a seconds-long decoder (tests)")
     parser.add_argument("--world_dir", default=None, help="an existing toy world folder (with --clip_dir): skip "
@@ -91,14 +105,26 @@ def clip_identity(clip_dir) -> dict:
     return {"path": str(Path(clip_dir).resolve()), "weights_sha1": digest.hexdigest() if weights else None}
 
 
-def decoder_is_cached(output_dir, config, clip_dir) -> bool:
-    """True when output_dir holds a finished toy decoder with these settings, trained on this CLIP."""
+def recipe_settings(config: dict, decoder_type: str) -> dict:
+    """The ToyDecoderConfig entries (a to_dict()) that the recipe of decoder_type reads."""
+    return {k: v for k, v in config.items() if decoder_type == TEXT_AND_IMAGE or k not in TEXT_RECIPE_FIELDS}
+
+
+def decoder_is_cached(output_dir, config, clip_dir, decoder_type: str = "image") -> bool:
+    """True when output_dir holds a finished toy decoder of this type and settings, trained on this CLIP."""
     path = Path(output_dir) / TOY_DECODER_FILE
     if not path.is_file() or not (Path(output_dir) / "model_index.json").is_file():
         return False
     saved = json.loads(path.read_text())
-    return (saved.get("config") == config.to_dict() and saved.get("clip") == clip_identity(clip_dir)
-            and saved.get("complete", False))
+    return (saved.get("decoder_type", "image") == decoder_type
+            and recipe_settings(saved.get("config") or {}, decoder_type) == recipe_settings(config.to_dict(), decoder_type)
+            and saved.get("clip") == clip_identity(clip_dir) and saved.get("complete", False))
+
+
+def default_output_dir(decoder_type: str, fast: bool) -> Path:
+    if decoder_type == TEXT_AND_IMAGE:
+        return Path(DEFAULT_TEXT_FAST_OUTPUT_DIR if fast else DEFAULT_TEXT_OUTPUT_DIR)
+    return Path(DEFAULT_FAST_OUTPUT_DIR if fast else DEFAULT_OUTPUT_DIR)
 
 
 def toy_decoder_config(config, init_dir, world, clip_dir, output_dir,
@@ -141,7 +167,7 @@ def train(args) -> Path:
     from .decoder import build_scheduler, build_unet, ensure_vae, write_pretrained_folder
 
     config = resolve_config(args)
-    output_dir = Path(args.output_dir or (DEFAULT_FAST_OUTPUT_DIR if args.fast else DEFAULT_OUTPUT_DIR))
+    output_dir = Path(args.output_dir or default_output_dir(args.decoder_type, args.fast))
     start = time.time()
     if (args.world_dir is None) != (args.clip_dir is None):
         raise SystemExit("train_toy_decoder.py: --world_dir and --clip_dir go together")
@@ -150,7 +176,7 @@ def train(args) -> Path:
     else:
         assets = ensure_toy_assets(args.toy_root, fast=args.fast)
     assets_seconds = time.time() - start
-    if not args.force and decoder_is_cached(output_dir, config, assets["clip"]):
+    if not args.force and decoder_is_cached(output_dir, config, assets["clip"], args.decoder_type):
         logger.info(f"{output_dir} already holds this toy decoder (use --force to retrain)")
         return output_dir
     marker = output_dir / TOY_DECODER_FILE
@@ -159,29 +185,33 @@ def train(args) -> Path:
     stages = output_dir / "stages"
 
     start, start_cpu = time.time(), time.process_time()
-    vae, vae_info = ensure_vae(stages / "vae", assets["world"], config, log_every=0 if args.fast else args.log_every)
+    vae, vae_info = ensure_vae(vae_folder(stages, args, config, assets["world"]), assets["world"], config,
+                               log_every=0 if args.fast else args.log_every)
     vae_seconds = time.time() - start
     logger.info(f"autoencoder ready ({vae_seconds:.0f} s; reconstruction MSE {vae_info['final_mse']:.4f}, "
                 f"scaling_factor {vae_info['scaling_factor']:.3f})")
 
     image_size = int(vae.config.sample_size)
-    torch.manual_seed(config.seed)
-    unet = build_unet(config, image_size)
-    init_dir = write_pretrained_folder(stages / "init", vae, unet, build_scheduler(config.zero_terminal_snr))
     cache = args.embedding_cache or default_embedding_cache(args.fast)
     start, start_cpu = time.time(), time.process_time()
-    train_decoder(toy_decoder_config(config, init_dir, assets["world"], assets["clip"], output_dir, cache))
+    if args.decoder_type == TEXT_AND_IMAGE:
+        trained = train_text_and_image(config, vae, image_size, assets, output_dir, cache)
+    else:
+        torch.manual_seed(config.seed)
+        unet = build_unet(config, image_size)
+        init_dir = write_pretrained_folder(stages / "init", vae, unet, build_scheduler(config.zero_terminal_snr))
+        train_decoder(toy_decoder_config(config, init_dir, assets["world"], assets["clip"], output_dir, cache))
+        trained = {"unet": stage_summary(output_dir, unet)}
     unet_seconds, unet_cpu = time.time() - start, time.process_time() - start_cpu
-    summary = json.loads((output_dir / SUMMARY_NAME).read_text())
     record = {
+        "decoder_type": args.decoder_type,
         "config": config.to_dict(),
         "clip": clip_identity(assets["clip"]),
         "world": str(assets["world"]),
         "vae": vae_info,
-        "unet": {"global_step": summary.get("global_step"), "last_train_loss": summary.get("last_train_loss"),
-                 "num_params": sum(p.numel() for p in unet.parameters()),
-                 "wall_s_per_step": summary.get("wall_s_per_step")},
-        # the autoencoder's own training time (also when it was reused from an earlier run) + this UNet run
+        **trained,
+        # the autoencoder's own training time (also when it was reused from an earlier run) + this UNet run (the
+        # text + image decoder: its text-to-image UNet and adapter, "unet" below)
         "wall_seconds": {"toy_assets": round(assets_seconds, 1), "vae": vae_info["train_seconds"],
                          "unet": round(unet_seconds, 1), "decoder_total": round(vae_info["train_seconds"] + unet_seconds, 1)},
         "cpu_seconds": {"vae": vae_info["train_cpu_seconds"], "unet": round(unet_cpu, 1),
@@ -196,6 +226,73 @@ def train(args) -> Path:
                 f"{unet_seconds:.0f} s = {total / 60:.1f} min wall, {record['cpu_seconds']['decoder_total'] / 60:.1f} "
                 "min CPU)")
     return output_dir
+
+
+def stage_summary(folder, unet) -> dict:
+    """What toy_decoder.json keeps of one training stage: its train_summary.json figures and the UNet's size."""
+    summary = json.loads((Path(folder) / SUMMARY_NAME).read_text())
+    return {"global_step": summary.get("global_step"), "last_train_loss": summary.get("last_train_loss"),
+            "num_params": sum(p.numel() for p in unet.parameters()), "wall_s_per_step": summary.get("wall_s_per_step"),
+            "wall_s": summary.get("wall_s")}
+
+
+def vae_folder(stages: Path, args, config, world) -> Path:
+    """Where the autoencoder lives: this decoder's stages/vae, or (text + image decoder) the language-free toy
+    decoder's when that one was trained with the same settings on the same world."""
+    from .decoder import vae_is_cached
+
+    own = stages / "vae"
+    if args.decoder_type == TEXT_AND_IMAGE and not vae_is_cached(own, config, world):
+        shared = default_output_dir("image", args.fast) / "stages" / "vae"
+        if vae_is_cached(shared, config, world):
+            return shared
+    return own
+
+
+def stage_is_finished(folder: Path, cfg: DecoderTrainConfig) -> bool:
+    """True when folder holds a finished decoder_training run with exactly these settings."""
+    summary, saved = Path(folder) / SUMMARY_NAME, Path(folder) / CONFIG_NAME
+    if not (summary.is_file() and saved.is_file() and (Path(folder) / "model_index.json").is_file()):
+        return False
+    return (json.loads(saved.read_text()) == json.loads(json.dumps(cfg.to_dict()))
+            and json.loads(summary.read_text()).get("global_step") == cfg.max_train_steps)
+
+
+def train_text_and_image(config, vae, image_size: int, assets: dict, output_dir: Path, cache) -> dict:
+    """The toy text-to-image model (stages/text_base: a fresh UNet on the toy text encoder, trained on the captions;
+    reused when finished with the same settings) and the IP-Adapter on it (output_dir) -> their summaries."""
+    from diffusers import UNet2DConditionModel
+
+    from .. import ip_adapter
+    from .decoder import build_scheduler, build_unet, write_pretrained_folder
+    from .text_encoder import toy_text_encoder
+
+    stages = output_dir / "stages"
+    common = toy_decoder_config(config, stages / "init_text", assets["world"], assets["clip"], stages / "text_base",
+                                cache)
+    base = dataclasses.replace(common, decoder_type="text", max_train_steps=config.text_unet_steps,
+                               checkpointing_steps=max(1, config.text_unet_steps // 2),
+                               validation_steps=config.text_unet_steps)
+    if stage_is_finished(stages / "text_base", base):
+        logger.info(f"{stages / 'text_base'} already holds this toy text-to-image model")
+    else:
+        tokenizer, text_encoder = toy_text_encoder(assets["clip"], stages / "tokenizer_files")
+        torch.manual_seed(config.seed)
+        unet = build_unet(dataclasses.replace(config, cross_attention_dim=text_encoder.config.hidden_size), image_size)
+        write_pretrained_folder(stages / "init_text", vae, unet, build_scheduler(config.zero_terminal_snr),
+                                text_encoder=text_encoder, tokenizer=tokenizer)
+        train_decoder(base)
+    adapter = dataclasses.replace(common, decoder_type=TEXT_AND_IMAGE, pretrained_model_name_or_path=base.output_dir,
+                                  output_dir=str(output_dir), max_train_steps=config.adapter_steps,
+                                  learning_rate=config.adapter_learning_rate,
+                                  checkpointing_steps=max(1, config.adapter_steps // 2),
+                                  validation_steps=config.adapter_steps)
+    train_decoder(adapter)
+    unet = UNet2DConditionModel.from_pretrained(base.output_dir, subfolder="unet")
+    trained = stage_summary(output_dir, unet)
+    trained["num_params"] = sum(v.numel() for v in ip_adapter.load_adapter_state(
+        output_dir / ip_adapter.ADAPTER_WEIGHT_NAME).values())
+    return {"text_base": stage_summary(base.output_dir, unet), "adapter": trained}
 
 
 def finished_decoder_record(output_dir) -> Optional[dict]:
@@ -230,13 +327,16 @@ def default_toy_decoder(args, script: str) -> str:
     return str(ensure_toy_decoder(args.toy_decoder, toy_root=args.toy_root, fast=args.toy_fast))
 
 
-def ensure_toy_decoder(output_dir=None, toy_root: str = "outputs/toy_assets", fast: bool = False) -> Path:
-    """A finished toy decoder folder (any settings; its CLIP unchanged), else one trained now with the defaults."""
-    output_dir = Path(output_dir or (DEFAULT_FAST_OUTPUT_DIR if fast else DEFAULT_OUTPUT_DIR))
-    if finished_decoder_record(output_dir) is not None:
+def ensure_toy_decoder(output_dir=None, toy_root: str = "outputs/toy_assets", fast: bool = False,
+                       decoder_type: str = "image") -> Path:
+    """A finished toy decoder folder of this type (any settings; its CLIP unchanged), else one trained now with the
+    defaults."""
+    output_dir = Path(output_dir or default_output_dir(decoder_type, fast))
+    record = finished_decoder_record(output_dir)
+    if record is not None and record.get("decoder_type", "image") == decoder_type:
         return output_dir
     return train_toy_decoder(["--toy_root", str(toy_root), "--output_dir", str(output_dir),
-                              *(["--fast"] if fast else [])])
+                              "--decoder_type", decoder_type, *(["--fast"] if fast else [])])
 
 
 def toy_decoder_world(decoder_dir, toy_root: str = "outputs/toy_assets", fast: bool = False) -> str:

@@ -12,6 +12,10 @@ with its caption, attributes and which attributes the caption mentions. Measured
   ground-truth image, per CLIP block; Frechet distance to real held-out images in the toy CLIP's image space;
   diversity of the unmentioned attributes (normalised entropy among one caption's samples);
 * image-to-image (ground-truth image -> CLIP -> decoder): every attribute preserved, cosine to the input, FD;
+* the decoder that reads the caption too (``--text_image_decoder``, the toy text + image decoder of
+  ``train_toy_decoder.py --decoder_type text_and_image``; trained when missing, ``--no_text_image`` skips it): its
+  text-only model (image scale 0: the toy text-to-image "Stable Diffusion" it was built on) from the caption, and
+  caption + the shifted / baseline prior's embedding (the same embeddings and decoder seeds as above);
 * references: real images through the same measures (the reader's accuracy, the CLIP's own caption-image
   cosine, the finite-sample FD floor) and the autoencoder's reconstructions (the decoder's attribute ceiling).
 
@@ -29,7 +33,7 @@ import json
 import platform
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -57,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--world_dir", default=None,
                         help="toy world folder of the held-out renders (default: the decoder's, from toy_decoder.json)")
     parser.add_argument("--decoder", default=None, help="decoder folder (default: the toy decoder, trained if missing)")
+    parser.add_argument("--text_image_decoder", default=None,
+                        help="text + image decoder folder (default: the toy one, trained if missing)")
+    parser.add_argument("--no_text_image", action="store_true", help="skip the text-only and text + image rows")
     parser.add_argument("--shifted_prior", default=None, help="shifted prior folder (default: found or trained)")
     parser.add_argument("--baseline_prior", default=None, help="baseline prior folder (default: found or trained)")
     parser.add_argument("--num_captions", type=int, default=None, help="held-out captions (default 100; --fast 4)")
@@ -204,14 +211,16 @@ def diversity(predicted: torch.Tensor, group: torch.Tensor, mentioned: torch.Ten
     return {"mean": float(np.mean(values)) if values else float("nan"), **by_attribute}
 
 
-def decode(decoder, embeds: torch.Tensor, seeds: Sequence[int], args) -> list:
-    """Decoder images for embeddings (N, D), one seeded generator per row."""
+def decode(decoder, embeds: torch.Tensor, seeds: Sequence[int], args, prompts: Optional[Sequence[str]] = None) -> list:
+    """Decoder images for embeddings (N, D), one seeded generator per row; ``prompts`` (N captions) for a decoder
+    that reads them (the text + image decoder)."""
     images = []
     for start in range(0, len(embeds), args.batch_size):
         rows = embeds[start:start + args.batch_size]
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds[start:start + args.batch_size]]
+        extra = {} if prompts is None else {"prompts": list(prompts[start:start + args.batch_size])}
         images += decoder.generate(rows, guidance_scale=args.guidance_scale,
-                                   num_inference_steps=args.num_inference_steps, generator=generators)
+                                   num_inference_steps=args.num_inference_steps, generator=generators, **extra)
     return images
 
 
@@ -249,6 +258,19 @@ def run(args) -> dict:
     world = args.world_dir or toy_decoder_world(decoder_dir, args.toy_root, args.fast)
     decoder = load_decoder(decoder_dir)
     clip = MultiCLIP(decoder.clip_specs, device="cpu")
+    text_image, text_image_dir = None, None
+    if not args.no_text_image:
+        text_image_dir = Path(args.text_image_decoder) if args.text_image_decoder else ensure_toy_decoder(
+            toy_root=args.toy_root, fast=args.fast, decoder_type="text_and_image")
+        text_image = load_decoder(text_image_dir)
+        if not getattr(text_image, "takes_prompts", False):
+            raise SystemExit(f"toy_text_to_image.py: --text_image_decoder {text_image_dir} is not a text + image "
+                             "decoder (train_toy_decoder.py --decoder_type text_and_image, or finetune.py --decoder_type "
+                             "text_and_image)")
+        if _clip_hashes(text_image.clip_specs) != _clip_hashes(decoder.clip_specs):
+            raise SystemExit(f"toy_text_to_image.py: --text_image_decoder {text_image_dir} reads another CLIP than "
+                             f"--decoder {decoder_dir} ({text_image.clip_specs} vs {decoder.clip_specs}): the rows "
+                             "would not share the priors' embeddings")
     priors = find_or_train_priors(args, output_dir, decoder.clip_specs)
     wall["setup"] = round(time.time() - start, 1)
 
@@ -268,31 +290,49 @@ def run(args) -> dict:
     group = torch.arange(c).repeat_interleave(s)  # (C*S,) caption of each sample
     seeds = [args.seed * 1_000_003 + i for i in range(c * s)]  # the same decoder noise for both priors
     results = {"text_to_image": {}, "captions": held["captions"]}
-    images_by_prior = {}
+    prompts = [held["captions"][i] for i in group.tolist()]  # (C*S,) each sample's caption
+
+    def score(images, embeds: Optional[torch.Tensor]) -> dict:
+        """A text-to-image row: the mentioned attributes, CLIP scores, diversity; with the prior's embeddings
+        (C*S, D), how well those alone match (their nearest real image) and how close the images stay to them."""
+        generated = clip.encode_image(images)  # (C*S, D)
+        predicted = read_attributes(reader, images)
+        row = {"attribute_accuracy": attribute_scores(predicted, held["attributes"][group], held["mentioned"][group]),
+               **clip_scores(generated, text_emb[group], truth_emb[group], real_emb, blocks),
+               "diversity": diversity(predicted, group, held["mentioned"][group], held["num_values"])}
+        if embeds is not None:
+            neighbour = nearest_neighbour_attributes(embeds, real_emb, {a: real["attributes"][:, j]
+                                                                        for j, a in enumerate(ATTRIBUTES)})
+            prior_predicted = torch.stack([neighbour[a] for a in ATTRIBUTES], dim=1)
+            row["prior_embedding_nn_attribute_accuracy"] = attribute_scores(
+                prior_predicted, held["attributes"][group], held["mentioned"][group])
+            row["cos_generated_vs_prior_embedding"] = float(blockwise_cosine(generated, embeds, blocks)[1].mean())
+        return row
+
+    images_by_prior, embeds_by_prior = {}, {}
     for name, (prior_dir, how) in priors.items():
         start = time.time()
         prior = load_prior(prior_dir)
         generator = torch.Generator().manual_seed(args.seed)
         embeds = prior(held["captions"], num_images_per_prompt=s, num_inference_steps=args.prior_num_inference_steps,
                        guidance_scale=args.prior_guidance_scale, generator=generator).image_embeds.float()  # (C*S, D)
-        images = decode(decoder, embeds, seeds, args)
-        images_by_prior[name] = images
-        generated = clip.encode_image(images)  # (C*S, D)
-        predicted = read_attributes(reader, images)
-        neighbour = nearest_neighbour_attributes(embeds, real_emb, {a: real["attributes"][:, j]
-                                                                    for j, a in enumerate(ATTRIBUTES)})
-        prior_predicted = torch.stack([neighbour[a] for a in ATTRIBUTES], dim=1)
-        results["text_to_image"][name] = {
-            "prior_dir": str(prior_dir), "prior_source": how,
-            "attribute_accuracy": attribute_scores(predicted, held["attributes"][group], held["mentioned"][group]),
-            **clip_scores(generated, text_emb[group], truth_emb[group], real_emb, blocks),
-            "diversity": diversity(predicted, group, held["mentioned"][group], held["num_values"]),
-            "prior_embedding_nn_attribute_accuracy": attribute_scores(prior_predicted, held["attributes"][group],
-                                                                      held["mentioned"][group]),
-            "cos_generated_vs_prior_embedding": float(blockwise_cosine(generated, embeds, blocks)[1].mean()),
-            "seconds": round(time.time() - start, 1),
-        }
+        images_by_prior[name], embeds_by_prior[name] = decode(decoder, embeds, seeds, args), embeds
+        results["text_to_image"][name] = {"prior_dir": str(prior_dir), "prior_source": how,
+                                          **score(images_by_prior[name], embeds),
+                                          "seconds": round(time.time() - start, 1)}
         wall[f"text_to_image_{name}"] = round(time.time() - start, 1)
+
+    if text_image is not None:  # the caption through SD's text encoder: alone (image scale 0), + each prior's embedding
+        results["text_and_image"] = {}
+        for name, embeds in [("text_only", None), *embeds_by_prior.items()]:
+            start = time.time()
+            text_image.set_image_scale(0.0 if embeds is None else 1.0)
+            rows = torch.zeros(c * s, text_image.clip_dim) if embeds is None else embeds
+            images_by_prior[f"text+{name}"] = decode(text_image, rows, seeds, args, prompts=prompts)
+            results["text_and_image"][name] = {**score(images_by_prior[f"text+{name}"], embeds),
+                                               "seconds": round(time.time() - start, 1)}
+            wall[f"text_and_image_{name}"] = round(time.time() - start, 1)
+        text_image.set_image_scale(1.0)
 
     start = time.time()
     img2img = decode(decoder, truth_emb, seeds[:c], args)
@@ -328,15 +368,21 @@ def run(args) -> dict:
 
     rows = []
     shown = min(args.grid_captions, c)
+    # with the text + image decoder: the first sample of each of its rows (text only, text + shifted, + baseline)
+    extra = [f"text+{name}" for name in ("text_only", *PRIORS)] if text_image is not None else []
     for i in range(shown):
         rows.append([held["images"][i]] + [images_by_prior[p][i * s + k] for p in PRIORS for k in range(s)]
-                    + [img2img[i]])
-    header = ["truth"] + [f"{p[:5]} {k}" for p in PRIORS for k in range(s)] + ["img2img"]
+                    + [img2img[i]] + [images_by_prior[name][i * s] for name in extra])
+    header = ["truth"] + [f"{p[:5]} {k}" for p in PRIORS for k in range(s)] + ["img2img"] + \
+        [{"text+text_only": "text", "text+shifted": "t+shift", "text+baseline": "t+base"}[n] for n in extra]
     grid_path = output_dir / "grid.png"
     labelled_grid(rows, held["captions"][:shown], header).save(grid_path)
 
-    decoder_record_path = Path(decoder_dir) / "toy_decoder.json"
-    decoder_record = json.loads(decoder_record_path.read_text()) if decoder_record_path.is_file() else {}
+    def training_record(folder) -> dict:
+        path = Path(folder) / "toy_decoder.json" if folder is not None else None
+        return json.loads(path.read_text()) if path is not None and path.is_file() else {}
+
+    decoder_record, text_image_record = training_record(decoder_dir), training_record(text_image_dir)
     results["reader_accuracy_on_real_renders"] = accuracy_of_reader
     results["grid"] = str(grid_path)
     results["config"] = {
@@ -349,6 +395,9 @@ def run(args) -> dict:
         "priors": {name: str(path) for name, (path, _) in priors.items()},
         "decoder_training_wall_seconds": decoder_record.get("wall_seconds"),
         "decoder_training_cpu_seconds": decoder_record.get("cpu_seconds"),
+        "text_image_decoder": None if text_image_dir is None else str(text_image_dir),
+        "text_image_decoder_training_wall_seconds": text_image_record.get("wall_seconds"),
+        "text_image_decoder_training_cpu_seconds": text_image_record.get("cpu_seconds"),
         "wall_seconds": wall, "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
         "torch": torch.__version__,
     }

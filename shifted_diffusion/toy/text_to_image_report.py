@@ -60,6 +60,10 @@ def format_table(results: dict) -> str:
     steps = results["config"].get("prior_num_inference_steps", results["config"].get("prior_steps"))
     for name in PRIORS:
         row(f"text→image, {name} prior ({steps} steps)", results["text_to_image"][name])
+    labels = {"text_only": "text→image, text-only decoder (image scale 0)",
+              **{name: f"text + {name} prior embedding → text+image decoder" for name in PRIORS}}
+    for name, metrics in results.get("text_and_image", {}).items():
+        row(labels[name], metrics)
     row("image→image (all 5 attributes)", results["image_to_image"])
     row("real images (reference)", results["reference"]["real_images"])
     if "autoencoder" in results["reference"]:  # a decoder with a latent autoencoder (not the GAN)
