@@ -56,6 +56,13 @@ class FlagConfig:
             tp, optional = _optional_inner(hints[name])
             if optional and isinstance(value, str) and value.lower() in NONE_STRINGS:
                 value = None
+            elif tp in (int, float) and isinstance(value, str):
+                # YAML 1.1 reads 1e-4 (no dot) as a string, also in a saved train_config.json read as --config
+                try:
+                    value = tp(value)
+                except ValueError:
+                    raise ValueError(f"--{name}: expected {'an integer' if tp is int else 'a number'}, got "
+                                     f"{value!r}") from None
             elif _is_sequence(tp) and value is not None:
                 if isinstance(value, str):
                     value = [m for m in value.split(",") if m] if fields[name].metadata.get("comma_separated") \

@@ -25,10 +25,17 @@ shape (B, 1, D) (one image per prompt); with classifier-free guidance (guidance_
 splits it with ``chunk(2)`` into (negative, positive), so pass ``torch.cat([negative, positive])`` of shape
 (2B, 1, D): ``pipeline_image_embeds`` builds it. The negative is the zero embedding (what the trainer's image
 dropout feeds, and what diffusers' own ``encode_image`` uses for this projection).
+
+One embedding per prompt needs ``rows_as_given``: stock StableDiffusionPipeline repeats the given embeds
+``batch_size * num_images_per_prompt`` times (diffusers issue #9813, open), which is right for one embedding shared
+by every prompt but, for B different ones, gives B^2 rows that the attention processor folds into B x (B*N)
+tokens without an error: every image then attends to every row's image tokens. A stock call with B > 1 different
+embeddings therefore mixes them; one prompt per call, or the context, avoids it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Optional
@@ -187,6 +194,24 @@ def pipeline_image_embeds(image_embeds: torch.Tensor, guidance: bool,
         negative = torch.zeros_like(image_embeds)
     negative = negative.reshape(-1, image_embeds.shape[1]).to(image_embeds).expand_as(image_embeds)
     return [torch.cat([negative[:, None], positive])]  # (2B, 1, D)
+
+
+@contextlib.contextmanager
+def rows_as_given(pipeline):
+    """Within the context ``pipeline(..., ip_adapter_image_embeds=[e])`` uses ``e`` as given, one row per image of
+    the batch (with guidance: the negatives' rows first, as ``pipeline_image_embeds`` builds them), instead of
+    repeating it for every prompt (see the module docstring)."""
+    def as_given(ip_adapter_image, ip_adapter_image_embeds, device, num_images_per_prompt,
+                 do_classifier_free_guidance):
+        if ip_adapter_image_embeds is None:
+            raise ValueError("rows_as_given: pass ip_adapter_image_embeds (one row per image), not ip_adapter_image")
+        return [embeds.to(device) for embeds in ip_adapter_image_embeds]
+
+    pipeline.prepare_ip_adapter_image_embeds = as_given  # an instance attribute shadows the method
+    try:
+        yield pipeline
+    finally:
+        del pipeline.prepare_ip_adapter_image_embeds
 
 
 def detach_adapter(unet) -> dict[str, torch.Tensor]:

@@ -89,9 +89,10 @@ class TextImageDecoder:
         negative = None if negative_embeds is None else torch.as_tensor(negative_embeds).to(self.device, dtype)
         embeds = ip_adapter.pipeline_image_embeds(image_embeds.to(self.device, dtype), guidance, negative)
         self.pipeline.set_progress_bar_config(disable=not progress)
-        return self.pipeline(prompt=prompts, ip_adapter_image_embeds=embeds, guidance_scale=guidance_scale,
-                             num_inference_steps=num_inference_steps, generator=generator, height=height,
-                             width=width, output_type="pil").images
+        with ip_adapter.rows_as_given(self.pipeline):  # row i of the batch reads embedding i only
+            return self.pipeline(prompt=prompts, ip_adapter_image_embeds=embeds, guidance_scale=guidance_scale,
+                                 num_inference_steps=num_inference_steps, generator=generator, height=height,
+                                 width=width, output_type="pil").images
 
 
 def load_text_image_decoder(path: Union[str, os.PathLike], config: dict, device=None,

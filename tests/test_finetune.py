@@ -2,6 +2,7 @@
 (saved + reloaded through from_pretrained) and tiny open_clips: checkpoints, exact resume (UNet + projection +
 EMA + optimizer), the output folder, the shared epoch order and loss log, the config, bad inputs."""
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -313,6 +314,25 @@ def test_decoder_config_yaml_then_flags_and_real_booleans(tmp_path):
         DecoderTrainConfig.from_dict({"lerning_rate": 1.0})
     with pytest.raises(ValueError, match="--logging_steps: expected an integer >= 1"):
         DecoderTrainConfig(logging_steps=0)
+
+
+def test_numbers_yaml_reads_as_strings_and_a_saved_config_as_preset(tmp_path):
+    """PyYAML reads 1e-4 and 1e-08 (no dot) as strings; a preset with them, and a run's saved train_config.json
+    given back as --config, parse to the same numbers."""
+    preset = tmp_path / "p.yaml"
+    preset.write_text("learning_rate: 1e-4\nadam_epsilon: 1e-08\nlogging_steps: '7'\n")
+    cfg = parse_decoder_config(["--config", str(preset), "--train_data_dir", "x"])
+    assert (cfg.learning_rate, cfg.adam_epsilon, cfg.logging_steps) == (1e-4, 1e-8, 7)
+    saved = tmp_path / "train_config.json"
+    cfg.save(saved)
+    assert '1e-08' in saved.read_text()  # what json writes, and what YAML then reads as a string
+    again = parse_decoder_config(["--config", str(saved), "--train_unet"])
+    assert again == dataclasses.replace(cfg, train_unet=True)
+    preset.write_text("learning_rate: 1e-4x\n")
+    with pytest.raises(SystemExit):
+        parse_decoder_config(["--config", str(preset), "--train_data_dir", "x"])
+    with pytest.raises(ValueError, match=r"--logging_steps: expected an integer, got '1.5'"):
+        DecoderTrainConfig.from_dict({"train_data_dir": "x", "logging_steps": "1.5"})
 
 
 def test_logged_loss_is_the_mean_over_each_accumulation_window(world, tmp_path, monkeypatch):

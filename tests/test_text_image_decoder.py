@@ -72,6 +72,27 @@ def test_load_generate_prompts_and_image_scale(folder):
     assert load_decoder(folder, image_scale=0.0).image_scale == 0.0
 
 
+def test_a_batch_row_reads_its_own_embedding_only(folder):
+    """Row i of a batched call == the stock pipeline called with row i alone (stock diffusers repeats a batch of
+    ip_adapter_image_embeds for every prompt, so each image would attend to every row's image tokens)."""
+    from shifted_diffusion import ip_adapter
+
+    decoder = load_decoder(folder)
+    embeds = torch.randn(3, CLIP_DIM, generator=torch.Generator().manual_seed(1)) * 3
+    prompts = ["a cat", "a dog", "a red bus"]
+    batch = _px(decoder.generate(embeds, prompts=prompts, generator=_gens(3), **STEPS))
+    for i in range(3):
+        alone = decoder.pipeline(prompt=[prompts[i]], ip_adapter_image_embeds=ip_adapter.pipeline_image_embeds(
+            embeds[i:i + 1], guidance=True), generator=_gens(3)[i:i + 1], output_type="pil", **STEPS).images
+        assert np.abs(batch[i] - _px(alone)[0]).max() <= 1
+    # the rows differ from each other (each reads its own embedding and caption)
+    assert np.abs(batch[0] - batch[1]).max() > 0
+    with pytest.raises(ValueError, match="ip_adapter_image_embeds"):
+        with ip_adapter.rows_as_given(decoder.pipeline):
+            decoder.pipeline(prompt=["a cat"], ip_adapter_image=Image.new("RGB", (32, 32)), **STEPS)
+    assert "prepare_ip_adapter_image_embeds" not in vars(decoder.pipeline)  # the context restored the method
+
+
 class _StandInPrior:
     """The prior pipeline's call: prompts -> image_embeds (P * N, D) and negative_image_embeds."""
 
