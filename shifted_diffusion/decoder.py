@@ -259,9 +259,13 @@ def read_decoder_config(path: str | os.PathLike) -> dict:
     """The decoder's shifted_decoder.json (clear error if `path` is not a fine-tuned decoder folder)."""
     config_path = Path(path) / DECODER_CONFIG_NAME
     if not config_path.is_file():
+        stock = (Path(path) / "model_index.json").is_file() and (Path(path) / "text_encoder").is_dir()
+        hint = (" It holds a stock text-to-image pipeline (finetune.py --decoder_type text writes these): it reads "
+                "captions, not image embeddings; load it with StableDiffusionPipeline.from_pretrained, or give it as "
+                "--pretrained_model_name_or_path of finetune.py --decoder_type text_and_image") if stock else ""
         raise FileNotFoundError(
             f"{path} is not a shifted-diffusion decoder folder: {DECODER_CONFIG_NAME} is missing "
-            f"(write one with finetune.py)"
+            f"(write one with finetune.py).{hint}"
         )
     return read_json(config_path, "the decoder's CLIP specs, written by finetune.py")
 

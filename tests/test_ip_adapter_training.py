@@ -180,6 +180,10 @@ def test_text_only_training_writes_a_stock_model_the_adapter_then_extends(world,
     pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     assert pipe("a cat", num_inference_steps=2, height=32, width=32, output_type="np").images.shape == (1, 32, 32, 3)
+    from shifted_diffusion.decoder import load_decoder
+
+    with pytest.raises(FileNotFoundError, match="stock text-to-image pipeline.*--decoder_type text_and_image"):
+        load_decoder(out)  # not an embedding decoder: the error says what it is and where it goes
 
     resumed = tmp_path / "resumed"
     resumed.mkdir()
