@@ -108,6 +108,15 @@ class DecoderTrainConfig(config_cli.FlagConfig):
                                              "the conditioning, both players (Lafite's itd: 10)")
     gan_perturbation: float = _field(0.75, "gan: conditioning perturbation level xi (Lafite, image features: 0.75)")
     gan_truncation_psi: float = _field(1.0, "gan: truncation used at inference, saved with the decoder")
+    gan_adversarial_weight: float = _field(1.0, "gan: weight of the generator's non-saturating adversarial loss")
+    gan_reconstruction_weight: float = _field(0.0, "gan: mean squared error between the generation from an image's "
+                                              "(perturbed) embedding and that image (0: Lafite, which has none)")
+    gan_generator_warmup_steps: int = _field(0, "gan: optimizer steps that train the generator alone (on its "
+                                             "non-adversarial losses) before D and G alternate (0: Lafite)")
+    gan_input_from_style: bool = _field(False, "gan: the generator's 4x4 input is the constant plus a linear map "
+                                        "of the style input (False: StyleGAN2's constant)")
+    gan_mapping_lr_mul: float = _field(0.01, "gan: learning-rate multiplier of the mapping network (StyleGAN2: 0.01)")
+    gan_d_adam_beta1: Optional[float] = _field(None, "gan: the discriminator's Adam beta1 (default: --adam_beta1)")
     # training
     output_dir: str = "sd-shifted-decoder"
     seed: int = _field(0, "same on every process and on resume")
@@ -164,7 +173,7 @@ class DecoderTrainConfig(config_cli.FlagConfig):
             "logging_steps": (1, False), "validation_steps": (0, False), "num_validation_images": (0, False),
             "validation_num_inference_steps": (1, False), "gan_z_dim": (1, False), "gan_w_dim": (1, False),
             "gan_mapping_layers": (1, False), "gan_channel_base": (1, False), "gan_channel_max": (1, False),
-            "gan_r1_interval": (1, False),
+            "gan_r1_interval": (1, False), "gan_generator_warmup_steps": (0, False),
         }
         for name, (low, optional) in ints.items():
             check_range(f"--{name}", getattr(self, name), low, integer=True, optional=optional)
@@ -176,13 +185,22 @@ class DecoderTrainConfig(config_cli.FlagConfig):
         for name in ("adam_beta1", "adam_beta2"):
             check_range(f"--{name}", getattr(self, name), 0.0, 1.0, high_open=True)
         check_range("--adam_weight_decay", self.adam_weight_decay, 0.0)
-        for name in ("gan_r1_gamma", "gan_clip_contrastive_weight", "gan_d_contrastive_weight"):
+        for name in ("gan_r1_gamma", "gan_clip_contrastive_weight", "gan_d_contrastive_weight",
+                     "gan_adversarial_weight", "gan_reconstruction_weight"):
             check_range(f"--{name}", getattr(self, name), 0.0)
         check_range("--gan_contrastive_temperature", self.gan_contrastive_temperature, 0.0, low_open=True)
+        check_range("--gan_mapping_lr_mul", self.gan_mapping_lr_mul, 0.0, low_open=True)
         check_range("--gan_perturbation", self.gan_perturbation, 0.0, 1.0)
         check_range("--gan_truncation_psi", self.gan_truncation_psi, 0.0)
+        if self.gan_d_adam_beta1 is not None:
+            check_range("--gan_d_adam_beta1", self.gan_d_adam_beta1, 0.0, 1.0, high_open=True)
         if self.decoder_type == "gan" and (self.resolution < 4 or self.resolution & (self.resolution - 1)):
             raise ValueError(f"--resolution: the GAN decoder needs a power of two, got {self.resolution}")
+        generator_losses = ("gan_adversarial_weight", "gan_d_contrastive_weight", "gan_clip_contrastive_weight",
+                            "gan_reconstruction_weight")
+        if self.decoder_type == "gan" and not any(getattr(self, name) > 0 for name in generator_losses):
+            raise ValueError("the GAN decoder's generator has no loss: set one of " +
+                             ", ".join(f"--{name}" for name in generator_losses) + " above 0")
         check_range("--validation_guidance_scale", self.validation_guidance_scale, 0.0)
         check_choice("--decoder_type", self.decoder_type, set(DECODER_TYPES))
         total = self.text_dropout_prob + self.image_dropout_prob + self.both_dropout_prob

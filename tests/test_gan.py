@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 from shifted_diffusion.decoder import load_decoder
 from shifted_diffusion.decoder_training import parse_decoder_config, train_decoder
 from shifted_diffusion.gan.decoder import GanDecoder
-from shifted_diffusion.gan.losses import contrastive_loss, perturb_conditioning, r1_penalty
+from shifted_diffusion.gan.losses import contrastive_loss, perturb_conditioning, r1_penalty, reconstruction_loss
 from shifted_diffusion.gan.networks import Discriminator, Generator, modulated_conv2d, normalize_blocks
-from shifted_diffusion.gan.training import gan_loss, is_discriminator_step
+from shifted_diffusion.gan.training import discriminator_step_index, gan_loss, is_discriminator_step
 
 BLOCKS = (5, 3)
 TINY = dict(clip_dim=8, block_sizes=BLOCKS, channel_base=128, channel_max=16)
@@ -91,6 +91,63 @@ class _Config:
     """The GAN settings gan_loss reads (DecoderTrainConfig's gan_* fields)."""
     gan_perturbation, gan_contrastive_temperature, gan_r1_gamma, gan_r1_interval = 0.1, 0.5, 1.0, 2
     gan_d_contrastive_weight, gan_clip_contrastive_weight = 1.0, 0.0
+    gan_adversarial_weight, gan_reconstruction_weight, gan_generator_warmup_steps = 1.0, 0.0, 0
+
+
+def test_generator_input_from_style_starts_as_the_constant_and_learns_a_layout():
+    plain, styled = tiny_generator(8), tiny_generator(8, input_from_style=True)
+    z, c = torch.randn(4, 6), torch.randn(4, 8)
+    # created last and zero: the same weights and images as StyleGAN2's constant input at initialisation
+    assert torch.equal(plain(z, c, noise_mode="const"), styled(z, c, noise_mode="const"))
+    assert {"input_affine.weight", "input_affine.bias"} <= set(styled.state_dict())
+    assert "input_affine.weight" not in plain.state_dict()
+    # the 4x4 input is const + A [w, c]: written out for a nonzero A
+    with torch.no_grad():
+        styled.input_affine.weight.normal_()
+    w, c_norm = styled.map(z, c)
+    style_input = torch.cat([w, c_norm], dim=1)
+    expected = styled.const[None] + (style_input @ styled.input_affine.weight.T).view(4, *styled.const.shape)
+    seen = {}
+    hook = styled.convs[0].register_forward_hook(lambda module, args, out: seen.setdefault("x", args[0]))
+    styled(z, c, noise_mode="const")
+    hook.remove()
+    assert torch.allclose(seen["x"], expected, atol=1e-5)
+    assert (styled(z, c, noise_mode="const") - plain(z, c, noise_mode="const")).abs().mean() > 1e-3
+
+
+def test_phases_with_a_generator_warm_up():
+    # 3 warm-up steps of G alone, then D, G, D, G ...; without a loss that reads D, never a D step
+    assert [is_discriminator_step(s, 3) for s in range(8)] == [False, False, False, True, False, True, False, True]
+    assert [is_discriminator_step(s) for s in range(4)] == [True, False, True, False]
+    assert not any(is_discriminator_step(s, 0, adversarial=False) for s in range(6))
+    assert [discriminator_step_index(s, 3) for s in (3, 5, 7)] == [0, 1, 2]
+
+
+def test_reconstruction_loss_and_the_warm_up_step():
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
+    expected = sum(float(x - y) ** 2 for x, y in zip(a.flatten(), b.flatten())) / a.numel()
+    assert reconstruction_loss(a, b).item() == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="one shape"):
+        reconstruction_loss(a, b[:, :, :2])
+
+    class Warm(_Config):
+        gan_reconstruction_weight, gan_generator_warmup_steps = 2.5, 4
+
+    generator, discriminator = tiny_generator(8), Discriminator(resolution=8, **TINY)
+    batch = {"pixel_values": torch.rand(4, 3, 8, 8, generator=g) * 2 - 1,
+             "image_embeds": torch.randn(4, 8, generator=g)}
+    loss = gan_loss(Warm, generator, discriminator, None, batch, 2, torch.Generator().manual_seed(9), "cpu")
+    loss.backward()
+    # the same draws by hand: the perturbed conditioning, z, then the generator's noise
+    rng = torch.Generator().manual_seed(9)
+    condition = perturb_conditioning(normalize_blocks(batch["image_embeds"], BLOCKS), Warm.gan_perturbation, rng)
+    z = torch.randn(4, 6, generator=rng)
+    with torch.no_grad():
+        fake = generator(z, condition, generator=rng)
+    assert loss.item() == pytest.approx(2.5 * float(((fake - batch["pixel_values"]) ** 2).mean()), rel=1e-5)
+    assert all(p.grad is None for p in discriminator.parameters())  # the warm-up never reads D
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in generator.parameters())
 
 
 def test_each_player_lowers_its_loss_when_it_trains_alone():
@@ -204,3 +261,47 @@ def Image_size(path):
 
     with Image.open(path) as image:
         return image.size
+
+
+def test_generator_warm_up_run_leaves_d_alone_and_resumes_exactly(gan_world, tmp_path):
+    """--gan_generator_warmup_steps with the reconstruction loss and the style-driven input: D keeps its initial
+    weights through the warm-up, the generator folder records its input, and a run resumed inside the warm-up
+    reaches the uninterrupted run's weights."""
+    import shutil
+
+    from shifted_diffusion.gan.training import build_networks
+
+    extra = ["--max_train_steps", "5", "--checkpointing_steps", "2", "--validation_steps", "0",
+             "--gan_generator_warmup_steps", "3", "--gan_reconstruction_weight", "1", "--gan_input_from_style",
+             "--gan_d_adam_beta1", "0.5", "--gan_clip_contrastive_weight", "0"]
+    cfg = parse_decoder_config(_gan_args(gan_world, tmp_path / "run", *extra))
+    out = train_decoder(cfg)
+    assert json.loads((out / "generator" / "config.json").read_text())["input_from_style"] is True
+    _, fresh_d = build_networks(cfg, 56, (24, 32))
+    at_2 = load_file(str(out / "checkpoint-2" / "discriminator.safetensors"))
+    assert all(torch.equal(at_2[k], v) for k, v in fresh_d.state_dict().items())
+    at_4 = load_file(str(out / "checkpoint-4" / "discriminator.safetensors"))  # step 3 was D's first
+    assert any(not torch.equal(at_4[k], v) for k, v in fresh_d.state_dict().items())
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
+    train_decoder(parse_decoder_config(_gan_args(gan_world, resumed, *extra, "--resume_from_checkpoint", "latest")))
+    a = load_file(str(out / "generator" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(resumed / "generator" / "diffusion_pytorch_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gan_settings_are_checked():
+    from shifted_diffusion.decoder_training import DecoderTrainConfig
+
+    zero = dict(gan_adversarial_weight=0.0, gan_d_contrastive_weight=0.0, gan_clip_contrastive_weight=0.0)
+    with pytest.raises(ValueError, match="generator has no loss.*--gan_reconstruction_weight"):
+        DecoderTrainConfig(decoder_type="gan", **zero)
+    assert DecoderTrainConfig(decoder_type="gan", gan_reconstruction_weight=1.0, **zero).gan_adversarial_weight == 0
+    with pytest.raises(ValueError, match="--gan_d_adam_beta1"):
+        DecoderTrainConfig(decoder_type="gan", gan_d_adam_beta1=1.0)
+    with pytest.raises(ValueError, match="--gan_generator_warmup_steps: expected an integer >= 0"):
+        DecoderTrainConfig(decoder_type="gan", gan_generator_warmup_steps=-1)
+    with pytest.raises(ValueError, match="--gan_reconstruction_weight"):
+        DecoderTrainConfig(decoder_type="gan", gan_reconstruction_weight=-1.0)

@@ -7,6 +7,9 @@
 * contrastive (InfoNCE over the batch, temperature ``tau``): ``-mean_i log softmax_j(cos(a_i, b_j) / tau)[i]``;
   for G between the CLIP image embedding of each generated image and its conditioning, and between D's features of
   the generated image and its conditioning; for D between its features of the real image and the conditioning;
+* reconstruction (not in Lafite; optional): ``mean (G(z, c'(x)) - x)^2``, the generation from an image's own perturbed
+  embedding against that image -- the pairing image-only data gives for free; a dense signal that puts layout and
+  colour in place long before the adversarial game does, while the adversarial loss keeps the details sharp;
 * the conditioning perturbation (language-free training: an image embedding stands in for the text embedding a
   prior will give at inference): ``c' = normalize((1 - xi) normalize(c) + xi e)`` with ``e`` a random unit vector.
 
@@ -35,6 +38,14 @@ def r1_penalty(real_logits: torch.Tensor, real_images: torch.Tensor) -> torch.Te
     """E ||d D(x) / d x||^2 over the batch (``real_images`` must require grad; the graph is kept for backward)."""
     (grad,) = torch.autograd.grad(real_logits.sum(), real_images, create_graph=True)
     return grad.square().sum(dim=(1, 2, 3)).mean()
+
+
+def reconstruction_loss(generated: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Mean squared error between generated and target images (B, 3, H, W), in float32."""
+    if generated.shape != images.shape:
+        raise ValueError(f"reconstruction_loss: expected two image batches of one shape, got "
+                         f"{tuple(generated.shape)}, {tuple(images.shape)}")
+    return (generated.float() - images.float()).square().mean()
 
 
 def contrastive_loss(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:

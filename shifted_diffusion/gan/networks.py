@@ -1,12 +1,15 @@
 """The GAN decoder's networks (StyleGAN2-style, written for this package; no custom CUDA ops).
 
 Generator: a mapping network from (z, conditioning) to the style vector w (both inputs normalised to unit second
-moment, then an MLP with equalised learning rate and a 0.01 learning-rate multiplier); a synthesis network from a
-learned 4x4 constant up to ``resolution``: per resolution two modulated / demodulated 3x3 convolutions (the second
-resolution onward upsamples first), per-pixel noise with a learned strength, and a skip architecture (each
-resolution's RGB output, a modulated 1x1 convolution without demodulation, is added to the upsampled sum). As in
-Lafite, every layer's style affine also reads the conditioning directly (``concat(w, c)``), not only through w.
-Truncation at inference: ``w = w_avg + psi (w - w_avg)`` with ``w_avg`` tracked during training.
+moment, then an MLP with equalised learning rate and a learning-rate multiplier, ``mapping_lr_mul``: StyleGAN2's
+0.01 by default); a synthesis network from a learned 4x4 constant up to ``resolution``: per resolution two
+modulated / demodulated 3x3 convolutions (the second resolution onward upsamples first), per-pixel noise with a
+learned strength, and a skip architecture (each resolution's RGB output, a modulated 1x1 convolution without
+demodulation, is added to the upsampled sum). As in Lafite, every layer's style affine also reads the conditioning
+directly (``concat(w, c)``), not only through w.
+Truncation at inference: ``w = w_avg + psi (w - w_avg)`` with ``w_avg`` tracked during training. With
+``input_from_style`` the 4x4 input is the constant plus a linear map of ``concat(w, c)`` (zero at initialisation, so
+training starts from StyleGAN2's constant): the conditioning can place the layout at the coarsest level directly.
 
 Discriminator: residual blocks from ``resolution`` down to 4x4 (two 3x3 convolutions, 2x average-pool down, a 1x1
 skip, sum scaled by sqrt(1/2)), a minibatch standard-deviation channel, a 3x3 convolution and a fully connected
@@ -87,16 +90,17 @@ class EqualConv2d(torch.nn.Module):
 
 
 def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor, demodulate: bool) -> torch.Tensor:
-    """x (B, I, H, W), weight (O, I, k, k), styles (B, I) -> (B, O, H, W): per-sample weights w * s, demodulated
-    to unit output variance (``w' / sqrt(sum w'^2 + 1e-8)`` over I, k, k) when asked; one grouped convolution."""
-    batch, in_channels, height, width = x.shape
-    out_channels, _, kernel, _ = weight.shape
-    w = weight[None] * styles[:, None, :, None, None]  # (B, O, I, k, k)
+    """x (B, I, H, W), weight (O, I, k, k), styles (B, I) -> (B, O, H, W): the convolution with per-sample weights
+    ``w * s`` (scaled along I), demodulated to unit output variance (``w' / sqrt(sum w'^2 + 1e-8)`` over I, k, k)
+    when asked. Computed without per-sample weights: the input is scaled by s, one shared convolution runs, and the
+    output is scaled by the demodulation coefficients ``rsqrt(s^2 @ sum_kk w^2 + 1e-8)`` (B, O): the same function
+    as the grouped convolution over per-sample weights, with one weight tensor for the whole batch."""
+    kernel = weight.shape[-1]
+    out = F.conv2d(x * styles[:, :, None, None].to(x.dtype), weight.to(x.dtype), padding=kernel // 2)
     if demodulate:
-        w = w * (w.square().sum(dim=(2, 3, 4), keepdim=True) + 1e-8).rsqrt()
-    x = x.reshape(1, batch * in_channels, height, width)
-    out = F.conv2d(x, w.reshape(batch * out_channels, in_channels, kernel, kernel), padding=kernel // 2, groups=batch)
-    return out.reshape(batch, out_channels, height, width)
+        coefficients = (styles.square() @ weight.square().sum(dim=(2, 3)).T + 1e-8).rsqrt()  # (B, O)
+        out = out * coefficients[:, :, None, None].to(out.dtype)
+    return out
 
 
 class SynthesisLayer(torch.nn.Module):
@@ -150,7 +154,8 @@ class Generator(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, clip_dim: int = 1536, block_sizes: Sequence[int] = (512, 512, 512), resolution: int = 256,
                  z_dim: int = 512, w_dim: int = 512, mapping_layers: int = 8, channel_base: int = 16384,
-                 channel_max: int = 512, w_avg_beta: float = 0.995):
+                 channel_max: int = 512, w_avg_beta: float = 0.995, input_from_style: bool = False,
+                 mapping_lr_mul: float = 0.01):
         super().__init__()
         levels = _check_resolution(resolution)
         if sum(block_sizes) != clip_dim:
@@ -158,7 +163,7 @@ class Generator(ModelMixin, ConfigMixin):
         if min(z_dim, w_dim, mapping_layers) < 1:
             raise ValueError(f"z_dim, w_dim and mapping_layers must be >= 1; got {z_dim}, {w_dim}, {mapping_layers}")
         self.embed = EqualLinear(clip_dim, w_dim)
-        layers = [EqualLinear(z_dim + w_dim if i == 0 else w_dim, w_dim, lr_mul=0.01, activation=True)
+        layers = [EqualLinear(z_dim + w_dim if i == 0 else w_dim, w_dim, lr_mul=mapping_lr_mul, activation=True)
                   for i in range(mapping_layers)]
         self.mapping = torch.nn.Sequential(*layers)
         self.register_buffer("w_avg", torch.zeros(w_dim))
@@ -173,6 +178,11 @@ class Generator(ModelMixin, ConfigMixin):
                 self.convs.append(SynthesisLayer(channels[i - 1], channels[i], style_dim, res, up=True))
             self.convs.append(SynthesisLayer(channels[i], channels[i], style_dim, res))
             self.to_rgbs.append(ToRGB(channels[i], style_dim))
+        self.input_affine = None  # created last, so that the other weights' initialisation does not depend on it
+        if input_from_style:
+            self.input_affine = torch.nn.Linear(style_dim, channels[0] * 16)
+            torch.nn.init.zeros_(self.input_affine.weight)
+            torch.nn.init.zeros_(self.input_affine.bias)
 
     def map(self, z: torch.Tensor, c: torch.Tensor, truncation_psi: float = 1.0, update_w_avg: bool = False):
         """(w (B, w_dim), the normalised conditioning (B, clip_dim))."""
@@ -191,6 +201,8 @@ class Generator(ModelMixin, ConfigMixin):
         w, c = self.map(z, c, truncation_psi, update_w_avg=update_w_avg and self.training)
         style_input = torch.cat([w, c], dim=1)
         x = self.const[None].expand(z.shape[0], -1, -1, -1)
+        if self.input_affine is not None:
+            x = x + self.input_affine(style_input).view(x.shape)
         image = None
         convs = iter(self.convs)
         for i, to_rgb in enumerate(self.to_rgbs):

@@ -2,16 +2,20 @@
 training core of the other decoders (``training``: data order, accumulation, logging, EMA, checkpoints, exact
 resume).
 
-Optimizer steps alternate: even steps update the discriminator, odd steps the generator (one optimizer holds both
-networks' weights in two parameter groups; Adam steps only the weights that received gradients, so each step moves
-one player; the phase is a function of the step number, hence exact resume). Per step, from the batch's images x
-and CLIP image embeddings c (the same folder and embedding cache as the diffusion decoder; captions unused):
+The first ``gan_generator_warmup_steps`` optimizer steps train the generator alone (its non-adversarial losses);
+after them steps alternate: even steps (counted from the end of the warm-up) update the discriminator, odd steps the
+generator (one optimizer holds both networks' weights in two parameter groups; Adam steps only the weights that
+received gradients, so each step moves one player; the phase is a function of the step number, hence exact resume).
+Without an adversarial or a discriminator-feature loss there are no D steps at all. Per step, from the batch's
+images x and CLIP image embeddings c (the same folder and embedding cache as the diffusion decoder; captions unused):
 c' = the perturbed, block-normalised conditioning (``losses.perturb_conditioning``), z ~ N(0, I), fake = G(z, c').
 * D step: non-saturating loss on D(x, c') and D(fake, c'), the contrastive loss between D's features of x and c'
   (weight ``gan_d_contrastive_weight``), and every ``gan_r1_interval``-th D step R1 on x times the interval;
-* G step: non-saturating loss on D(fake, c') with D's weights detached (gradients reach only G), the contrastive
-  losses between D's features of fake and c' and between the CLIP image embedding of fake (the decoder's frozen
-  CLIPs, gradients through their image towers) and c' (``gan_clip_contrastive_weight``).
+* G step: after the warm-up the non-saturating loss on D(fake, c') (``gan_adversarial_weight``) with D's weights
+  detached (gradients reach only G) and the contrastive loss between D's features of fake and c'; always the
+  contrastive loss between the CLIP image embedding of fake (the decoder's frozen CLIPs, gradients through their
+  image towers) and c' (``gan_clip_contrastive_weight``) and the squared error between fake and x
+  (``gan_reconstruction_weight``).
 EMA (``--use_ema``) averages the generator only. ``--max_train_steps`` counts D and G steps together.
 
 The output folder: ``generator/`` (diffusers ModelMixin folder), ``shifted_decoder.json`` (``"decoder_type":
@@ -30,7 +34,7 @@ import torch
 from .. import training
 from ..checkpoints import save_checkpoint
 from .losses import (contrastive_loss, discriminator_adversarial, generator_adversarial, perturb_conditioning,
-                     r1_penalty)
+                     r1_penalty, reconstruction_loss)
 from .networks import Discriminator, Generator, normalize_blocks
 
 logger = logging.getLogger(__name__)
@@ -44,13 +48,25 @@ def build_networks(cfg, clip_dim: int, block_sizes) -> tuple:
     torch.manual_seed(cfg.seed)
     common = dict(clip_dim=clip_dim, block_sizes=list(block_sizes), resolution=cfg.resolution,
                   channel_base=cfg.gan_channel_base, channel_max=cfg.gan_channel_max)
-    generator = Generator(z_dim=cfg.gan_z_dim, w_dim=cfg.gan_w_dim, mapping_layers=cfg.gan_mapping_layers, **common)
+    generator = Generator(z_dim=cfg.gan_z_dim, w_dim=cfg.gan_w_dim, mapping_layers=cfg.gan_mapping_layers,
+                          input_from_style=cfg.gan_input_from_style, mapping_lr_mul=cfg.gan_mapping_lr_mul, **common)
     return generator, Discriminator(**common)
 
 
-def is_discriminator_step(step: int) -> bool:
-    """Optimizer step ``step`` (0-based: the step being computed) updates D when even, G when odd."""
-    return step % 2 == 0
+def uses_discriminator(cfg) -> bool:
+    """Whether the generator's losses read the discriminator (otherwise D never trains)."""
+    return cfg.gan_adversarial_weight > 0 or cfg.gan_d_contrastive_weight > 0
+
+
+def is_discriminator_step(step: int, warmup_steps: int = 0, adversarial: bool = True) -> bool:
+    """Optimizer step ``step`` (0-based: the step being computed) updates D when, past the generator's
+    ``warmup_steps``, it is an even step counted from there; every other step updates G."""
+    return adversarial and step >= warmup_steps and (step - warmup_steps) % 2 == 0
+
+
+def discriminator_step_index(step: int, warmup_steps: int = 0) -> int:
+    """How many D steps came before D step ``step`` (R1's lazy schedule counts these)."""
+    return (step - warmup_steps) // 2
 
 
 def gan_loss(cfg, generator, discriminator, clip, batch: dict, step: int, rng: torch.Generator,
@@ -62,10 +78,11 @@ def gan_loss(cfg, generator, discriminator, clip, batch: dict, step: int, rng: t
     condition = perturb_conditioning(normalize_blocks(embeds, block_sizes), cfg.gan_perturbation, rng)
     z = torch.randn(images.shape[0], generator_config(generator).z_dim, device=device, generator=rng)
     tau = cfg.gan_contrastive_temperature
-    if is_discriminator_step(step):
+    warmup, adversarial = cfg.gan_generator_warmup_steps, uses_discriminator(cfg)
+    if is_discriminator_step(step, warmup, adversarial):
         with torch.no_grad():
             fake = generator(z, condition, generator=rng)
-        r1_due = cfg.gan_r1_gamma > 0 and (step // 2) % cfg.gan_r1_interval == 0
+        r1_due = cfg.gan_r1_gamma > 0 and discriminator_step_index(step, warmup) % cfg.gan_r1_interval == 0
         images = images.detach().requires_grad_(r1_due)
         real_logits, real_features = discriminator(images, condition)
         fake_logits, _ = discriminator(fake, condition)
@@ -76,15 +93,20 @@ def gan_loss(cfg, generator, discriminator, clip, batch: dict, step: int, rng: t
             loss = loss + 0.5 * cfg.gan_r1_gamma * cfg.gan_r1_interval * r1_penalty(real_logits, images)
         return loss
     fake = generator(z, condition, generator=rng, update_w_avg=True)
-    model = getattr(discriminator, "module", discriminator)
-    frozen = {name: value.detach() for name, value in [*model.named_parameters(), *model.named_buffers()]}
-    fake_logits, fake_features = torch.func.functional_call(model, frozen, (fake, condition))
-    loss = generator_adversarial(fake_logits)
-    if cfg.gan_d_contrastive_weight > 0:
-        loss = loss + cfg.gan_d_contrastive_weight * contrastive_loss(fake_features, condition, tau)
+    loss = fake.new_zeros((), dtype=torch.float32)
+    if adversarial and step >= warmup:
+        model = getattr(discriminator, "module", discriminator)
+        frozen = {name: value.detach() for name, value in [*model.named_parameters(), *model.named_buffers()]}
+        fake_logits, fake_features = torch.func.functional_call(model, frozen, (fake, condition))
+        if cfg.gan_adversarial_weight > 0:
+            loss = loss + cfg.gan_adversarial_weight * generator_adversarial(fake_logits)
+        if cfg.gan_d_contrastive_weight > 0:
+            loss = loss + cfg.gan_d_contrastive_weight * contrastive_loss(fake_features, condition, tau)
     if cfg.gan_clip_contrastive_weight > 0:
         fake_clip = normalize_blocks(clip.encode_image_tensor(fake), block_sizes)
         loss = loss + cfg.gan_clip_contrastive_weight * contrastive_loss(fake_clip, condition, tau)
+    if cfg.gan_reconstruction_weight > 0:
+        loss = loss + cfg.gan_reconstruction_weight * reconstruction_loss(fake, images)
     return loss
 
 
@@ -142,8 +164,10 @@ def train_gan_decoder(cfg) -> Path:
     val_paths, val_embeds = validation_embeddings(cfg, clip, val_paths)
 
     generator, discriminator = build_networks(cfg, clip.dim, clip.block_sizes)
+    d_beta1 = cfg.adam_beta1 if cfg.gan_d_adam_beta1 is None else cfg.gan_d_adam_beta1
     optimizer = torch.optim.AdamW(
-        [{"params": list(generator.parameters())}, {"params": list(discriminator.parameters())}],
+        [{"params": list(generator.parameters())},
+         {"params": list(discriminator.parameters()), "betas": (d_beta1, cfg.adam_beta2)}],
         lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
         eps=cfg.adam_epsilon)
     dataset = ImageEmbeddingDataset(paths, image_embeds, cfg.resolution, cfg.center_crop)
@@ -173,7 +197,7 @@ def train_gan_decoder(cfg) -> Path:
         step = micro["count"] // cfg.gradient_accumulation_steps
         micro["count"] += 1
         loss = gan_loss(cfg, generator, discriminator, clip, batch, step, rng, device)
-        phase = "d" if is_discriminator_step(step) else "g"
+        phase = "d" if is_discriminator_step(step, cfg.gan_generator_warmup_steps, uses_discriminator(cfg)) else "g"
         phase_sums[phase] += loss.detach().float()
         phase_counts[phase] += 1
         return loss
@@ -190,9 +214,9 @@ def train_gan_decoder(cfg) -> Path:
             seed=cfg.seed, batch_size=cfg.train_batch_size,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps, num_workers=cfg.dataloader_num_workers):
         steps_run += 1
-        if global_step % cfg.logging_steps == 0 and all(phase_counts.values()):
+        if global_step % cfg.logging_steps == 0 and any(phase_counts.values()):
             accelerator.log({f"train/{phase}_loss": float(phase_sums[phase]) / phase_counts[phase]
-                             for phase in ("d", "g")}, step=global_step)
+                             for phase in ("d", "g") if phase_counts[phase]}, step=global_step)
             for phase in ("d", "g"):
                 phase_sums[phase].zero_()
                 phase_counts[phase] = 0
