@@ -201,6 +201,11 @@ class DecoderTrainConfig(config_cli.FlagConfig):
         if self.decoder_type == "gan" and not any(getattr(self, name) > 0 for name in generator_losses):
             raise ValueError("the GAN decoder's generator has no loss: set one of " +
                              ", ".join(f"--{name}" for name in generator_losses) + " above 0")
+        if self.decoder_type == "gan" and self.gan_generator_warmup_steps > 0 and not (
+                self.gan_clip_contrastive_weight > 0 or self.gan_reconstruction_weight > 0):
+            raise ValueError(f"--gan_generator_warmup_steps {self.gan_generator_warmup_steps}: the warm-up trains the "
+                             "generator on its non-adversarial losses, and both are off: set "
+                             "--gan_reconstruction_weight or --gan_clip_contrastive_weight above 0")
         check_range("--validation_guidance_scale", self.validation_guidance_scale, 0.0)
         check_choice("--decoder_type", self.decoder_type, set(DECODER_TYPES))
         total = self.text_dropout_prob + self.image_dropout_prob + self.both_dropout_prob

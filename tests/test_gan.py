@@ -305,3 +305,31 @@ def test_gan_settings_are_checked():
         DecoderTrainConfig(decoder_type="gan", gan_generator_warmup_steps=-1)
     with pytest.raises(ValueError, match="--gan_reconstruction_weight"):
         DecoderTrainConfig(decoder_type="gan", gan_reconstruction_weight=-1.0)
+    with pytest.raises(ValueError, match="--gan_generator_warmup_steps 5: the warm-up .* both are off"):
+        DecoderTrainConfig(decoder_type="gan", gan_generator_warmup_steps=5, gan_clip_contrastive_weight=0.0)
+    # D's own beta1 goes to D's parameter group only
+    from shifted_diffusion.gan.training import build_optimizer
+
+    cfg = DecoderTrainConfig(decoder_type="gan", adam_beta1=0.9, adam_beta2=0.99, gan_d_adam_beta1=0.0)
+    generator, discriminator = tiny_generator(8), Discriminator(resolution=8, **TINY)
+    groups = build_optimizer(cfg, generator, discriminator).param_groups
+    assert groups[0]["betas"] == (0.9, 0.99) and groups[1]["betas"] == (0.0, 0.99)
+    assert len(groups[1]["params"]) == len(list(discriminator.parameters()))
+    same = build_optimizer(DecoderTrainConfig(decoder_type="gan", adam_beta1=0.5), generator, discriminator)
+    assert same.param_groups[1]["betas"][0] == 0.5
+
+
+def test_every_discriminator_weight_gets_a_gradient_without_the_feature_loss():
+    """DDP needs a gradient for every weight on every step: the feature head must stay in D's graph at weight 0."""
+
+    class NoFeatures(_Config):
+        gan_d_contrastive_weight, gan_r1_gamma = 0.0, 0.0
+
+    generator, discriminator = tiny_generator(8), Discriminator(resolution=8, **TINY)
+    g = torch.Generator().manual_seed(5)
+    batch = {"pixel_values": torch.rand(4, 3, 8, 8, generator=g) * 2 - 1,
+             "image_embeds": torch.randn(4, 8, generator=g)}
+    loss = gan_loss(NoFeatures, generator, discriminator, None, batch, 0, torch.Generator().manual_seed(1), "cpu")
+    loss.backward()
+    assert all(p.grad is not None for p in discriminator.parameters())
+    assert float(discriminator.features_head.weight.grad.abs().sum()) == 0.0

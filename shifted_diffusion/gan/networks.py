@@ -97,9 +97,10 @@ def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor
     as the grouped convolution over per-sample weights, with one weight tensor for the whole batch."""
     kernel = weight.shape[-1]
     out = F.conv2d(x * styles[:, :, None, None].to(x.dtype), weight.to(x.dtype), padding=kernel // 2)
-    if demodulate:
-        coefficients = (styles.square() @ weight.square().sum(dim=(2, 3)).T + 1e-8).rsqrt()  # (B, O)
-        out = out * coefficients[:, :, None, None].to(out.dtype)
+    if demodulate:  # in float32 whatever the autocast (the 1e-8 underflows in fp16)
+        with torch.autocast(x.device.type, enabled=False):
+            coefficients = (styles.float().square() @ weight.float().square().sum(dim=(2, 3)).T + 1e-8).rsqrt()
+        out = out * coefficients[:, :, None, None].to(out.dtype)  # (B, O)
     return out
 
 
@@ -178,7 +179,7 @@ class Generator(ModelMixin, ConfigMixin):
                 self.convs.append(SynthesisLayer(channels[i - 1], channels[i], style_dim, res, up=True))
             self.convs.append(SynthesisLayer(channels[i], channels[i], style_dim, res))
             self.to_rgbs.append(ToRGB(channels[i], style_dim))
-        self.input_affine = None  # created last, so that the other weights' initialisation does not depend on it
+        self.input_affine = None  # created last, so that G's other weights initialise as without it
         if input_from_style:
             self.input_affine = torch.nn.Linear(style_dim, channels[0] * 16)
             torch.nn.init.zeros_(self.input_affine.weight)

@@ -53,6 +53,17 @@ def build_networks(cfg, clip_dim: int, block_sizes) -> tuple:
     return generator, Discriminator(**common)
 
 
+def build_optimizer(cfg, generator, discriminator) -> torch.optim.AdamW:
+    """One AdamW over both networks: group 0 the generator (``--adam_beta1``), group 1 the discriminator
+    (``--gan_d_adam_beta1`` when given)."""
+    d_beta1 = cfg.adam_beta1 if cfg.gan_d_adam_beta1 is None else cfg.gan_d_adam_beta1
+    return torch.optim.AdamW(
+        [{"params": list(generator.parameters())},
+         {"params": list(discriminator.parameters()), "betas": (d_beta1, cfg.adam_beta2)}],
+        lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
+        eps=cfg.adam_epsilon)
+
+
 def uses_discriminator(cfg) -> bool:
     """Whether the generator's losses read the discriminator (otherwise D never trains)."""
     return cfg.gan_adversarial_weight > 0 or cfg.gan_d_contrastive_weight > 0
@@ -89,6 +100,8 @@ def gan_loss(cfg, generator, discriminator, clip, batch: dict, step: int, rng: t
         loss = discriminator_adversarial(real_logits, fake_logits)
         if cfg.gan_d_contrastive_weight > 0:
             loss = loss + cfg.gan_d_contrastive_weight * contrastive_loss(real_features, condition, tau)
+        else:  # the feature head stays in the graph with a zero gradient (DDP expects every weight to get one)
+            loss = loss + 0.0 * real_features.sum()
         if r1_due:
             loss = loss + 0.5 * cfg.gan_r1_gamma * cfg.gan_r1_interval * r1_penalty(real_logits, images)
         return loss
@@ -164,12 +177,7 @@ def train_gan_decoder(cfg) -> Path:
     val_paths, val_embeds = validation_embeddings(cfg, clip, val_paths)
 
     generator, discriminator = build_networks(cfg, clip.dim, clip.block_sizes)
-    d_beta1 = cfg.adam_beta1 if cfg.gan_d_adam_beta1 is None else cfg.gan_d_adam_beta1
-    optimizer = torch.optim.AdamW(
-        [{"params": list(generator.parameters())},
-         {"params": list(discriminator.parameters()), "betas": (d_beta1, cfg.adam_beta2)}],
-        lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
-        eps=cfg.adam_epsilon)
+    optimizer = build_optimizer(cfg, generator, discriminator)
     dataset = ImageEmbeddingDataset(paths, image_embeds, cfg.resolution, cfg.center_crop)
     max_steps, lr_scheduler = step_schedule(cfg, optimizer, len(dataset), world)
     generator, discriminator, optimizer, lr_scheduler = accelerator.prepare(generator, discriminator, optimizer,
