@@ -9,7 +9,7 @@
   the generated image and its conditioning; for D between its features of the real image and the conditioning;
 * reconstruction (not in Lafite; optional): ``mean (G(z, c'(x)) - x)^2``, the generation from an image's own perturbed
   embedding against that image -- the pairing image-only data gives for free; a dense signal that puts layout and
-  colour in place long before the adversarial game does, while the adversarial loss keeps the details sharp;
+  colour in place far sooner than the adversarial game (what the toy preset's warm-up relies on);
 * the conditioning perturbation (language-free training: an image embedding stands in for the text embedding a
   prior will give at inference): ``c' = normalize((1 - xi) normalize(c) + xi e)`` with ``e`` a random unit vector.
 
