@@ -75,6 +75,11 @@ def is_discriminator_step(step: int, warmup_steps: int = 0, adversarial: bool = 
     return adversarial and step >= warmup_steps and (step - warmup_steps) % 2 == 0
 
 
+def updates_discriminator(cfg, step: int) -> bool:
+    """Whether optimizer step ``step`` of this run is a D step (its warm-up and losses decide)."""
+    return is_discriminator_step(step, cfg.gan_generator_warmup_steps, uses_discriminator(cfg))
+
+
 def discriminator_step_index(step: int, warmup_steps: int = 0) -> int:
     """How many D steps came before D step ``step`` (R1's lazy schedule counts these)."""
     return (step - warmup_steps) // 2
@@ -89,8 +94,8 @@ def gan_loss(cfg, generator, discriminator, clip, batch: dict, step: int, rng: t
     condition = perturb_conditioning(normalize_blocks(embeds, block_sizes), cfg.gan_perturbation, rng)
     z = torch.randn(images.shape[0], generator_config(generator).z_dim, device=device, generator=rng)
     tau = cfg.gan_contrastive_temperature
-    warmup, adversarial = cfg.gan_generator_warmup_steps, uses_discriminator(cfg)
-    if is_discriminator_step(step, warmup, adversarial):
+    warmup = cfg.gan_generator_warmup_steps
+    if updates_discriminator(cfg, step):
         with torch.no_grad():
             fake = generator(z, condition, generator=rng)
         r1_due = cfg.gan_r1_gamma > 0 and discriminator_step_index(step, warmup) % cfg.gan_r1_interval == 0
@@ -107,7 +112,7 @@ def gan_loss(cfg, generator, discriminator, clip, batch: dict, step: int, rng: t
         return loss
     fake = generator(z, condition, generator=rng, update_w_avg=True)
     loss = fake.new_zeros((), dtype=torch.float32)
-    if adversarial and step >= warmup:
+    if uses_discriminator(cfg) and step >= warmup:
         model = getattr(discriminator, "module", discriminator)
         frozen = {name: value.detach() for name, value in [*model.named_parameters(), *model.named_buffers()]}
         fake_logits, fake_features = torch.func.functional_call(model, frozen, (fake, condition))
@@ -205,7 +210,7 @@ def train_gan_decoder(cfg) -> Path:
         step = micro["count"] // cfg.gradient_accumulation_steps
         micro["count"] += 1
         loss = gan_loss(cfg, generator, discriminator, clip, batch, step, rng, device)
-        phase = "d" if is_discriminator_step(step, cfg.gan_generator_warmup_steps, uses_discriminator(cfg)) else "g"
+        phase = "d" if updates_discriminator(cfg, step) else "g"
         phase_sums[phase] += loss.detach().float()
         phase_counts[phase] += 1
         return loss
